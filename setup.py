@@ -1,0 +1,31 @@
+"""Declares the C extension; all metadata lives in pyproject.toml."""
+import os
+import sys
+
+from setuptools import Extension, setup
+
+SOURCES = [
+    "module.c", "log.c", "runstate.c", "run.c", "signals.c",
+    "unhandled.c", "shutdown.c", "shield.c",
+]
+
+if sys.platform == "win32":
+    compile_args = ["/W4", "/WX"]
+else:
+    compile_args = ["-Wall", "-Wextra", "-Werror", "-std=c11"]
+    # AIORUN_DEBUG_BUILD=1: unoptimised, assertions on, full debug info.
+    if os.environ.get("AIORUN_DEBUG_BUILD"):
+        compile_args += ["-O0", "-g3", "-UNDEBUG"]
+    compile_args += os.environ.get("AIORUN_EXTRA_CFLAGS", "").split()
+
+setup(
+    ext_modules=[
+        Extension(
+            "aiorun._aiorun",
+            sources=[f"src/aiorun/_aiorun/{name}" for name in SOURCES],
+            depends=["src/aiorun/_aiorun/aiorun.h", "src/aiorun/_aiorun/compat.h"],
+            extra_compile_args=compile_args,
+            extra_link_args=os.environ.get("AIORUN_EXTRA_LDFLAGS", "").split(),
+        )
+    ]
+)

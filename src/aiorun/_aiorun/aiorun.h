@@ -1,0 +1,151 @@
+/* Internal declarations shared by the C files of aiorun._aiorun.
+ *
+ * Who owns what:
+ *   module.c    module definition, state, exported names
+ *   run.c       run(): argument checks, set-up, running the loop
+ *   runstate.c  the per-call Run object that carries run()'s state
+ *   signals.c   taking over SIGINT/SIGTERM and giving them back
+ *   unhandled.c stop_on_unhandled_errors: the exception handler, main-task watch
+ *   shutdown.c  the shutdown phase after the loop stops
+ *   shield.c    shutdown_waits_for() and the awaitable it returns
+ *   log.c       calls into the "aiorun" logger
+ */
+#ifndef AIORUN_H
+#define AIORUN_H
+
+#include "compat.h"
+
+/* Module state.  Every object field is listed once here; the struct,
+ * m_traverse and m_clear are all generated from this list. */
+#define AIORUN_STATE_OBJECTS(X)                                             \
+    X(RunType)                  /* type of the per-call Run object */       \
+    X(WaiterType)               /* type returned by shutdown_waits_for */   \
+    X(logger)                   /* logging.getLogger("aiorun") */           \
+    X(do_not_cancel)            /* weakref.WeakSet of protected coros */    \
+    X(AbstractEventLoop)                                                    \
+    X(Executor)                 /* concurrent.futures.Executor */           \
+    X(ThreadPoolExecutor)                                                   \
+    X(all_tasks)                /* asyncio.all_tasks */                     \
+    X(ensure_future)                                                        \
+    X(new_event_loop)                                                       \
+    X(set_event_loop)                                                       \
+    X(get_event_loop)                                                       \
+    X(get_running_loop)         /* asyncio._get_running_loop */             \
+    X(isawaitable)              /* inspect.isawaitable */                   \
+    X(signal_signal)            /* signal.signal */                         \
+    X(sig_dfl)                                                              \
+    /* interned method and attribute names used on hot paths */             \
+    X(s_add_done_callback)                                                  \
+    X(s_remove_done_callback)                                               \
+    X(s_cancel)                                                             \
+    X(s_cancelled)                                                          \
+    X(s_done)                                                               \
+    X(s_result)                                                             \
+    X(s_exception)                                                          \
+    X(s_create_future)                                                      \
+    X(s_set_result)                                                         \
+    X(s_get_coro)                                                           \
+    X(s_coro)                   /* "_coro", for task-likes w/o get_coro */  \
+    X(s_blocking)               /* "_asyncio_future_blocking" */            \
+    X(s_loop)                   /* "loop" keyword */                        \
+    X(s_call_soon_threadsafe)                                               \
+    X(s_run_until_complete)
+
+typedef struct {
+#define AIORUN_FIELD(name) PyObject *name;
+    AIORUN_STATE_OBJECTS(AIORUN_FIELD)
+#undef AIORUN_FIELD
+} aiorun_state;
+
+static inline aiorun_state *
+aiorun_get_state(PyObject *module)
+{
+    return (aiorun_state *)PyModule_GetState(module);
+}
+
+/* For methods of our own heap types: the type knows its module. */
+static inline aiorun_state *
+aiorun_get_state_by_type(PyTypeObject *type)
+{
+    return (aiorun_state *)PyType_GetModuleState(type);
+}
+
+/* Logging levels of the logging module. */
+enum { LOG_DEBUG = 10, LOG_INFO = 20, LOG_WARNING = 30, LOG_ERROR = 40 };
+
+/* ---- log.c ---- */
+int aiorun_log(aiorun_state *st, int level, const char *message);
+/* logger.log(level, fmt, arg, exc_info=exc); exc may be NULL or None. */
+int aiorun_log_exc(aiorun_state *st, int level, const char *fmt, PyObject *arg,
+                   PyObject *exc);
+/* 1 if the logger would emit at level, 0 if not, -1 on error. */
+int aiorun_log_enabled(aiorun_state *st, int level);
+/* Log the exception currently set (and clear it); for callbacks that must
+ * never raise into their caller. */
+void aiorun_log_current_error(aiorun_state *st, const char *message);
+
+/* ---- runstate.c: the Run object ---- */
+typedef enum {
+    PHASE_SETUP,     /* run() is preparing the loop */
+    PHASE_RUNNING,   /* loop.run_forever() is under way */
+    PHASE_SHUTDOWN,  /* the loop has stopped; shutting down */
+    PHASE_DONE       /* run() is returning */
+} run_phase;
+
+typedef struct {
+    PyObject_HEAD
+    aiorun_state *state;       /* borrowed: the type keeps the module alive */
+    PyObject *loop;
+    PyObject *shutdown_handler;
+    PyObject *pending_exc;     /* exception to re-raise at the end, or NULL */
+    PyObject *main_task;       /* strong reference to the task of `coro` */
+    PyObject *saved_handlers;  /* list of (signum, handler before run()) */
+    PyObject *drain_waiter;    /* future set once the drain is over */
+    Py_ssize_t drain_remaining;
+    run_phase phase;
+    int own_loop;              /* run() created the loop, so it closes it */
+    int handler_installed;     /* our exception handler is on the loop */
+    int shutdown_requested;    /* a signal came, or the shutdown began */
+} RunObject;
+
+extern PyType_Spec aiorun_run_type_spec;
+RunObject *aiorun_run_new(aiorun_state *st);
+/* Bound method `name` of run: a callable to hand to asyncio or signal. */
+PyObject *aiorun_run_method(RunObject *run, const char *name);
+
+/* ---- run.c ---- */
+PyObject *aiorun_run(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *aiorun_default_shutdown_handler(PyObject *module, PyObject *loop);
+
+/* ---- signals.c ---- */
+int aiorun_signals_take_over(RunObject *run);
+/* Called once run->loop is set: hands over a signal that came early. */
+int aiorun_signals_loop_ready(RunObject *run);
+/* Puts the previous handlers back; keeps any exception already set. */
+void aiorun_signals_restore(RunObject *run);
+PyObject *aiorun_run_on_signal(PyObject *self, PyObject *const *args,
+                               Py_ssize_t nargs);
+#ifdef MS_WINDOWS
+PyObject *aiorun_run_windows_wakeup(PyObject *self, PyObject *unused);
+#endif
+
+/* ---- unhandled.c ---- */
+PyObject *aiorun_run_exception_handler(PyObject *self, PyObject *const *args,
+                                       Py_ssize_t nargs);
+PyObject *aiorun_run_main_done(PyObject *self, PyObject *task);
+
+/* ---- shutdown.c ---- */
+/* The whole shutdown phase; returns None or raises the pending exception. */
+PyObject *aiorun_shutdown(RunObject *run, PyObject *shutdown_callback,
+                          PyObject *executor, PyObject *timeout);
+PyObject *aiorun_run_task_done(PyObject *self, PyObject *task);
+PyObject *aiorun_run_drain_timeout(PyObject *self, PyObject *unused);
+
+/* ---- shield.c ---- */
+extern PyType_Spec aiorun_waiter_type_spec;
+PyObject *aiorun_shutdown_waits_for(PyObject *module, PyObject *args,
+                                    PyObject *kwargs);
+/* 1 if task is protected by shutdown_waits_for, 0 if not, -1 on error. */
+int aiorun_is_protected(aiorun_state *st, PyObject *task);
+
+#endif /* AIORUN_H */

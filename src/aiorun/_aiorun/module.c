@@ -1,0 +1,276 @@
+/* aiorun._aiorun: module definition, module state and the exported names.
+ * Multi-phase init: every import of the module gets its own state. */
+#include "aiorun.h"
+
+#define AIORUN_VERSION "2025.1.1"
+
+PyDoc_STRVAR(run_doc,
+"run(coro=None, *, loop=None, shutdown_handler=None, shutdown_callback=None,\n"
+"    executor_workers=None, executor=None, use_uvloop=False,\n"
+"    stop_on_unhandled_errors=False, timeout_task_shutdown=60)\n"
+"--\n"
+"\n"
+"Run the event loop until SIGINT or SIGTERM (or loop.stop()), then shut\n"
+"down gracefully: call shutdown_callback, cancel every task not protected\n"
+"by shutdown_waits_for(), wait for them up to timeout_task_shutdown\n"
+"seconds, shut the executor down and close the loop that run() created.");
+
+PyDoc_STRVAR(shutdown_waits_for_doc,
+"shutdown_waits_for(coro, loop=None)\n"
+"--\n"
+"\n"
+"Start coro as a task that the shutdown phase of run() does not cancel\n"
+"and return an awaitable for its result.  If the awaiting task is\n"
+"cancelled it gets CancelledError at once while coro runs on; run() waits\n"
+"for coro before it finishes.  Outside run() it behaves like shield().");
+
+PyDoc_STRVAR(shutdown_handler_doc,
+"_shutdown_handler(loop)\n"
+"--\n"
+"\n"
+"The default shutdown_handler: log 'Stopping the loop' and stop the loop.");
+
+static PyMethodDef aiorun_methods[] = {
+    {"run", (PyCFunction)(void (*)(void))aiorun_run,
+     METH_VARARGS | METH_KEYWORDS, run_doc},
+    {"shutdown_waits_for", (PyCFunction)(void (*)(void))aiorun_shutdown_waits_for,
+     METH_VARARGS | METH_KEYWORDS, shutdown_waits_for_doc},
+    {"_shutdown_handler", aiorun_default_shutdown_handler, METH_O,
+     shutdown_handler_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+/* Attribute `name` of the module called `module_name`, as a new reference. */
+static PyObject *
+import_attr(const char *module_name, const char *name)
+{
+    PyObject *module = PyImport_ImportModule(module_name);
+    if (module == NULL) {
+        return NULL;
+    }
+    PyObject *attr = PyObject_GetAttrString(module, name);
+    Py_DECREF(module);
+    return attr;
+}
+
+/* typing.Optional[Union[Awaitable, Callable[[AbstractEventLoop], Awaitable],
+ *                       Callable[[AbstractEventLoop], None]]] */
+static PyObject *
+make_shutdown_callback_alias(aiorun_state *st)
+{
+    PyObject *typing = NULL, *awaitable = NULL, *callable = NULL;
+    PyObject *optional = NULL, *union_ = NULL, *key = NULL;
+    PyObject *returns_awaitable = NULL, *returns_none = NULL;
+    PyObject *members = NULL, *any_of = NULL, *alias = NULL;
+
+    typing = PyImport_ImportModule("typing");
+    if (typing == NULL) {
+        goto done;
+    }
+    awaitable = PyObject_GetAttrString(typing, "Awaitable");
+    callable = PyObject_GetAttrString(typing, "Callable");
+    optional = PyObject_GetAttrString(typing, "Optional");
+    union_ = PyObject_GetAttrString(typing, "Union");
+    if (!awaitable || !callable || !optional || !union_) {
+        goto done;
+    }
+    key = Py_BuildValue("([O]O)", st->AbstractEventLoop, awaitable);
+    if (key == NULL || (returns_awaitable = PyObject_GetItem(callable, key)) == NULL) {
+        goto done;
+    }
+    Py_SETREF(key, Py_BuildValue("([O]O)", st->AbstractEventLoop, Py_None));
+    if (key == NULL || (returns_none = PyObject_GetItem(callable, key)) == NULL) {
+        goto done;
+    }
+    members = PyTuple_Pack(3, awaitable, returns_awaitable, returns_none);
+    if (members == NULL || (any_of = PyObject_GetItem(union_, members)) == NULL) {
+        goto done;
+    }
+    alias = PyObject_GetItem(optional, any_of);
+done:
+    Py_XDECREF(typing);
+    Py_XDECREF(awaitable);
+    Py_XDECREF(callable);
+    Py_XDECREF(optional);
+    Py_XDECREF(union_);
+    Py_XDECREF(key);
+    Py_XDECREF(returns_awaitable);
+    Py_XDECREF(returns_none);
+    Py_XDECREF(members);
+    Py_XDECREF(any_of);
+    return alias;
+}
+
+static int
+load_imports(aiorun_state *st)
+{
+    static const struct {
+        size_t offset;
+        const char *module;
+        const char *name;
+    } imports[] = {
+#define IMPORT(field, module, name) {offsetof(aiorun_state, field), module, name}
+        IMPORT(AbstractEventLoop, "asyncio", "AbstractEventLoop"),
+        IMPORT(all_tasks, "asyncio", "all_tasks"),
+        IMPORT(ensure_future, "asyncio", "ensure_future"),
+        IMPORT(new_event_loop, "asyncio", "new_event_loop"),
+        IMPORT(set_event_loop, "asyncio", "set_event_loop"),
+        IMPORT(get_event_loop, "asyncio", "get_event_loop"),
+        IMPORT(get_running_loop, "asyncio", "_get_running_loop"),
+        IMPORT(Executor, "concurrent.futures", "Executor"),
+        IMPORT(ThreadPoolExecutor, "concurrent.futures", "ThreadPoolExecutor"),
+        IMPORT(isawaitable, "inspect", "isawaitable"),
+        IMPORT(signal_signal, "signal", "signal"),
+        IMPORT(sig_dfl, "signal", "SIG_DFL"),
+#undef IMPORT
+    };
+    for (size_t i = 0; i < sizeof(imports) / sizeof(imports[0]); i++) {
+        PyObject *value = import_attr(imports[i].module, imports[i].name);
+        if (value == NULL) {
+            return -1;
+        }
+        *(PyObject **)((char *)st + imports[i].offset) = value;
+    }
+    return 0;
+}
+
+static int
+intern_strings(aiorun_state *st)
+{
+#define INTERN(field, text)                                   \
+    if ((st->field = PyUnicode_InternFromString(text)) == NULL) { \
+        return -1;                                            \
+    }
+    INTERN(s_add_done_callback, "add_done_callback");
+    INTERN(s_remove_done_callback, "remove_done_callback");
+    INTERN(s_cancel, "cancel");
+    INTERN(s_cancelled, "cancelled");
+    INTERN(s_done, "done");
+    INTERN(s_result, "result");
+    INTERN(s_exception, "exception");
+    INTERN(s_create_future, "create_future");
+    INTERN(s_set_result, "set_result");
+    INTERN(s_get_coro, "get_coro");
+    INTERN(s_coro, "_coro");
+    INTERN(s_blocking, "_asyncio_future_blocking");
+    INTERN(s_loop, "loop");
+    INTERN(s_call_soon_threadsafe, "call_soon_threadsafe");
+    INTERN(s_run_until_complete, "run_until_complete");
+#undef INTERN
+    return 0;
+}
+
+static int
+aiorun_exec(PyObject *module)
+{
+    aiorun_state *st = aiorun_get_state(module);
+    PyObject *all = NULL, *alias = NULL;
+    int rc = -1;
+
+    if (load_imports(st) < 0 || intern_strings(st) < 0) {
+        return -1;
+    }
+    st->RunType = PyType_FromModuleAndSpec(module, &aiorun_run_type_spec, NULL);
+    if (st->RunType == NULL) {
+        return -1;
+    }
+    st->WaiterType = PyType_FromModuleAndSpec(module, &aiorun_waiter_type_spec, NULL);
+    if (st->WaiterType == NULL) {
+        return -1;
+    }
+    /* Only run() and shutdown_waits_for() create these objects: a Run or a
+     * waiter made from Python would have no state behind it. */
+    ((PyTypeObject *)st->RunType)->tp_new = NULL;
+    ((PyTypeObject *)st->WaiterType)->tp_new = NULL;
+
+    PyObject *get_logger = import_attr("logging", "getLogger");
+    if (get_logger == NULL) {
+        return -1;
+    }
+    st->logger = PyObject_CallFunction(get_logger, "s", "aiorun");
+    Py_DECREF(get_logger);
+    if (st->logger == NULL) {
+        return -1;
+    }
+    PyObject *weak_set = import_attr("weakref", "WeakSet");
+    if (weak_set == NULL) {
+        return -1;
+    }
+    st->do_not_cancel = PyObject_CallNoArgs(weak_set);
+    Py_DECREF(weak_set);
+    if (st->do_not_cancel == NULL) {
+        return -1;
+    }
+
+    alias = make_shutdown_callback_alias(st);
+    all = Py_BuildValue("[ss]", "run", "shutdown_waits_for");
+    if (alias == NULL || all == NULL
+        || PyModule_AddStringConstant(module, "__version__", AIORUN_VERSION) < 0
+        || PyModule_AddObjectRef(module, "__all__", all) < 0
+        || PyModule_AddObjectRef(module, "ShutdownCallback", alias) < 0
+        || PyModule_AddObjectRef(module, "logger", st->logger) < 0
+        || PyModule_AddObjectRef(module, "_DO_NOT_CANCEL_COROS", st->do_not_cancel) < 0
+        || PyModule_AddObjectRef(module, "ShutdownWaiter", st->WaiterType) < 0
+#ifdef MS_WINDOWS
+        || PyModule_AddObjectRef(module, "WINDOWS", Py_True) < 0
+#else
+        || PyModule_AddObjectRef(module, "WINDOWS", Py_False) < 0
+#endif
+        ) {
+        goto done;
+    }
+    rc = 0;
+done:
+    Py_XDECREF(alias);
+    Py_XDECREF(all);
+    return rc;
+}
+
+static int
+aiorun_traverse(PyObject *module, visitproc visit, void *arg)
+{
+    aiorun_state *st = aiorun_get_state(module);
+#define AIORUN_VISIT(name) Py_VISIT(st->name);
+    AIORUN_STATE_OBJECTS(AIORUN_VISIT)
+#undef AIORUN_VISIT
+    return 0;
+}
+
+static int
+aiorun_clear(PyObject *module)
+{
+    aiorun_state *st = aiorun_get_state(module);
+#define AIORUN_CLEAR(name) Py_CLEAR(st->name);
+    AIORUN_STATE_OBJECTS(AIORUN_CLEAR)
+#undef AIORUN_CLEAR
+    return 0;
+}
+
+static void
+aiorun_free(void *module)
+{
+    (void)aiorun_clear((PyObject *)module);
+}
+
+static PyModuleDef_Slot aiorun_slots[] = {
+    {Py_mod_exec, aiorun_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef aiorun_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "aiorun._aiorun",
+    .m_doc = "The C implementation of aiorun: run() and shutdown_waits_for().",
+    .m_size = sizeof(aiorun_state),
+    .m_methods = aiorun_methods,
+    .m_slots = aiorun_slots,
+    .m_traverse = aiorun_traverse,
+    .m_clear = aiorun_clear,
+    .m_free = aiorun_free,
+};
+
+PyMODINIT_FUNC
+PyInit__aiorun(void)
+{
+    return PyModuleDef_Init(&aiorun_module);
+}

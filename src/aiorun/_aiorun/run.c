@@ -1,0 +1,466 @@
+/* run(): argument checks, set-up, and running the loop until it stops.
+ * The shutdown phase that follows lives in shutdown.c. */
+#include "aiorun.h"
+
+#include <math.h>
+
+typedef struct {
+    PyObject *coro;
+    PyObject *loop;
+    PyObject *shutdown_handler;
+    PyObject *shutdown_callback;
+    PyObject *executor_workers;
+    PyObject *executor;
+    PyObject *use_uvloop;
+    PyObject *stop_on_unhandled_errors;
+    PyObject *timeout_task_shutdown;
+} run_args;
+
+static int
+type_error(const char *param, const char *expected, PyObject *got)
+{
+    PyErr_Format(PyExc_TypeError, "run() argument '%s' must be %s, not %.200s",
+                 param, expected, Py_TYPE(got)->tp_name);
+    return -1;
+}
+
+/* 1 if obj is awaitable (inspect.isawaitable), 0 if not, -1 on error. */
+static int
+is_awaitable(aiorun_state *st, PyObject *obj)
+{
+    PyObject *res = PyObject_CallOneArg(st->isawaitable, obj);
+    if (res == NULL) {
+        return -1;
+    }
+    int ok = PyObject_IsTrue(res);
+    Py_DECREF(res);
+    return ok;
+}
+
+static int
+check_instance(PyObject *obj, PyObject *cls, const char *param, const char *expected)
+{
+    if (obj == Py_None) {
+        return 0;
+    }
+    int ok = PyObject_IsInstance(obj, cls);
+    if (ok < 0) {
+        return -1;
+    }
+    return ok ? 0 : type_error(param, expected, obj);
+}
+
+/* A flag: bool or int, as aiorun's callers pass them. */
+static int
+check_flag(PyObject *obj, const char *param, int *out)
+{
+    if (!PyLong_Check(obj)) {
+        return type_error(param, "bool", obj);
+    }
+    *out = PyObject_IsTrue(obj);
+    return *out < 0 ? -1 : 0;
+}
+
+static int
+check_arguments(aiorun_state *st, run_args *a, int *use_uvloop, int *stop_on_errors)
+{
+    int ok;
+
+    if (a->coro != Py_None) {
+        if ((ok = is_awaitable(st, a->coro)) < 0) {
+            return -1;
+        }
+        if (!ok) {
+            return type_error("coro", "a coroutine or awaitable", a->coro);
+        }
+    }
+    if (check_instance(a->loop, st->AbstractEventLoop, "loop",
+                       "an asyncio event loop or None") < 0) {
+        return -1;
+    }
+    if (a->shutdown_handler != Py_None && !PyCallable_Check(a->shutdown_handler)) {
+        return type_error("shutdown_handler", "callable or None", a->shutdown_handler);
+    }
+    if (a->shutdown_callback != Py_None && !PyCallable_Check(a->shutdown_callback)) {
+        if ((ok = is_awaitable(st, a->shutdown_callback)) < 0) {
+            return -1;
+        }
+        if (!ok) {
+            return type_error("shutdown_callback",
+                              "an awaitable, a callable taking the loop, or None",
+                              a->shutdown_callback);
+        }
+    }
+    if (a->executor_workers != Py_None) {
+        if (!PyLong_Check(a->executor_workers) || PyBool_Check(a->executor_workers)) {
+            return type_error("executor_workers", "int or None", a->executor_workers);
+        }
+        long workers = PyLong_AsLong(a->executor_workers);
+        if (workers == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        if (workers <= 0) {
+            PyErr_SetString(PyExc_ValueError,
+                            "run() argument 'executor_workers' must be greater than 0");
+            return -1;
+        }
+    }
+    if (check_instance(a->executor, st->Executor, "executor",
+                       "a concurrent.futures.Executor or None") < 0) {
+        return -1;
+    }
+    if (check_flag(a->use_uvloop, "use_uvloop", use_uvloop) < 0
+        || check_flag(a->stop_on_unhandled_errors, "stop_on_unhandled_errors",
+                      stop_on_errors) < 0) {
+        return -1;
+    }
+    PyObject *timeout = a->timeout_task_shutdown;
+    if (timeout != Py_None) {
+        if (PyBool_Check(timeout) || !(PyLong_Check(timeout) || PyFloat_Check(timeout))) {
+            return type_error("timeout_task_shutdown", "a number of seconds or None",
+                              timeout);
+        }
+        double seconds = PyFloat_AsDouble(timeout);
+        if (seconds == -1.0 && PyErr_Occurred()) {
+            return -1;
+        }
+        if (isnan(seconds) || seconds < 0) {
+            PyErr_SetString(PyExc_ValueError,
+                            "run() argument 'timeout_task_shutdown' must be >= 0");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *
+new_loop(aiorun_state *st, int use_uvloop)
+{
+    if (!use_uvloop) {
+        return PyObject_CallNoArgs(st->new_event_loop);
+    }
+    /* ImportError propagates: installing uvloop is the caller's job. */
+    PyObject *uvloop = PyImport_ImportModule("uvloop");
+    if (uvloop == NULL) {
+        return NULL;
+    }
+    PyObject *loop = PyObject_CallMethod(uvloop, "new_event_loop", NULL);
+    Py_DECREF(uvloop);
+    return loop;
+}
+
+static PyObject *
+call_method_checked(PyObject *obj, const char *name, PyObject *arg)
+{
+    return arg ? PyObject_CallMethod(obj, name, "O", arg)
+               : PyObject_CallMethod(obj, name, NULL);
+}
+
+/* Install the exception handler for stop_on_unhandled_errors. */
+static int
+install_exception_handler(RunObject *run, int stop_on_errors)
+{
+    PyObject *current = PyObject_CallMethod(run->loop, "get_exception_handler", NULL);
+    if (current == NULL) {
+        return -1;
+    }
+    int has_handler = current != Py_None;
+    Py_DECREF(current);
+    if (!stop_on_errors) {
+        return 0;
+    }
+    if (has_handler) {
+        PyErr_SetString(PyExc_Exception,
+            "If you provide a loop instance, and you've configured a custom "
+            "exception handler on it, then the 'stop_on_unhandled_errors' "
+            "parameter is unavailable (all exceptions will be handled).");
+        return -1;
+    }
+    PyObject *handler = aiorun_run_method(run, "_exception_handler");
+    if (handler == NULL) {
+        return -1;
+    }
+    PyObject *res = call_method_checked(run->loop, "set_exception_handler", handler);
+    Py_DECREF(handler);
+    if (res == NULL) {
+        return -1;
+    }
+    Py_DECREF(res);
+    run->handler_installed = 1;
+    return 0;
+}
+
+/* Schedule coro as the main task; keep it and watch it for errors. */
+static int
+start_main_task(RunObject *run, PyObject *coro)
+{
+    aiorun_state *st = run->state;
+    PyObject *args = PyTuple_Pack(1, coro);
+    PyObject *kwargs = args ? Py_BuildValue("{OO}", st->s_loop, run->loop) : NULL;
+    if (kwargs == NULL) {
+        Py_XDECREF(args);
+        return -1;
+    }
+    run->main_task = PyObject_Call(st->ensure_future, args, kwargs);
+    Py_DECREF(args);
+    Py_DECREF(kwargs);
+    if (run->main_task == NULL) {
+        return -1;
+    }
+    PyObject *watch = aiorun_run_method(run, "_main_done");
+    if (watch == NULL) {
+        return -1;
+    }
+    PyObject *res = PyObject_CallMethodOneArg(run->main_task, st->s_add_done_callback,
+                                              watch);
+    Py_DECREF(watch);
+    if (res == NULL) {
+        return -1;
+    }
+    Py_DECREF(res);
+    return 0;
+}
+
+/* executor, or a new ThreadPoolExecutor; becomes the loop's default. */
+static PyObject *
+set_up_executor(RunObject *run, run_args *a)
+{
+    aiorun_state *st = run->state;
+    PyObject *executor;
+    if (a->executor != Py_None) {
+        executor = Py_NewRef(a->executor);
+    }
+    else {
+        if (aiorun_log(st, LOG_DEBUG, "Creating default executor") < 0) {
+            return NULL;
+        }
+        PyObject *args = PyTuple_New(0);
+        PyObject *kwargs = args ? Py_BuildValue("{sO}", "max_workers",
+                                                a->executor_workers) : NULL;
+        executor = kwargs ? PyObject_Call(st->ThreadPoolExecutor, args, kwargs) : NULL;
+        Py_XDECREF(args);
+        Py_XDECREF(kwargs);
+        if (executor == NULL) {
+            return NULL;
+        }
+    }
+    PyObject *res = call_method_checked(run->loop, "set_default_executor", executor);
+    if (res == NULL) {
+        Py_DECREF(executor);
+        return NULL;
+    }
+    Py_DECREF(res);
+    return executor;
+}
+
+/* Run the loop until it stops.  0 when the shutdown should follow, -1 when
+ * an exception other than KeyboardInterrupt escaped the loop. */
+static int
+run_loop(RunObject *run)
+{
+    run->phase = PHASE_RUNNING;
+    PyObject *res = PyObject_CallMethod(run->loop, "run_forever", NULL);
+    run->phase = PHASE_SHUTDOWN;
+    run->shutdown_requested = 1;
+    if (res != NULL) {
+        Py_DECREF(res);
+        return 0;
+    }
+    if (!PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
+        return -1;
+    }
+    PyErr_Clear();
+    return aiorun_log(run->state, LOG_INFO, "Got KeyboardInterrupt");
+}
+
+/* A set-up step failed after run() made its own loop: close it again so
+ * the failure leaves nothing behind.  Keeps the exception that is set. */
+static void
+discard_own_loop(RunObject *run)
+{
+    if (!run->own_loop || run->loop == NULL) {
+        return;
+    }
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *res = PyObject_CallMethod(run->loop, "close", NULL);
+    if (res != NULL) {
+        Py_DECREF(res);
+        res = PyObject_CallOneArg(run->state->set_event_loop, Py_None);
+    }
+    if (res == NULL) {
+        PyErr_WriteUnraisable(run->loop);
+    }
+    Py_XDECREF(res);
+    PyErr_Restore(type, value, tb);
+}
+
+/* Everything after the argument checks. */
+static PyObject *
+run_with_signals(RunObject *run, run_args *a, int use_uvloop, int stop_on_errors)
+{
+    aiorun_state *st = run->state;
+    PyObject *executor = NULL, *result = NULL;
+
+    if (a->loop != Py_None && use_uvloop) {
+        PyErr_SetString(PyExc_Exception,
+                        "'loop' and 'use_uvloop' parameters are mutually exclusive. "
+                        "(Just make your own uvloop and pass it in).");
+        return NULL;
+    }
+    if (a->loop == Py_None) {
+        run->loop = new_loop(st, use_uvloop);
+        if (run->loop == NULL) {
+            return NULL;
+        }
+        run->own_loop = 1;
+        PyObject *res = PyObject_CallOneArg(st->set_event_loop, run->loop);
+        if (res == NULL) {
+            goto fail;
+        }
+        Py_DECREF(res);
+    }
+    else {
+        run->loop = Py_NewRef(a->loop);
+    }
+    if (aiorun_signals_loop_ready(run) < 0
+        || install_exception_handler(run, stop_on_errors) < 0) {
+        goto fail;
+    }
+    if (a->coro != Py_None && start_main_task(run, a->coro) < 0) {
+        goto fail;
+    }
+#ifdef MS_WINDOWS
+    {
+        PyObject *wake = aiorun_run_windows_wakeup((PyObject *)run, NULL);
+        if (wake == NULL) {
+            goto fail;
+        }
+        Py_DECREF(wake);
+    }
+#endif
+    executor = set_up_executor(run, a);
+    if (executor == NULL) {
+        goto fail;
+    }
+    if (run_loop(run) < 0) {
+        goto done;
+    }
+    result = aiorun_shutdown(run, a->shutdown_callback, executor,
+                             a->timeout_task_shutdown);
+    goto done;
+fail:
+    discard_own_loop(run);
+done:
+    Py_XDECREF(executor);
+    return result;
+}
+
+/* Take our exception handler off the loop: a loop left open for its owner
+ * must not call into a finished run(). */
+static void
+remove_exception_handler(RunObject *run)
+{
+    if (!run->handler_installed) {
+        return;
+    }
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *res = PyObject_CallMethod(run->loop, "set_exception_handler", "O", Py_None);
+    if (res == NULL) {
+        PyErr_WriteUnraisable(run->loop);
+    }
+    Py_XDECREF(res);
+    PyErr_Restore(type, value, tb);
+}
+
+PyObject *
+aiorun_run(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {
+        "coro", "loop", "shutdown_handler", "shutdown_callback", "executor_workers",
+        "executor", "use_uvloop", "stop_on_unhandled_errors", "timeout_task_shutdown",
+        NULL,
+    };
+    aiorun_state *st = aiorun_get_state(module);
+    run_args a = {Py_None, Py_None, Py_None, Py_None, Py_None, Py_None,
+                  Py_False, Py_False, NULL};
+    PyObject *result = NULL;
+    int use_uvloop = 0, stop_on_errors = 0;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O$OOOOOOOO:run", kwlist,
+                                     &a.coro, &a.loop, &a.shutdown_handler,
+                                     &a.shutdown_callback, &a.executor_workers,
+                                     &a.executor, &a.use_uvloop,
+                                     &a.stop_on_unhandled_errors,
+                                     &a.timeout_task_shutdown)) {
+        return NULL;
+    }
+    PyObject *default_timeout = NULL;
+    if (a.timeout_task_shutdown == NULL) {
+        default_timeout = a.timeout_task_shutdown = PyLong_FromLong(60);
+        if (default_timeout == NULL) {
+            return NULL;
+        }
+    }
+    RunObject *run = aiorun_run_new(st);
+    if (run == NULL) {
+        Py_XDECREF(default_timeout);
+        return NULL;
+    }
+    run->shutdown_handler = a.shutdown_handler != Py_None
+        ? Py_NewRef(a.shutdown_handler)
+        : PyObject_GetAttrString(module, "_shutdown_handler");
+    if (run->shutdown_handler == NULL) {
+        goto done;
+    }
+    /* First of all, so that a signal arriving from here on is neither
+     * fatal nor lost. */
+    if (aiorun_signals_take_over(run) < 0) {
+        goto done;
+    }
+    if (aiorun_log(st, LOG_DEBUG, "Entering run()") == 0
+        && check_arguments(st, &a, &use_uvloop, &stop_on_errors) == 0) {
+        result = run_with_signals(run, &a, use_uvloop, stop_on_errors);
+    }
+    remove_exception_handler(run);
+    run->phase = PHASE_DONE;
+    aiorun_signals_restore(run);
+done:
+    (void)PyObject_GC_UnTrack(run);
+    Py_CLEAR(run->loop);
+    Py_CLEAR(run->main_task);
+    Py_CLEAR(run->pending_exc);
+    Py_CLEAR(run->shutdown_handler);
+    Py_CLEAR(run->drain_waiter);
+    Py_DECREF(run);
+    Py_XDECREF(default_timeout);
+    return result;
+}
+
+PyObject *
+aiorun_default_shutdown_handler(PyObject *module, PyObject *loop)
+{
+    aiorun_state *st = aiorun_get_state(module);
+    PyObject *res;
+
+    if (aiorun_log(st, LOG_DEBUG, "Entering shutdown handler") < 0) {
+        return NULL;
+    }
+    if (loop == Py_None) {
+        loop = PyObject_CallNoArgs(st->get_event_loop);
+        if (loop == NULL) {
+            return NULL;
+        }
+    }
+    else {
+        Py_INCREF(loop);
+    }
+    if (aiorun_log(st, LOG_WARNING, "Stopping the loop") < 0) {
+        Py_DECREF(loop);
+        return NULL;
+    }
+    res = PyObject_CallMethod(loop, "stop", NULL);
+    Py_DECREF(loop);
+    return res;
+}

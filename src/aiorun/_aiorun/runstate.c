@@ -1,0 +1,111 @@
+/* The Run object: the state of one call of run().  Its bound methods are
+ * the callables run() hands to the signal module and to the event loop
+ * (signal handler, exception handler, done callbacks), so they all reach
+ * the same state without any global. */
+#include "aiorun.h"
+
+RunObject *
+aiorun_run_new(aiorun_state *st)
+{
+    PyTypeObject *type = (PyTypeObject *)st->RunType;
+    RunObject *run = PyObject_GC_New(RunObject, type);
+    if (run == NULL) {
+        return NULL;
+    }
+    run->state = st;
+    run->loop = NULL;
+    run->shutdown_handler = NULL;
+    run->pending_exc = NULL;
+    run->main_task = NULL;
+    run->saved_handlers = NULL;
+    run->drain_waiter = NULL;
+    run->drain_remaining = 0;
+    run->phase = PHASE_SETUP;
+    run->own_loop = 0;
+    run->handler_installed = 0;
+    run->shutdown_requested = 0;
+    PyObject_GC_Track(run);
+    return run;
+}
+
+PyObject *
+aiorun_run_method(RunObject *run, const char *name)
+{
+    return PyObject_GetAttrString((PyObject *)run, name);
+}
+
+static int
+run_traverse(RunObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->loop);
+    Py_VISIT(self->shutdown_handler);
+    Py_VISIT(self->pending_exc);
+    Py_VISIT(self->main_task);
+    Py_VISIT(self->saved_handlers);
+    Py_VISIT(self->drain_waiter);
+    return 0;
+}
+
+static int
+run_clear(RunObject *self)
+{
+    Py_CLEAR(self->loop);
+    Py_CLEAR(self->shutdown_handler);
+    Py_CLEAR(self->pending_exc);
+    Py_CLEAR(self->main_task);
+    Py_CLEAR(self->saved_handlers);
+    Py_CLEAR(self->drain_waiter);
+    return 0;
+}
+
+static void
+run_dealloc(RunObject *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    (void)run_clear(self);
+    PyObject_GC_Del(self);
+    Py_DECREF(type);
+}
+
+static PyObject *
+run_repr(RunObject *self)
+{
+    static const char *phases[] = {"setup", "running", "shutdown", "done"};
+    return PyUnicode_FromFormat("<aiorun run state phase=%s>", phases[self->phase]);
+}
+
+static PyMethodDef run_methods[] = {
+    {"_on_signal", (PyCFunction)(void (*)(void))aiorun_run_on_signal,
+     METH_FASTCALL, "Signal handler installed while run() is active."},
+    {"_exception_handler", (PyCFunction)(void (*)(void))aiorun_run_exception_handler,
+     METH_FASTCALL, "Loop exception handler for stop_on_unhandled_errors."},
+    {"_main_done", aiorun_run_main_done, METH_O,
+     "Done callback of the main task: reports its exception at once."},
+    {"_task_done", aiorun_run_task_done, METH_O,
+     "Done callback of a task the shutdown waits for."},
+    {"_drain_timeout", aiorun_run_drain_timeout, METH_NOARGS,
+     "Ends the wait for cancelled tasks when timeout_task_shutdown passes."},
+#ifdef MS_WINDOWS
+    {"_windows_wakeup", aiorun_run_windows_wakeup, METH_NOARGS,
+     "Wakes the loop periodically so Ctrl-C is noticed on Windows."},
+#endif
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot run_slots[] = {
+    {Py_tp_dealloc, run_dealloc},
+    {Py_tp_traverse, run_traverse},
+    {Py_tp_clear, run_clear},
+    {Py_tp_repr, run_repr},
+    {Py_tp_methods, run_methods},
+    {0, NULL},
+};
+
+PyType_Spec aiorun_run_type_spec = {
+    .name = "aiorun._aiorun.RunState",
+    .basicsize = sizeof(RunObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = run_slots,
+};

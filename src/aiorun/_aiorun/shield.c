@@ -1,0 +1,511 @@
+/* shutdown_waits_for(): run a coroutine as a task that the shutdown phase
+ * does not cancel, and hand back an awaitable for its outcome.
+ *
+ * The awaitable (ShutdownWaiter) never lets the awaiting task reach the
+ * protected task: it waits on a future of its own, which the protected
+ * task completes when it ends.  Cancelling the awaiting task cancels only
+ * that future, so the awaiting side gets CancelledError at once while the
+ * protected work runs on.  Cancelling the protected task itself reaches the
+ * awaiting side through task.result().
+ *
+ * It has __await__, send, throw and close, so it is a
+ * collections.abc.Coroutine: await, create_task() and ensure_future() all
+ * accept it.  The step logic lives in waiter_step(); the rest wraps it. */
+#include "aiorun.h"
+
+#include <structmember.h>  /* T_PYSSIZET, READONLY on 3.9-3.11 */
+
+typedef enum {
+    WAITER_FRESH,    /* not yet awaited */
+    WAITER_WAITING,  /* yielded `fut` to the awaiting task */
+    WAITER_DONE      /* finished: returned, raised or closed */
+} waiter_phase;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *task;     /* the protected task (or future) */
+    PyObject *loop;
+    PyObject *fut;      /* what the awaiting task waits on, while WAITING */
+    PyObject *wake;     /* our _wake, registered on task while WAITING */
+    PyObject *weakreflist;
+    waiter_phase phase;
+} WaiterObject;
+
+typedef enum { STEP_ERROR = -1, STEP_RETURN = 0, STEP_YIELD = 1 } step_result;
+
+static aiorun_state *
+waiter_state(WaiterObject *self)
+{
+    return aiorun_get_state_by_type(Py_TYPE(self));
+}
+
+/* 1 if true, 0 if false, -1 on error: obj.name() as a truth value. */
+static int
+call_predicate(PyObject *obj, PyObject *name)
+{
+    PyObject *res = PyObject_CallMethodNoArgs(obj, name);
+    if (res == NULL) {
+        return -1;
+    }
+    int truth = PyObject_IsTrue(res);
+    Py_DECREF(res);
+    return truth;
+}
+
+/* Stop listening to the protected task; cancel our future if it is still
+ * pending.  Keeps any exception that is set. */
+static void
+waiter_detach(WaiterObject *self)
+{
+    aiorun_state *st = waiter_state(self);
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (self->wake != NULL) {
+        PyObject *res = PyObject_CallMethodOneArg(self->task, st->s_remove_done_callback,
+                                                  self->wake);
+        if (res == NULL) {
+            PyErr_WriteUnraisable((PyObject *)self);
+        }
+        Py_XDECREF(res);
+    }
+    if (self->fut != NULL) {
+        PyObject *res = PyObject_CallMethodNoArgs(self->fut, st->s_cancel);
+        if (res == NULL) {
+            PyErr_WriteUnraisable((PyObject *)self);
+        }
+        Py_XDECREF(res);
+    }
+    Py_CLEAR(self->wake);
+    Py_CLEAR(self->fut);
+    self->phase = WAITER_DONE;
+    PyErr_Restore(type, value, tb);
+}
+
+/* Yield a future to the awaiting task, as Future.__await__ does. */
+static step_result
+waiter_yield(WaiterObject *self, PyObject **result)
+{
+    aiorun_state *st = waiter_state(self);
+    if (self->fut == NULL) {
+        self->fut = PyObject_CallMethodNoArgs(self->loop, st->s_create_future);
+        if (self->fut == NULL) {
+            return STEP_ERROR;
+        }
+        self->wake = PyObject_GetAttrString((PyObject *)self, "_wake");
+        PyObject *res = self->wake
+            ? PyObject_CallMethodOneArg(self->task, st->s_add_done_callback, self->wake)
+            : NULL;
+        if (res == NULL) {
+            Py_CLEAR(self->wake);
+            Py_CLEAR(self->fut);
+            return STEP_ERROR;
+        }
+        Py_DECREF(res);
+    }
+    if (PyObject_SetAttr(self->fut, st->s_blocking, Py_True) < 0) {
+        return STEP_ERROR;
+    }
+    self->phase = WAITER_WAITING;
+    *result = Py_NewRef(self->fut);
+    return STEP_YIELD;
+}
+
+static step_result
+waiter_step(WaiterObject *self, PyObject **result)
+{
+    aiorun_state *st = waiter_state(self);
+    *result = NULL;
+    if (self->phase == WAITER_DONE) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "cannot reuse already awaited shutdown_waits_for()");
+        return STEP_ERROR;
+    }
+    int done = call_predicate(self->task, st->s_done);
+    if (done < 0) {
+        waiter_detach(self);
+        return STEP_ERROR;
+    }
+    if (!done) {
+        return waiter_yield(self, result);
+    }
+    waiter_detach(self);
+    /* The protected task's outcome: its result, its exception, or
+     * CancelledError if it was cancelled directly. */
+    *result = PyObject_CallMethodNoArgs(self->task, st->s_result);
+    return *result ? STEP_RETURN : STEP_ERROR;
+}
+
+/* Turn a STEP_RETURN into StopIteration(value), as generators do. */
+static PyObject *
+stop_iteration(PyObject *value)
+{
+    PyObject *exc = PyObject_CallOneArg(PyExc_StopIteration, value);
+    Py_DECREF(value);
+    if (exc != NULL) {
+        PyErr_SetObject(PyExc_StopIteration, exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+static PyObject *
+waiter_iternext(WaiterObject *self)
+{
+    PyObject *result;
+    switch (waiter_step(self, &result)) {
+    case STEP_YIELD:
+        return result;
+    case STEP_RETURN:
+        if (result == Py_None) {
+            Py_DECREF(result);
+            return NULL;  /* tp_iternext may end without StopIteration */
+        }
+        return stop_iteration(result);
+    default:
+        return NULL;
+    }
+}
+
+static PyObject *
+waiter_send(WaiterObject *self, PyObject *value)
+{
+    PyObject *result;
+    (void)value;  /* the awaiting task only ever sends None */
+    switch (waiter_step(self, &result)) {
+    case STEP_YIELD:
+        return result;
+    case STEP_RETURN:
+        return stop_iteration(result);
+    default:
+        return NULL;
+    }
+}
+
+#if PY_VERSION_HEX >= 0x030A0000
+static PySendResult
+waiter_am_send(WaiterObject *self, PyObject *value, PyObject **result)
+{
+    (void)value;
+    switch (waiter_step(self, result)) {
+    case STEP_YIELD:
+        return PYGEN_NEXT;
+    case STEP_RETURN:
+        return PYGEN_RETURN;
+    default:
+        return PYGEN_ERROR;
+    }
+}
+#endif
+
+/* throw(exc) / throw(type[, value[, tb]]): the exception surfaces at the
+ * await, so it propagates to the awaiting task; the protected task runs on. */
+static PyObject *
+waiter_throw(WaiterObject *self, PyObject *args)
+{
+    PyObject *type, *value = NULL, *tb = NULL;
+    if (!PyArg_UnpackTuple(args, "throw", 1, 3, &type, &value, &tb)) {
+        return NULL;
+    }
+    waiter_detach(self);
+    if (tb == Py_None) {
+        tb = NULL;
+    }
+    if (tb != NULL && !PyTraceBack_Check(tb)) {
+        PyErr_SetString(PyExc_TypeError, "throw() third argument must be a traceback");
+        return NULL;
+    }
+    if (PyExceptionInstance_Check(type)) {
+        if (value != NULL && value != Py_None) {
+            PyErr_SetString(PyExc_TypeError,
+                            "instance exception may not have a separate value");
+            return NULL;
+        }
+        PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(type)), Py_NewRef(type),
+                      Py_XNewRef(tb ? tb : PyException_GetTraceback(type)));
+        return NULL;
+    }
+    if (!PyExceptionClass_Check(type)) {
+        PyErr_Format(PyExc_TypeError,
+                     "exceptions must be classes or instances deriving from "
+                     "BaseException, not %.200s", Py_TYPE(type)->tp_name);
+        return NULL;
+    }
+    PyErr_Restore(Py_NewRef(type), Py_XNewRef(value == Py_None ? NULL : value),
+                  Py_XNewRef(tb));
+    return NULL;
+}
+
+static PyObject *
+waiter_close(WaiterObject *self, PyObject *unused)
+{
+    (void)unused;
+    waiter_detach(self);
+    Py_RETURN_NONE;
+}
+
+/* Done callback on the protected task: wake the awaiting task. */
+static PyObject *
+waiter_wake(WaiterObject *self, PyObject *task)
+{
+    aiorun_state *st = waiter_state(self);
+    (void)task;
+    if (self->fut == NULL) {
+        Py_RETURN_NONE;
+    }
+    int done = call_predicate(self->fut, st->s_done);
+    if (done != 0) {
+        return done < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    return PyObject_CallMethodOneArg(self->fut, st->s_set_result, Py_None);
+}
+
+static PyObject *
+waiter_await(WaiterObject *self)
+{
+    return Py_NewRef((PyObject *)self);
+}
+
+static PyObject *
+waiter_get_none(WaiterObject *self, void *closure)
+{
+    (void)self;
+    (void)closure;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+waiter_get_false(WaiterObject *self, void *closure)
+{
+    (void)self;
+    (void)closure;
+    Py_RETURN_FALSE;
+}
+
+static PyObject *
+waiter_get_await(WaiterObject *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(self->fut ? self->fut : Py_None);
+}
+
+static PyObject *
+waiter_get_task(WaiterObject *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(self->task);
+}
+
+static PyObject *
+waiter_repr(WaiterObject *self)
+{
+    return PyUnicode_FromFormat("<shutdown_waits_for %R>", self->task);
+}
+
+static int
+waiter_traverse(WaiterObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->task);
+    Py_VISIT(self->loop);
+    Py_VISIT(self->fut);
+    Py_VISIT(self->wake);
+    return 0;
+}
+
+static int
+waiter_clear(WaiterObject *self)
+{
+    Py_CLEAR(self->task);
+    Py_CLEAR(self->loop);
+    Py_CLEAR(self->fut);
+    Py_CLEAR(self->wake);
+    return 0;
+}
+
+static void
+waiter_dealloc(WaiterObject *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    if (self->weakreflist != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)self);
+    }
+    (void)waiter_clear(self);
+    PyObject_GC_Del(self);
+    Py_DECREF(type);
+}
+
+static PyMethodDef waiter_methods[] = {
+    {"send", (PyCFunction)waiter_send, METH_O, "send(value) -> next yielded value"},
+    {"throw", (PyCFunction)waiter_throw, METH_VARARGS,
+     "throw(exc) -> raise exc at the await"},
+    {"close", (PyCFunction)waiter_close, METH_NOARGS, "close() -> None"},
+    {"_wake", (PyCFunction)waiter_wake, METH_O,
+     "Done callback on the protected task."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef waiter_getset[] = {
+    /* What asyncio's task introspection (repr, get_stack) looks for. */
+    {"cr_frame", (getter)waiter_get_none, NULL, "No Python frame.", NULL},
+    {"cr_running", (getter)waiter_get_false, NULL, "Never running.", NULL},
+    {"cr_await", (getter)waiter_get_await, NULL, "The future awaited.", NULL},
+    {"task", (getter)waiter_get_task, NULL, "The protected task.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef waiter_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(WaiterObject, weakreflist), READONLY,
+     NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot waiter_slots[] = {
+    {Py_tp_dealloc, waiter_dealloc},
+    {Py_tp_traverse, waiter_traverse},
+    {Py_tp_clear, waiter_clear},
+    {Py_tp_repr, waiter_repr},
+    {Py_tp_iter, waiter_await},
+    {Py_tp_iternext, waiter_iternext},
+    {Py_tp_methods, waiter_methods},
+    {Py_tp_getset, waiter_getset},
+    {Py_tp_members, waiter_members},
+    {Py_am_await, waiter_await},
+#if PY_VERSION_HEX >= 0x030A0000
+    {Py_am_send, waiter_am_send},
+#endif
+    {0, NULL},
+};
+
+PyType_Spec aiorun_waiter_type_spec = {
+    .name = "aiorun._aiorun.ShutdownWaiter",
+    .basicsize = sizeof(WaiterObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = waiter_slots,
+};
+
+/* The coroutine behind a task: task.get_coro(), else task._coro, else NULL
+ * (with no exception) for future-likes that have neither. */
+static PyObject *
+task_coro(aiorun_state *st, PyObject *task)
+{
+    PyObject *coro = PyObject_CallMethodNoArgs(task, st->s_get_coro);
+    if (coro != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        return coro;
+    }
+    PyErr_Clear();
+    coro = PyObject_GetAttr(task, st->s_coro);
+    if (coro == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+    }
+    return coro;
+}
+
+int
+aiorun_is_protected(aiorun_state *st, PyObject *task)
+{
+    Py_ssize_t n = PyObject_Size(st->do_not_cancel);
+    if (n <= 0) {
+        return n < 0 ? -1 : 0;  /* fast path: nothing is protected */
+    }
+    PyObject *coro = task_coro(st, task);
+    if (coro == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    int found = coro == Py_None ? 0 : PySequence_Contains(st->do_not_cancel, coro);
+    Py_DECREF(coro);
+    return found;
+}
+
+static PyObject *
+current_loop(aiorun_state *st)
+{
+    PyObject *loop = PyObject_CallNoArgs(st->get_running_loop);
+    if (loop == NULL || loop != Py_None) {
+        return loop;
+    }
+    Py_DECREF(loop);
+    return PyObject_CallNoArgs(st->get_event_loop);
+}
+
+PyObject *
+aiorun_shutdown_waits_for(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"coro", "loop", NULL};
+    aiorun_state *st = aiorun_get_state(module);
+    PyObject *coro, *loop = Py_None;
+    PyObject *call_args = NULL, *call_kwargs = NULL, *task = NULL, *inner = NULL;
+    WaiterObject *waiter = NULL;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O:shutdown_waits_for", kwlist,
+                                     &coro, &loop)) {
+        return NULL;
+    }
+    PyObject *check = PyObject_CallOneArg(st->isawaitable, coro);
+    int ok = check ? PyObject_IsTrue(check) : -1;
+    Py_XDECREF(check);
+    if (ok <= 0) {
+        if (ok == 0) {
+            PyErr_Format(PyExc_TypeError,
+                         "shutdown_waits_for() argument 'coro' must be a coroutine "
+                         "or awaitable, not %.200s", Py_TYPE(coro)->tp_name);
+        }
+        return NULL;
+    }
+    if (loop == Py_None) {
+        loop = current_loop(st);
+        if (loop == NULL) {
+            return NULL;
+        }
+    }
+    else {
+        ok = PyObject_IsInstance(loop, st->AbstractEventLoop);
+        if (ok <= 0) {
+            if (ok == 0) {
+                PyErr_Format(PyExc_TypeError,
+                             "shutdown_waits_for() argument 'loop' must be an asyncio "
+                             "event loop or None, not %.200s", Py_TYPE(loop)->tp_name);
+            }
+            return NULL;
+        }
+        Py_INCREF(loop);
+    }
+
+    call_args = PyTuple_Pack(1, coro);
+    call_kwargs = call_args ? Py_BuildValue("{OO}", st->s_loop, loop) : NULL;
+    task = call_kwargs ? PyObject_Call(st->ensure_future, call_args, call_kwargs) : NULL;
+    if (task == NULL) {
+        goto done;
+    }
+    /* Mark the task as protected: the shutdown phase skips tasks whose
+     * coroutine is in _DO_NOT_CANCEL_COROS. */
+    inner = task_coro(st, task);
+    if (inner == NULL && PyErr_Occurred()) {
+        goto done;
+    }
+    if (inner != NULL && inner != Py_None) {
+        PyObject *res = PyObject_CallMethod(st->do_not_cancel, "add", "O", inner);
+        if (res == NULL) {
+            goto done;
+        }
+        Py_DECREF(res);
+    }
+    waiter = PyObject_GC_New(WaiterObject, (PyTypeObject *)st->WaiterType);
+    if (waiter == NULL) {
+        goto done;
+    }
+    waiter->task = Py_NewRef(task);
+    waiter->loop = Py_NewRef(loop);
+    waiter->fut = NULL;
+    waiter->wake = NULL;
+    waiter->weakreflist = NULL;
+    waiter->phase = WAITER_FRESH;
+    PyObject_GC_Track(waiter);
+done:
+    Py_DECREF(loop);
+    Py_XDECREF(call_args);
+    Py_XDECREF(call_kwargs);
+    Py_XDECREF(task);
+    Py_XDECREF(inner);
+    return (PyObject *)waiter;
+}
