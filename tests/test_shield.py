@@ -1,0 +1,314 @@
+"""shutdown_waits_for(): every way to spawn it, both ways to cancel, and
+its use outside run()."""
+import asyncio
+import collections.abc
+import signal
+
+import pytest
+
+import aiorun
+from aiorun import shutdown_waits_for
+from conftest import run_app
+
+
+def test_seed_shield_demo_under_a_signal(app):
+    a = app("""
+        async def corofn():
+            for i in range(3):
+                say(i)
+                await asyncio.sleep(0.3)
+            say("done!")
+
+        async def main():
+            try:
+                await shutdown_waits_for(corofn())
+            except asyncio.CancelledError:
+                say("oh noes!")
+
+        run(main())
+        say("run returned")
+    """)
+    a.wait_line("0")
+    a.send(signal.SIGINT)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["0", "oh noes!", "1", "2", "done!", "run returned"]
+    # The protected task is waited for but never cancelled.
+    cancelled = [l for l in r.log if l.startswith("DEBUG:Cancelling task:")]
+    assert len(cancelled) == 1 and "coro=<main()" in cancelled[0]
+
+
+@pytest.mark.parametrize("style", ["await", "create_task", "ensure_future", "bare"])
+def test_spawn_styles_survive_the_shutdown(app, style):
+    spawn = {
+        "await": "say('result', await shutdown_waits_for(work()))",
+        "create_task": "t = asyncio.get_running_loop().create_task(shutdown_waits_for(work()))\n"
+                       "    say('result', await t)",
+        "ensure_future": "t = asyncio.ensure_future(shutdown_waits_for(work()))\n"
+                         "    say('result', await t)",
+        "bare": "shutdown_waits_for(work())\n    await asyncio.sleep(3600)",
+    }[style]
+    a = app(f"""
+import warnings
+warnings.simplefilter("ignore", RuntimeWarning)
+started = asyncio.Event()
+
+async def work():
+    say("work started")
+    await asyncio.sleep(0.3)
+    say("work finished")
+    return 7
+
+async def main():
+    {spawn}
+
+run(main())
+say("run returned")
+""")
+    a.wait_line("work started")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["work started", "work finished", "run returned"]
+    assert r.messages[-1] == "Leaving. Bye!"
+
+
+@pytest.mark.parametrize("style", ["await", "create_task", "ensure_future"])
+def test_spawn_styles_return_the_result(app, style):
+    get = {
+        "await": "await shutdown_waits_for(work())",
+        "create_task": "await asyncio.get_running_loop().create_task("
+                       "shutdown_waits_for(work()))",
+        "ensure_future": "await asyncio.ensure_future(shutdown_waits_for(work()))",
+    }[style]
+    r = run_app(app, f"""
+async def work():
+    await asyncio.sleep(0.01)
+    return ("tuple", 1)
+
+async def fails():
+    raise ValueError("inner")
+
+async def main():
+    say("result", {get})
+    try:
+        await shutdown_waits_for(fails())
+    except ValueError as e:
+        say("raised", e)
+    asyncio.get_running_loop().stop()
+
+run(main())
+""")
+    assert r.returncode == 0, r
+    assert r.stdout == ["result ('tuple', 1)", "raised inner"]
+
+
+def test_cancelling_the_awaiting_task_leaves_the_work_running(app):
+    r = run_app(app, """
+        async def work():
+            await asyncio.sleep(0.3)
+            say("work finished")
+
+        async def waiter():
+            try:
+                await shutdown_waits_for(work())
+            except asyncio.CancelledError:
+                say("waiter cancelled")
+                raise
+
+        async def main():
+            t = asyncio.get_running_loop().create_task(waiter())
+            await asyncio.sleep(0.05)
+            t.cancel()
+            await asyncio.sleep(0)
+            say("after cancel")
+            await asyncio.sleep(0.5)
+            asyncio.get_running_loop().stop()
+
+        run(main())
+    """)
+    assert r.returncode == 0, r
+    assert r.stdout == ["waiter cancelled", "after cancel", "work finished"]
+
+
+def test_cancelling_the_protected_task_reaches_the_awaiting_side(app):
+    r = run_app(app, """
+        async def work():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                say("work cancelled")
+                raise
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.05, cancel_protected)
+            try:
+                await shutdown_waits_for(work())
+            except asyncio.CancelledError:
+                say("awaiting side got CancelledError")
+            loop.stop()
+
+        def cancel_protected():
+            [t.cancel() for t in asyncio.all_tasks()
+             if t.get_coro() in aiorun._DO_NOT_CANCEL_COROS]
+
+        run(main())
+    """)
+    assert r.returncode == 0, r
+    assert r.stdout == ["work cancelled", "awaiting side got CancelledError"]
+
+
+def test_do_not_cancel_coros_holds_exactly_the_protected_tasks(app):
+    r = run_app(app, """
+        async def work():
+            await asyncio.sleep(0.05)
+
+        async def plain():
+            await asyncio.sleep(0.05)
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            shutdown_waits_for(work()).close()
+            loop.create_task(plain())
+            await asyncio.sleep(0)
+            for t in sorted(asyncio.all_tasks(), key=lambda t: t.get_coro().__name__):
+                say(t.get_coro().__name__, t._coro in aiorun._DO_NOT_CANCEL_COROS)
+            loop.stop()
+
+        run(main())
+    """)
+    assert r.stdout == ["main False", "plain False", "work True"]
+
+
+def test_protected_work_is_bounded_by_timeout_task_shutdown(app):
+    a = app("""
+        async def forever():
+            say("READY")
+            await asyncio.sleep(3600)
+
+        async def main():
+            await shutdown_waits_for(forever())
+
+        run(main(), timeout_task_shutdown=0.3)
+        say("run returned")
+    """)
+    a.wait_line("READY")
+    a.send(signal.SIGINT)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["READY", "run returned"]
+    assert any("refused to exit after 0.3 seconds" in l for l in r.log)
+    assert "coro=<forever()" in r.stderr_text
+
+
+def test_wait_for_timeout_does_not_stop_the_work(app):
+    r = run_app(app, """
+        async def work():
+            await asyncio.sleep(0.2)
+            say("work finished")
+
+        async def main():
+            try:
+                await asyncio.wait_for(shutdown_waits_for(work()), 0.01)
+            except asyncio.TimeoutError:
+                say("timed out")
+            await asyncio.sleep(0.4)
+            asyncio.get_running_loop().stop()
+
+        run(main())
+    """)
+    assert r.stdout == ["timed out", "work finished"]
+
+
+# ---- outside run(): it behaves like asyncio.shield ----
+
+def test_outside_run_like_shield():
+    events = []
+
+    async def work():
+        await asyncio.sleep(0.05)
+        events.append("work finished")
+        return 5
+
+    async def main():
+        assert await shutdown_waits_for(work()) == 5
+        t = asyncio.ensure_future(shutdown_waits_for(work()))
+        await asyncio.sleep(0.01)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        events.append("outer cancelled")
+        await asyncio.sleep(0.1)
+
+    asyncio.run(main())
+    assert events == ["work finished", "outer cancelled", "work finished"]
+
+
+def test_explicit_loop_argument():
+    loop = asyncio.new_event_loop()
+    try:
+        async def work():
+            return "w"
+        w = shutdown_waits_for(work(), loop=loop)
+        assert loop.run_until_complete(w) == "w"
+        w2 = shutdown_waits_for(work(), loop)
+        assert loop.run_until_complete(asyncio.ensure_future(w2, loop=loop)) == "w"
+    finally:
+        loop.close()
+
+
+def test_waiter_is_a_coroutine_and_cannot_be_reused():
+    async def main():
+        async def work():
+            return 1
+        w = shutdown_waits_for(work())
+        assert isinstance(w, collections.abc.Coroutine)
+        assert asyncio.iscoroutine(w)
+        assert await w == 1
+        with pytest.raises(RuntimeError, match="cannot reuse"):
+            await w
+
+    asyncio.run(main())
+
+
+def test_waiter_throw_and_close():
+    async def main():
+        async def work():
+            await asyncio.sleep(0.05)
+            return 1
+        w = shutdown_waits_for(work())
+        fut = w.send(None)
+        assert isinstance(fut, asyncio.Future)
+        with pytest.raises(ValueError, match="thrown"):
+            w.throw(ValueError("thrown"))
+        assert fut.cancelled()
+        w2 = shutdown_waits_for(work())
+        w2.send(None)
+        with pytest.raises(KeyError):
+            w2.throw(KeyError, KeyError("k"), None)
+        w3 = shutdown_waits_for(work())
+        assert w3.close() is None
+        with pytest.raises(TypeError):
+            shutdown_waits_for(work()).throw(42)
+        # The protected tasks still finish.
+        await asyncio.sleep(0.1)
+        protected = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert protected == []
+
+    asyncio.run(main())
+
+
+def test_bad_arguments():
+    with pytest.raises(TypeError, match="'coro' must be a coroutine or awaitable, not int"):
+        shutdown_waits_for(5)
+
+    async def work():
+        pass
+
+    coro = work()
+    with pytest.raises(TypeError, match="'loop' must be an asyncio event loop"):
+        shutdown_waits_for(coro, loop="loop")
+    coro.close()
+    with pytest.raises(TypeError):
+        shutdown_waits_for()

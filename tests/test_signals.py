@@ -1,0 +1,294 @@
+"""SPEC steps 1, 7 and 11: signals start the shutdown once, are never lost
+in start-up, and the previous handlers are back when run() returns."""
+import signal
+
+import pytest
+
+from conftest import SHUTDOWN_TAIL, SIGNALS, run_app, subsequence
+
+MAIN_WAITS = """
+async def main():
+    say("READY")
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        say("main cancelled")
+        raise
+
+run(main())
+say("run returned")
+"""
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+def test_signal_runs_the_full_shutdown(app, sig):
+    a = app(MAIN_WAITS)
+    a.wait_line("READY")
+    a.send(sig)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["READY", "main cancelled", "run returned"]
+    assert r.log == [
+        "DEBUG:Entering run()",
+        "DEBUG:Creating default executor",
+        "DEBUG:Entering shutdown handler",
+        "WARNING:Stopping the loop",
+        "INFO:Entering shutdown phase.",
+        "INFO:Cancelling pending tasks.",
+        r.log[6],  # the per-task DEBUG line, checked below
+        "INFO:Running pending tasks till complete",
+        "INFO:Waiting for executor shutdown.",
+        "INFO:Shutting down async generators",
+        "INFO:Closing the loop.",
+        "INFO:Leaving. Bye!",
+    ]
+    assert r.log[6].startswith("DEBUG:Cancelling task: <Task pending")
+    assert "coro=<main()" in r.log[6]
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: s.name)
+def test_without_coro_the_loop_runs_until_a_signal(app, sig):
+    # No coroutine: readiness comes from a thread that sees run() take the
+    # signal over; a signal then is handled whether or not the loop runs yet.
+    a = app("""
+        def announce():
+            while signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                time.sleep(0.001)
+            say("READY")
+        threading.Thread(target=announce, daemon=True).start()
+        run()
+        say("run returned")
+    """)
+    a.wait_line("READY")
+    a.send(sig)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["READY", "run returned"]
+    # No task at all: the cancel and wait steps have nothing to do.
+    assert r.messages == ["Stopping the loop", "Entering shutdown phase.",
+                          "Waiting for executor shutdown.",
+                          "Shutting down async generators", "Closing the loop.",
+                          "Leaving. Bye!"]
+
+
+def test_burst_of_signals_runs_the_handler_once(app):
+    a = app("""
+        def handler(loop):
+            say("HANDLER")
+            loop.stop()
+
+        async def main():
+            say("READY")
+            await asyncio.sleep(3600)
+
+        run(main(), shutdown_handler=handler)
+        say("run returned")
+    """)
+    a.wait_line("READY")
+    for i in range(60):
+        a.send(SIGNALS[i % 2])
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.count("HANDLER") == 1
+    assert r.stdout[-1] == "run returned"
+    assert "Traceback" not in r.stderr_text
+    assert subsequence(SHUTDOWN_TAIL, r.messages)
+
+
+def test_signals_during_the_shutdown_are_ignored(app):
+    # The shutdown callback blocks on stdin; while it does, a storm of both
+    # signals arrives.  The shutdown must go on undisturbed.
+    a = app("""
+        def handler(loop):
+            say("HANDLER")
+            loop.stop()
+
+        def callback(loop):
+            say("IN_CALLBACK")
+            say("callback got " + sys.stdin.readline().strip())
+
+        async def main():
+            say("READY")
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                say("main cancelled")
+                raise
+
+        run(main(), shutdown_handler=handler, shutdown_callback=callback)
+        say("run returned")
+    """, stdin=True)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    a.wait_line("IN_CALLBACK")
+    for i in range(100):
+        a.send(SIGNALS[i % 2])
+    a.write("go\n")
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["READY", "HANDLER", "IN_CALLBACK", "callback got go",
+                        "main cancelled", "run returned"]
+    assert "Traceback" not in r.stderr_text
+    assert "ignored due to race condition" not in r.stderr_text
+
+
+def test_signal_in_the_start_up_window_is_not_lost(app):
+    # The signal arrives inside run(), before the loop runs (aiorun in Python
+    # has SIGINT/SIGTERM ignored at that moment and loses it).
+    a = app("""
+        class Loop(asyncio.SelectorEventLoop):
+            def set_default_executor(self, executor):
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(100):   # let the Python-level handler run here
+                    pass
+                say("signal sent in start-up")
+                super().set_default_executor(executor)
+
+        async def main():
+            say("main started")
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                say("main cancelled")
+                raise
+
+        loop = Loop()
+        asyncio.set_event_loop(loop)
+        run(main(), loop=loop)
+        say("run returned")
+    """)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["signal sent in start-up", "main started", "main cancelled",
+                        "run returned"]
+    assert r.log.count("WARNING:Stopping the loop") == 1
+
+
+def test_previous_handlers_are_back_after_run(app):
+    r = run_app(app, """
+        def mine(signum, frame):
+            say("my SIGTERM handler")
+        signal.signal(signal.SIGTERM, mine)
+
+        async def main():
+            asyncio.get_running_loop().stop()
+
+        run(main())
+        say("SIGINT:", signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        say("SIGTERM:", signal.getsignal(signal.SIGTERM) is mine)
+        say("wakeup fd:", signal.set_wakeup_fd(-1))
+        os.kill(os.getpid(), signal.SIGTERM)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+            say("no KeyboardInterrupt")
+        except KeyboardInterrupt:
+            say("KeyboardInterrupt")
+    """)
+    assert r.returncode == 0, r
+    assert r.stdout == ["SIGINT: True", "SIGTERM: True", "wakeup fd: -1",
+                        "my SIGTERM handler", "KeyboardInterrupt"]
+
+
+def test_handlers_are_back_when_run_raises(app):
+    r = run_app(app, """
+        async def main():
+            raise ValueError("boom")
+        try:
+            run(main(), stop_on_unhandled_errors=True)
+        except ValueError as e:
+            say("raised", e)
+        say("SIGINT:", signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        say("SIGTERM:", signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    """)
+    assert r.returncode == 0, r
+    assert r.stdout == ["raised boom", "SIGINT: True", "SIGTERM: True"]
+
+
+def test_handlers_are_taken_over_while_running(app):
+    r = run_app(app, """
+        async def main():
+            h = signal.getsignal(signal.SIGINT)
+            say("same handler:", h == signal.getsignal(signal.SIGTERM))
+            say("ours:", callable(h) and h is not signal.default_int_handler)
+            asyncio.get_running_loop().stop()
+        run(main())
+    """)
+    assert r.stdout == ["same handler: True", "ours: True"]
+
+
+def test_run_twice_in_one_process(app):
+    a = app("""
+        async def main(n):
+            say(f"READY {n}")
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                say(f"cancelled {n}")
+                raise
+        run(main(1))
+        run(main(2))
+        say("both returned")
+    """)
+    a.wait_line("READY 1")
+    a.send(signal.SIGINT)
+    a.wait_line("READY 2")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["READY 1", "cancelled 1", "READY 2", "cancelled 2",
+                        "both returned"]
+    assert r.log.count("WARNING:Stopping the loop") == 2
+
+
+def test_custom_shutdown_handler_runs_on_the_loop_thread(app):
+    a = app("""
+        main_thread = threading.get_ident()
+
+        def handler(loop):
+            say("handler on loop thread:", threading.get_ident() == main_thread)
+            say("loop running:", loop.is_running())
+            say("same loop:", loop is the_loop)
+            loop.stop()
+
+        async def main():
+            global the_loop
+            the_loop = asyncio.get_running_loop()
+            say("READY")
+            await asyncio.sleep(3600)
+
+        run(main(), shutdown_handler=handler)
+    """)
+    a.wait_line("READY")
+    a.send(signal.SIGINT)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout[1:] == ["handler on loop thread: True", "loop running: True",
+                            "same loop: True"]
+    # The default handler's messages are not logged for a custom handler.
+    assert "WARNING:Stopping the loop" not in r.log
+
+
+def test_handler_that_does_not_stop_keeps_the_loop_running(app):
+    # The handler is the user's to write; a second signal is still ignored,
+    # as in aiorun, so the app stops itself later.
+    a = app("""
+        def handler(loop):
+            say("HANDLER")
+            loop.call_later(0.2, loop.stop)
+
+        async def main():
+            say("READY")
+            await asyncio.sleep(3600)
+
+        run(main(), shutdown_handler=handler)
+        say("run returned")
+    """)
+    a.wait_line("READY")
+    a.send(signal.SIGINT)
+    a.wait_line("HANDLER")
+    a.send(signal.SIGINT)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.count("HANDLER") == 1
+    assert r.stdout[-1] == "run returned"

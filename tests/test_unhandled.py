@@ -1,0 +1,162 @@
+"""SPEC steps 4 and 5: stop_on_unhandled_errors."""
+import signal
+
+from conftest import SHUTDOWN_TAIL, line_of, run_app, subsequence
+
+STOPPING = "ERROR:Unhandled exception; stopping loop: 'Task exception was never retrieved'"
+
+
+def test_exception_from_main_stops_and_is_reraised(app):
+    a = app("""
+        async def other():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                say("other cancelled")
+                raise
+
+        async def main():
+            asyncio.get_running_loop().create_task(other())
+            await asyncio.sleep(0)
+            raise Exception("ouch")
+
+        run(main(), stop_on_unhandled_errors=True)
+    """)
+    r = a.finish()
+    assert r.returncode == 1, r
+    assert r.stdout == ["other cancelled"]
+    assert r.log[2] == STOPPING
+    assert subsequence(SHUTDOWN_TAIL + ["Reraising unhandled exception"], r.messages)
+    # The uncaught exception's traceback reaches back to where it was raised.
+    line = line_of(a.script, 'raise Exception("ouch")')
+    assert r.stderr[-3:] == [f'  File "{a.script}", line {line}, in main',
+                             '    raise Exception("ouch")', "Exception: ouch"]
+
+
+def test_exception_from_main_is_reported_while_the_task_is_still_referenced(app):
+    # run() keeps the main task alive; the error must still arrive at once
+    # rather than whenever the task is collected.
+    r = run_app(app, """
+        import gc
+        gc.disable()
+        keep = []
+        async def main():
+            keep.append(asyncio.current_task())
+            raise KeyError("k")
+        try:
+            run(main(), stop_on_unhandled_errors=True)
+        except KeyError as e:
+            say("raised", repr(e))
+    """)
+    assert r.returncode == 0, r
+    assert r.stdout == ["raised KeyError('k')"]
+
+
+def test_exception_from_a_background_task(app):
+    r = run_app(app, """
+        async def job():
+            raise ValueError("from background")
+
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        loop.create_task(job())
+        run(loop=loop, stop_on_unhandled_errors=True)
+    """)
+    assert r.returncode == 1, r
+    assert r.log[2] == STOPPING
+    assert r.stderr[-1] == "ValueError: from background"
+    assert r.messages[-2:] == ["Leaving. Bye!", "Reraising unhandled exception"]
+
+
+def test_call_exception_handler_with_an_exception(app):
+    r = run_app(app, """
+        async def main():
+            asyncio.get_running_loop().call_exception_handler(
+                {"message": "custom report", "exception": LookupError("lk")})
+            say("main continues")
+        run(main(), stop_on_unhandled_errors=True)
+    """)
+    assert r.returncode == 1, r
+    assert r.stdout == ["main continues"]
+    assert "ERROR:Unhandled exception; stopping loop: 'custom report'" in r.log
+    assert r.stderr[-1] == "LookupError: lk"
+
+
+def test_call_exception_handler_without_an_exception(app):
+    r = run_app(app, """
+        async def main():
+            asyncio.get_running_loop().call_exception_handler({"message": "just a note"})
+        run(main(), stop_on_unhandled_errors=True)
+        say("run returned normally")
+    """)
+    assert r.returncode == 0, r
+    assert r.stdout == ["run returned normally"]
+    assert "ERROR:Unhandled exception; stopping loop: 'just a note'" in r.log
+    assert "Reraising unhandled exception" not in r.messages
+    assert "Traceback" not in r.stderr_text
+
+
+def test_the_latest_report_wins(app):
+    r = run_app(app, """
+        async def main():
+            loop = asyncio.get_running_loop()
+            loop.call_exception_handler({"message": "a", "exception": ValueError("1")})
+            loop.call_exception_handler({"message": "b", "exception": TypeError("2")})
+        run(main(), stop_on_unhandled_errors=True)
+    """)
+    assert r.returncode == 1, r
+    assert r.stderr[-1] == "TypeError: 2"
+
+
+def test_without_the_flag_errors_are_logged_and_the_loop_runs_on(app):
+    a = app("""
+        async def main():
+            raise Exception("ouch")
+        loop = asyncio.new_event_loop()
+        loop.call_later(0.1, say, "still running")
+        run(main(), loop=loop)
+        say("run returned")
+    """)
+    a.wait_line("still running")
+    a.send(signal.SIGINT)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["still running", "run returned"]
+    assert any(l.startswith("ERROR:asyncio:Task exception was never retrieved")
+               for l in r.stderr)
+
+
+def test_exception_handler_is_removed_from_a_supplied_loop(app):
+    r = run_app(app, """
+        loop = asyncio.new_event_loop()
+        async def main():
+            say("installed:", loop.get_exception_handler() is not None)
+            loop.stop()
+        run(main(), loop=loop, stop_on_unhandled_errors=True)
+        say("after run:", loop.get_exception_handler())
+    """)
+    assert r.stdout == ["installed: True", "after run: None"]
+
+
+def test_exception_during_the_shutdown_does_not_abort_it(app):
+    # A task that fails while being cancelled: its error is kept for
+    # re-raising, and the shutdown still runs to the end.
+    a = app("""
+        async def bad_cleanup():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                raise RuntimeError("cleanup failed")
+
+        async def main():
+            say("READY")
+            await bad_cleanup()
+
+        run(main(), stop_on_unhandled_errors=True)
+    """)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 1, r
+    assert subsequence(SHUTDOWN_TAIL + ["Reraising unhandled exception"], r.messages)
+    assert r.stderr[-1] == "RuntimeError: cleanup failed"
