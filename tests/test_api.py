@@ -1,0 +1,98 @@
+"""The public surface (SPEC 'Public surface') and how the module is built."""
+import asyncio
+import importlib.util
+import inspect
+import logging
+import subprocess
+import sys
+import typing
+import weakref
+from pathlib import Path
+
+import pytest
+
+import aiorun
+from aiorun import ShutdownCallback, __version__, run, shutdown_waits_for
+
+
+def test_names():
+    assert aiorun.__all__ == ["run", "shutdown_waits_for"]
+    assert __version__ == "2025.1.1"
+    assert aiorun.logger is logging.getLogger("aiorun")
+    assert isinstance(aiorun._DO_NOT_CANCEL_COROS, weakref.WeakSet)
+    assert aiorun.WINDOWS is (sys.platform == "win32")
+
+
+def test_shutdown_callback_alias():
+    expected = typing.Optional[typing.Union[
+        typing.Awaitable,
+        typing.Callable[[asyncio.AbstractEventLoop], typing.Awaitable],
+        typing.Callable[[asyncio.AbstractEventLoop], None],
+    ]]
+    assert ShutdownCallback == expected
+
+
+def test_logic_is_in_c():
+    assert type(run).__name__ == "builtin_function_or_method"
+    assert type(shutdown_waits_for).__name__ == "builtin_function_or_method"
+    package = Path(aiorun.__file__).parent
+    python_files = sorted(p.name for p in package.glob("*.py"))
+    assert python_files == ["__init__.py"]
+
+
+def test_signatures_are_introspectable():
+    params = inspect.signature(run).parameters
+    assert list(params) == [
+        "coro", "loop", "shutdown_handler", "shutdown_callback", "executor_workers",
+        "executor", "use_uvloop", "stop_on_unhandled_errors", "timeout_task_shutdown"]
+    assert params["timeout_task_shutdown"].default == 60
+    assert params["loop"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert list(inspect.signature(shutdown_waits_for).parameters) == ["coro", "loop"]
+
+
+def test_multi_phase_init_gives_a_fresh_module():
+    spec = importlib.util.find_spec("aiorun._aiorun")
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    assert fresh is not aiorun._aiorun
+    assert fresh._DO_NOT_CANCEL_COROS is not aiorun._DO_NOT_CANCEL_COROS
+    assert fresh.ShutdownWaiter is not aiorun._aiorun.ShutdownWaiter
+
+    async def main():
+        async def work():
+            return "fresh"
+        return await fresh.shutdown_waits_for(work())
+
+    assert asyncio.run(main()) == "fresh"
+
+
+def test_internal_types_cannot_be_instantiated():
+    with pytest.raises(TypeError):
+        aiorun._aiorun.ShutdownWaiter()
+
+
+def test_import_does_not_warn():
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-c",
+         "import aiorun, asyncio\n"
+         "async def m():\n"
+         "    asyncio.get_running_loop().stop()\n"
+         "aiorun.run(m())\n"
+         "aiorun.run(m(), use_uvloop=True)\n"],
+        capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+
+
+def test_no_event_loop_policy_is_installed():
+    # aiorun in Python installs uvloop.EventLoopPolicy; policies are deprecated.
+    out = subprocess.run(
+        [sys.executable, "-c",
+         "import asyncio, aiorun\n"
+         "before = asyncio.get_event_loop_policy()\n"
+         "async def m():\n"
+         "    asyncio.get_running_loop().stop()\n"
+         "aiorun.run(m(), use_uvloop=True)\n"
+         "print(asyncio.get_event_loop_policy() is before)\n"],
+        capture_output=True, text=True)
+    assert out.stdout == "True\n", out.stderr

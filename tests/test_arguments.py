@@ -1,0 +1,126 @@
+"""Bad input to run(): a clear exception naming the parameter, raised before
+anything runs, with signal handlers and the event loop left as they were.
+These run in-process on purpose: they must leave *this* process intact."""
+import asyncio
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from aiorun import run
+
+
+def handlers():
+    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+
+@pytest.fixture(autouse=True)
+def handlers_untouched():
+    before = handlers()
+    yield
+    assert handlers() == before
+
+
+async def never():
+    pass  # pragma: no cover
+
+
+BAD_TYPES = [
+    ("coro", {"coro": 5}, "must be a coroutine or awaitable, not int"),
+    ("coro", {"coro": never}, "must be a coroutine or awaitable, not function"),
+    ("loop", {"loop": "loop"}, "must be an asyncio event loop or None, not str"),
+    ("shutdown_handler", {"shutdown_handler": 1}, "must be callable or None, not int"),
+    ("shutdown_callback", {"shutdown_callback": 3.5},
+     "must be an awaitable, a callable taking the loop, or None, not float"),
+    ("executor_workers", {"executor_workers": "4"}, "must be int or None, not str"),
+    ("executor_workers", {"executor_workers": 2.0}, "must be int or None, not float"),
+    ("executor_workers", {"executor_workers": True}, "must be int or None, not bool"),
+    ("executor", {"executor": object()},
+     "must be a concurrent.futures.Executor or None, not object"),
+    ("use_uvloop", {"use_uvloop": "yes"}, "must be bool, not str"),
+    ("use_uvloop", {"use_uvloop": None}, "must be bool, not NoneType"),
+    ("stop_on_unhandled_errors", {"stop_on_unhandled_errors": []},
+     "must be bool, not list"),
+    ("timeout_task_shutdown", {"timeout_task_shutdown": "60"},
+     "must be a number of seconds or None, not str"),
+    ("timeout_task_shutdown", {"timeout_task_shutdown": False},
+     "must be a number of seconds or None, not bool"),
+]
+
+
+@pytest.mark.parametrize("param,kwargs,message", BAD_TYPES,
+                         ids=[f"{p}-{type(k[p]).__name__}" for p, k, _ in BAD_TYPES])
+def test_wrong_types_raise_type_error_naming_the_parameter(param, kwargs, message):
+    coro = kwargs.pop("coro", None)
+    with pytest.raises(TypeError) as info:
+        run(coro, **kwargs)
+    assert str(info.value) == f"run() argument '{param}' {message}"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"executor_workers": 0}, "'executor_workers' must be greater than 0"),
+    ({"executor_workers": -3}, "'executor_workers' must be greater than 0"),
+    ({"timeout_task_shutdown": -1}, "'timeout_task_shutdown' must be >= 0"),
+    ({"timeout_task_shutdown": float("nan")}, "'timeout_task_shutdown' must be >= 0"),
+])
+def test_bad_values_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        run(**kwargs)
+
+
+def test_unknown_and_positional_arguments():
+    with pytest.raises(TypeError, match="'bogus'"):
+        run(bogus=1)
+    with pytest.raises(TypeError, match="at most 1"):
+        run(None, None)
+
+
+def test_loop_and_use_uvloop_are_mutually_exclusive():
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(Exception, match="mutually exclusive"):
+            run(loop=loop, use_uvloop=True)
+        assert not loop.is_closed()
+    finally:
+        loop.close()
+
+
+def test_custom_handler_with_stop_on_unhandled_errors_is_refused():
+    loop = asyncio.new_event_loop()
+    handler = lambda loop, context: None  # noqa: E731
+    loop.set_exception_handler(handler)
+    try:
+        with pytest.raises(Exception, match="parameter is unavailable"):
+            run(loop=loop, stop_on_unhandled_errors=True)
+        assert loop.get_exception_handler() is handler
+        assert not loop.is_closed()
+    finally:
+        loop.close()
+
+
+def test_executor_of_wrong_kind_for_the_loop_leaves_nothing_behind():
+    # A failure after run() made its loop: the loop is closed again and not
+    # left as the current loop.
+    class NotAThreadPool(ThreadPoolExecutor):
+        pass
+
+    class Odd(asyncio.SelectorEventLoop):
+        def set_default_executor(self, executor):
+            raise RuntimeError("refused")
+
+    loop = Odd()
+    try:
+        with pytest.raises(RuntimeError, match="refused"):
+            run(loop=loop, executor=NotAThreadPool())
+        assert not loop.is_closed()  # supplied: its owner closes it
+    finally:
+        loop.close()
+
+
+def test_accepted_forms():
+    # ints for flags, an int timeout, None timeout; the loop stops itself.
+    async def main():
+        asyncio.get_running_loop().stop()
+
+    run(main(), use_uvloop=0, stop_on_unhandled_errors=1, timeout_task_shutdown=None)
+    run(main(), executor_workers=1, timeout_task_shutdown=0)
