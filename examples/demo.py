@@ -16,6 +16,7 @@ def example(*names):
 def main():
     server = subprocess.Popen(example("echo_server.py"), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
+    assert server.stdout is not None
     print("$ python echo_server.py")
     for line in server.stdout:
         print(line, end="")

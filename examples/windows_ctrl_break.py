@@ -6,6 +6,8 @@ import subprocess as sp
 import sys
 import time
 
+assert sys.platform == 'win32', 'this example is for Windows'
+
 app = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'hello.py')
 proc = sp.Popen(
     [sys.executable, app],

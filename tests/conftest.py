@@ -44,8 +44,11 @@ class App:
         full_env = dict(os.environ)
         full_env["PYTHONUNBUFFERED"] = "1"
         full_env.pop("PYTHONASYNCIODEBUG", None)
-        if env:
-            full_env.update(env)
+        for key, value in (env or {}).items():
+            if value is None:
+                full_env.pop(key, None)  # None removes a variable
+            else:
+                full_env[key] = value
         self.proc = subprocess.Popen(
             argv,
             cwd=cwd,

@@ -1,0 +1,50 @@
+import asyncio
+import logging
+from concurrent.futures import Executor
+from typing import (Any, Awaitable, Callable, Coroutine, Generator, List, Optional,
+                    TypeVar, Union)
+from weakref import WeakSet
+
+_T = TypeVar("_T")
+
+ShutdownCallback = Optional[
+    Union[
+        Awaitable[Any],
+        Callable[[asyncio.AbstractEventLoop], Awaitable[Any]],
+        Callable[[asyncio.AbstractEventLoop], None],
+    ]
+]
+
+__all__: List[str]
+__version__: str
+logger: logging.Logger
+WINDOWS: bool
+_DO_NOT_CANCEL_COROS: WeakSet[Coroutine[Any, Any, Any]]
+
+class ShutdownWaiter(Coroutine[Any, None, _T]):
+    """What shutdown_waits_for() returns: await it, or pass it to create_task()."""
+    @property
+    def task(self) -> "asyncio.Future[_T]": ...
+    def send(self, value: None, /) -> Any: ...
+    def throw(self, typ: Any, val: Any = ..., tb: Any = ..., /) -> Any: ...
+    def close(self) -> None: ...
+    def __await__(self) -> Generator[Any, None, _T]: ...
+
+def run(
+    coro: Optional[Awaitable[Any]] = None,
+    *,
+    loop: Optional[asyncio.AbstractEventLoop] = None,
+    shutdown_handler: Optional[Callable[[asyncio.AbstractEventLoop], None]] = None,
+    shutdown_callback: ShutdownCallback = None,
+    executor_workers: Optional[int] = None,
+    executor: Optional[Executor] = None,
+    use_uvloop: bool = False,
+    stop_on_unhandled_errors: bool = False,
+    timeout_task_shutdown: Optional[float] = 60,
+) -> None: ...
+
+def shutdown_waits_for(
+    coro: Awaitable[_T], loop: Optional[asyncio.AbstractEventLoop] = None
+) -> ShutdownWaiter[_T]: ...
+
+def _shutdown_handler(loop: Optional[asyncio.AbstractEventLoop]) -> None: ...

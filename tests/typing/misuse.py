@@ -1,0 +1,19 @@
+"""Each marked line must be rejected by mypy (tests/test_typing.py)."""
+import asyncio
+
+from aiorun import run, shutdown_waits_for
+
+run(5)  # E: coro
+run(None, loop=3)  # E: loop
+run(timeout_task_shutdown="60")  # E: timeout
+shutdown_waits_for(42)  # E: waits_for
+
+
+async def typed() -> int:
+    return 1
+
+
+async def main() -> None:
+    s: str = await shutdown_waits_for(typed())  # E: result type
+    print(s)
+    asyncio.get_running_loop().stop()

@@ -1,0 +1,42 @@
+"""Every public name used with full annotations: `mypy --strict` must accept it
+(checked by tests/test_typing.py; this file is not run)."""
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import List
+
+import aiorun
+from aiorun import ShutdownCallback, run, shutdown_waits_for
+
+
+async def work() -> int:
+    await asyncio.sleep(0)
+    return 1
+
+
+async def main() -> None:
+    value: int = await shutdown_waits_for(work())
+    task: "asyncio.Task[int]" = asyncio.get_running_loop().create_task(
+        shutdown_waits_for(work()))
+    future: "asyncio.Future[int]" = asyncio.ensure_future(shutdown_waits_for(work()))
+    print(value, await task, await future)
+    asyncio.get_running_loop().stop()
+
+
+def stop(loop: asyncio.AbstractEventLoop) -> None:
+    loop.stop()
+
+
+async def cleanup(loop: asyncio.AbstractEventLoop) -> None:
+    await asyncio.sleep(0)
+
+
+callbacks: List[ShutdownCallback] = [None, cleanup, stop, cleanup(asyncio.new_event_loop())]
+names: List[str] = aiorun.__all__
+version: str = aiorun.__version__
+aiorun.logger.info("typed")
+protected: bool = main() in aiorun._DO_NOT_CANCEL_COROS
+
+run(main(), shutdown_handler=stop, shutdown_callback=cleanup, executor_workers=2,
+    executor=ThreadPoolExecutor(), use_uvloop=False, stop_on_unhandled_errors=True,
+    timeout_task_shutdown=1.5)
+run(loop=asyncio.new_event_loop(), timeout_task_shutdown=None)
