@@ -292,3 +292,32 @@ def test_handler_that_does_not_stop_keeps_the_loop_running(app):
     assert r.returncode == 0, r
     assert r.count("HANDLER") == 1
     assert r.stdout[-1] == "run returned"
+
+
+RACE = """
+async def callback(loop):
+    await asyncio.sleep(0.05)
+    say("callback finished")
+
+async def main():
+    loop = asyncio.get_running_loop()
+    loop.stop()
+    os.kill(os.getpid(), signal.SIGTERM)   # lands while the loop is stopping
+    for _ in range(100):
+        pass
+    say("both requested")
+
+run(main(), shutdown_callback=callback)
+say("run returned")
+"""
+
+
+def test_signal_racing_loop_stop_does_not_abort_the_shutdown(app):
+    # The signal's handler call is queued as the loop stops; running it
+    # during the shutdown would stop the loop again mid-callback
+    # ("Event loop stopped before Future completed", as in the original).
+    r = run_app(app, RACE)
+    assert r.returncode == 0, r
+    assert r.stdout == ["both requested", "callback finished", "run returned"]
+    assert "WARNING:Stopping the loop" not in r.log
+    assert r.messages[-1] == "Leaving. Bye!"

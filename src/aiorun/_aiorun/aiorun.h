@@ -110,6 +110,8 @@ typedef struct {
 
 extern PyType_Spec aiorun_run_type_spec;
 RunObject *aiorun_run_new(aiorun_state *st);
+/* Drop every reference the Run object holds (also its tp_clear). */
+int aiorun_run_clear(RunObject *run);
 /* Bound method `name` of run: a callable to hand to asyncio or signal. */
 PyObject *aiorun_run_method(RunObject *run, const char *name);
 
@@ -120,11 +122,12 @@ PyObject *aiorun_default_shutdown_handler(PyObject *module, PyObject *loop);
 /* ---- signals.c ---- */
 int aiorun_signals_take_over(RunObject *run);
 /* Called once run->loop is set: hands over a signal that came early. */
-int aiorun_signals_loop_ready(RunObject *run);
+void aiorun_signals_loop_ready(RunObject *run);
 /* Puts the previous handlers back; keeps any exception already set. */
 void aiorun_signals_restore(RunObject *run);
 PyObject *aiorun_run_on_signal(PyObject *self, PyObject *const *args,
                                Py_ssize_t nargs);
+PyObject *aiorun_run_call_shutdown_handler(PyObject *self, PyObject *unused);
 #ifdef MS_WINDOWS
 PyObject *aiorun_run_windows_wakeup(PyObject *self, PyObject *unused);
 #endif

@@ -149,13 +149,6 @@ new_loop(aiorun_state *st, int use_uvloop)
     return loop;
 }
 
-static PyObject *
-call_method_checked(PyObject *obj, const char *name, PyObject *arg)
-{
-    return arg ? PyObject_CallMethod(obj, name, "O", arg)
-               : PyObject_CallMethod(obj, name, NULL);
-}
-
 /* Install the exception handler for stop_on_unhandled_errors. */
 static int
 install_exception_handler(RunObject *run, int stop_on_errors)
@@ -180,7 +173,7 @@ install_exception_handler(RunObject *run, int stop_on_errors)
     if (handler == NULL) {
         return -1;
     }
-    PyObject *res = call_method_checked(run->loop, "set_exception_handler", handler);
+    PyObject *res = PyObject_CallMethod(run->loop, "set_exception_handler", "O", handler);
     Py_DECREF(handler);
     if (res == NULL) {
         return -1;
@@ -244,7 +237,7 @@ set_up_executor(RunObject *run, run_args *a)
             return NULL;
         }
     }
-    PyObject *res = call_method_checked(run->loop, "set_default_executor", executor);
+    PyObject *res = PyObject_CallMethod(run->loop, "set_default_executor", "O", executor);
     if (res == NULL) {
         Py_DECREF(executor);
         return NULL;
@@ -323,8 +316,8 @@ run_with_signals(RunObject *run, run_args *a, int use_uvloop, int stop_on_errors
     else {
         run->loop = Py_NewRef(a->loop);
     }
-    if (aiorun_signals_loop_ready(run) < 0
-        || install_exception_handler(run, stop_on_errors) < 0) {
+    aiorun_signals_loop_ready(run);
+    if (install_exception_handler(run, stop_on_errors) < 0) {
         goto fail;
     }
     if (a->coro != Py_None && start_main_task(run, a->coro) < 0) {
@@ -427,12 +420,8 @@ aiorun_run(PyObject *module, PyObject *args, PyObject *kwargs)
     run->phase = PHASE_DONE;
     aiorun_signals_restore(run);
 done:
-    (void)PyObject_GC_UnTrack(run);
-    Py_CLEAR(run->loop);
-    Py_CLEAR(run->main_task);
-    Py_CLEAR(run->pending_exc);
-    Py_CLEAR(run->shutdown_handler);
-    Py_CLEAR(run->drain_waiter);
+    /* Break the cycles through the loop and the tasks at once. */
+    (void)aiorun_run_clear(run);
     Py_DECREF(run);
     Py_XDECREF(default_timeout);
     return result;

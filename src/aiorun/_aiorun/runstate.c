@@ -47,8 +47,8 @@ run_traverse(RunObject *self, visitproc visit, void *arg)
     return 0;
 }
 
-static int
-run_clear(RunObject *self)
+int
+aiorun_run_clear(RunObject *self)
 {
     Py_CLEAR(self->loop);
     Py_CLEAR(self->shutdown_handler);
@@ -64,7 +64,7 @@ run_dealloc(RunObject *self)
 {
     PyTypeObject *type = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
-    (void)run_clear(self);
+    (void)aiorun_run_clear(self);
     PyObject_GC_Del(self);
     Py_DECREF(type);
 }
@@ -79,6 +79,8 @@ run_repr(RunObject *self)
 static PyMethodDef run_methods[] = {
     {"_on_signal", (PyCFunction)(void (*)(void))aiorun_run_on_signal,
      METH_FASTCALL, "Signal handler installed while run() is active."},
+    {"_call_shutdown_handler", aiorun_run_call_shutdown_handler, METH_NOARGS,
+     "Calls shutdown_handler(loop) on the loop's thread, while it runs."},
     {"_exception_handler", (PyCFunction)(void (*)(void))aiorun_run_exception_handler,
      METH_FASTCALL, "Loop exception handler for stop_on_unhandled_errors."},
     {"_main_done", aiorun_run_main_done, METH_O,
@@ -97,7 +99,7 @@ static PyMethodDef run_methods[] = {
 static PyType_Slot run_slots[] = {
     {Py_tp_dealloc, run_dealloc},
     {Py_tp_traverse, run_traverse},
-    {Py_tp_clear, run_clear},
+    {Py_tp_clear, aiorun_run_clear},
     {Py_tp_repr, run_repr},
     {Py_tp_methods, run_methods},
     {0, NULL},

@@ -103,15 +103,30 @@ fail:
 static void
 schedule_shutdown_handler(RunObject *run)
 {
-    PyObject *res = PyObject_CallMethodObjArgs(
-        run->loop, run->state->s_call_soon_threadsafe, run->shutdown_handler,
-        run->loop, NULL);
+    PyObject *call = aiorun_run_method(run, "_call_shutdown_handler");
+    PyObject *res = call ? PyObject_CallMethodOneArg(
+        run->loop, run->state->s_call_soon_threadsafe, call) : NULL;
+    Py_XDECREF(call);
     if (res == NULL) {
         aiorun_log_current_error(run->state,
                                  "Could not schedule the shutdown handler");
         return;
     }
     Py_DECREF(res);
+}
+
+/* Runs on the loop's thread.  A shutdown that began some other way in the
+ * meantime (loop.stop(), an unhandled error) makes the handler moot:
+ * calling it then would stop the loop in the middle of the shutdown. */
+PyObject *
+aiorun_run_call_shutdown_handler(PyObject *self, PyObject *unused)
+{
+    RunObject *run = (RunObject *)self;
+    (void)unused;
+    if (run->phase != PHASE_RUNNING) {
+        Py_RETURN_NONE;
+    }
+    return PyObject_CallOneArg(run->shutdown_handler, run->loop);
 }
 
 PyObject *
@@ -131,13 +146,12 @@ aiorun_run_on_signal(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
-int
+void
 aiorun_signals_loop_ready(RunObject *run)
 {
     if (run->shutdown_requested) {
         schedule_shutdown_handler(run);
     }
-    return 0;
 }
 
 void
