@@ -37,6 +37,13 @@ LINE_TIMEOUT = 30.0
 EXIT_TIMEOUT = 60.0
 
 
+def example_argv(python, name):
+    """Command line running examples/<name> under python with every log line
+    shown as LEVEL:logger:message (examples/with_logging.py)."""
+    return [python, "-u", str(EXAMPLES / "with_logging.py"), "--debug", "--levels",
+            str(EXAMPLES / name)]
+
+
 class App:
     """A child Python process whose stdout is read line by line."""
 

@@ -19,7 +19,7 @@ import venv
 
 import pytest
 
-from conftest import EXAMPLES, ROOT, App
+from conftest import EXAMPLES, ROOT, App, example_argv
 
 ORIGINAL = "aiorun==2025.1.1"
 
@@ -94,8 +94,7 @@ SCENARIOS = {
 def run_both(python_ours, python_orig, name, drive):
     results = {}
     for side, python in (("original", python_orig), ("ours", python_ours)):
-        app = App([python, "-u", str(EXAMPLES / "with_logging.py"), "--debug", "--levels",
-                   str(EXAMPLES / name)], cwd=str(EXAMPLES),
+        app = App(example_argv(python, name), cwd=str(EXAMPLES),
                   env={"PYTHONPATH": None} if side == "original" else None)
         if drive:
             drive(app)
@@ -115,10 +114,9 @@ def test_echo_server_and_client_match_the_original(original_python):
     results = {}
     for side, python in (("original", original_python), ("ours", sys.executable)):
         env = {"PYTHONPATH": None} if side == "original" else None
-        argv = [python, "-u", str(EXAMPLES / "with_logging.py"), "--debug", "--levels"]
-        server = App(argv + [str(EXAMPLES / "echo_server.py")], cwd=str(EXAMPLES), env=env)
+        server = App(example_argv(python, "echo_server.py"), cwd=str(EXAMPLES), env=env)
         server.wait_line("Serving on ('127.0.0.1', 8888)")
-        client = App(argv + [str(EXAMPLES / "echo_client.py")], cwd=str(EXAMPLES),
+        client = App(example_argv(python, "echo_client.py"), cwd=str(EXAMPLES),
                      env=env).finish()
         server.wait_line("Close the client socket")
         server.send(signal.SIGINT)

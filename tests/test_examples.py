@@ -5,13 +5,12 @@ import sys
 
 import pytest
 
-from conftest import EXAMPLES, SHUTDOWN_TAIL, App, subsequence
+from conftest import EXAMPLES, SHUTDOWN_TAIL, App, example_argv, subsequence
 
 
-def example(name, *flags):
+def example(name):
     """Start examples/<name> with the aiorun logger shown (LEVEL:name:msg)."""
-    return App([sys.executable, str(EXAMPLES / "with_logging.py"), "--debug", "--levels",
-                *flags, str(EXAMPLES / name)], cwd=str(EXAMPLES))
+    return App(example_argv(sys.executable, name), cwd=str(EXAMPLES))
 
 
 def test_hello_runs_until_signalled():

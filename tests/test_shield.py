@@ -312,3 +312,28 @@ def test_bad_arguments():
     coro.close()
     with pytest.raises(TypeError):
         shutdown_waits_for()
+
+
+def test_throw_does_not_leak_the_traceback():
+    # Regression: throw() of a raised exception took one reference too many
+    # on its traceback, keeping every frame in it alive.
+    import sys
+
+    async def main():
+        async def work():
+            await asyncio.sleep(0.01)
+        try:
+            raise KeyError("raised")
+        except KeyError as e:
+            err = e
+        tb = err.__traceback__
+        before = sys.getrefcount(tb)
+        w = shutdown_waits_for(work())
+        w.send(None)
+        with pytest.raises(KeyError):
+            w.throw(err)
+        err.__traceback__ = tb  # drop the frames the raise added on top
+        assert sys.getrefcount(tb) == before
+        await asyncio.sleep(0.05)
+
+    asyncio.run(main())

@@ -220,8 +220,9 @@ waiter_throw(WaiterObject *self, PyObject *args)
                             "instance exception may not have a separate value");
             return NULL;
         }
+        /* PyException_GetTraceback returns a new reference already. */
         PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(type)), Py_NewRef(type),
-                      Py_XNewRef(tb ? tb : PyException_GetTraceback(type)));
+                      tb ? Py_NewRef(tb) : PyException_GetTraceback(type));
         return NULL;
     }
     if (!PyExceptionClass_Check(type)) {
