@@ -10,7 +10,9 @@ SOURCES = [
 ]
 
 if sys.platform == "win32":
-    compile_args = ["/W4", "/WX"]
+    # Untested here: warnings stay warnings so an MSVC header quirk cannot
+    # break users' builds.
+    compile_args = ["/W3"]
 else:
     compile_args = ["-Wall", "-Wextra", "-Werror", "-std=c11"]
     # AIORUN_DEBUG_BUILD=1: unoptimised, assertions on, full debug info.
