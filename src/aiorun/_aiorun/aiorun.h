@@ -70,6 +70,20 @@ aiorun_get_state_by_type(PyTypeObject *type)
     return (aiorun_state *)PyType_GetModuleState(type);
 }
 
+/* obj.name() as a truth value: 1, 0, or -1 with an exception set.  For
+ * done(), cancelled() and the like on futures and tasks. */
+static inline int
+aiorun_call_predicate(PyObject *obj, PyObject *name)
+{
+    PyObject *res = PyObject_CallMethodNoArgs(obj, name);
+    if (res == NULL) {
+        return -1;
+    }
+    int truth = PyObject_IsTrue(res);
+    Py_DECREF(res);
+    return truth;
+}
+
 /* Logging levels of the logging module. */
 enum { LOG_DEBUG = 10, LOG_INFO = 20, LOG_WARNING = 30, LOG_ERROR = 40 };
 

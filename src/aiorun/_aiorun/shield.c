@@ -39,19 +39,6 @@ waiter_state(WaiterObject *self)
     return aiorun_get_state_by_type(Py_TYPE(self));
 }
 
-/* 1 if true, 0 if false, -1 on error: obj.name() as a truth value. */
-static int
-call_predicate(PyObject *obj, PyObject *name)
-{
-    PyObject *res = PyObject_CallMethodNoArgs(obj, name);
-    if (res == NULL) {
-        return -1;
-    }
-    int truth = PyObject_IsTrue(res);
-    Py_DECREF(res);
-    return truth;
-}
-
 /* Stop listening to the protected task; cancel our future if it is still
  * pending.  Keeps any exception that is set. */
 static void
@@ -120,7 +107,7 @@ waiter_step(WaiterObject *self, PyObject **result)
                         "cannot reuse already awaited shutdown_waits_for()");
         return STEP_ERROR;
     }
-    int done = call_predicate(self->task, st->s_done);
+    int done = aiorun_call_predicate(self->task, st->s_done);
     if (done < 0) {
         waiter_detach(self);
         return STEP_ERROR;
@@ -253,7 +240,7 @@ waiter_wake(WaiterObject *self, PyObject *task)
     if (self->fut == NULL) {
         Py_RETURN_NONE;
     }
-    int done = call_predicate(self->fut, st->s_done);
+    int done = aiorun_call_predicate(self->fut, st->s_done);
     if (done != 0) {
         return done < 0 ? NULL : Py_NewRef(Py_None);
     }
@@ -405,10 +392,6 @@ task_coro(aiorun_state *st, PyObject *task)
 int
 aiorun_is_protected(aiorun_state *st, PyObject *task)
 {
-    Py_ssize_t n = PyObject_Size(st->do_not_cancel);
-    if (n <= 0) {
-        return n < 0 ? -1 : 0;  /* fast path: nothing is protected */
-    }
     PyObject *coro = task_coro(st, task);
     if (coro == NULL) {
         return PyErr_Occurred() ? -1 : 0;

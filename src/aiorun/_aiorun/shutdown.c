@@ -91,12 +91,13 @@ cancel_tasks(RunObject *run, PyObject *tasks)
 {
     aiorun_state *st = run->state;
     int debug = aiorun_log_enabled(st, LOG_DEBUG);
-    if (debug < 0) {
+    Py_ssize_t any_protected = PyObject_Size(st->do_not_cancel);
+    if (debug < 0 || any_protected < 0) {
         return -1;
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tasks); i++) {
         PyObject *task = PyList_GET_ITEM(tasks, i);
-        int protected_ = aiorun_is_protected(st, task);
+        int protected_ = any_protected ? aiorun_is_protected(st, task) : 0;
         if (protected_ < 0) {
             return -1;
         }
@@ -125,12 +126,7 @@ finish_drain(RunObject *run)
     if (waiter == NULL) {
         Py_RETURN_NONE;
     }
-    PyObject *done = PyObject_CallMethodNoArgs(waiter, st->s_done);
-    if (done == NULL) {
-        return NULL;
-    }
-    int is_done = PyObject_IsTrue(done);
-    Py_DECREF(done);
+    int is_done = aiorun_call_predicate(waiter, st->s_done);
     if (is_done != 0) {
         return is_done < 0 ? NULL : Py_NewRef(Py_None);
     }
@@ -153,19 +149,6 @@ aiorun_run_drain_timeout(PyObject *self, PyObject *unused)
 {
     (void)unused;
     return finish_drain((RunObject *)self);
-}
-
-/* 1 if task is done, 0 if not, -1 on error. */
-static int
-task_is_done(aiorun_state *st, PyObject *task)
-{
-    PyObject *done = PyObject_CallMethodNoArgs(task, st->s_done);
-    if (done == NULL) {
-        return -1;
-    }
-    int is_done = PyObject_IsTrue(done);
-    Py_DECREF(done);
-    return is_done;
 }
 
 /* One task of the stuck-tasks warning: its repr, then its stack the way a
@@ -263,7 +246,7 @@ drain(RunObject *run, PyObject *tasks, PyObject *timeout)
     run->drain_remaining = 0;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tasks); i++) {
         PyObject *task = PyList_GET_ITEM(tasks, i);
-        int is_done = task_is_done(st, task);
+        int is_done = aiorun_call_predicate(task, st->s_done);
         if (is_done < 0) {
             goto done;
         }
@@ -297,7 +280,7 @@ drain(RunObject *run, PyObject *tasks, PyObject *timeout)
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tasks); i++) {
         PyObject *task = PyList_GET_ITEM(tasks, i);
-        int is_done = task_is_done(st, task);
+        int is_done = aiorun_call_predicate(task, st->s_done);
         if (is_done < 0) {
             goto done;
         }

@@ -69,12 +69,7 @@ aiorun_run_main_done(PyObject *self, PyObject *task)
     aiorun_state *st = run->state;
     PyObject *exc = NULL, *context = NULL, *res = NULL;
 
-    PyObject *cancelled = PyObject_CallMethodNoArgs(task, st->s_cancelled);
-    if (cancelled == NULL) {
-        return NULL;
-    }
-    int is_cancelled = PyObject_IsTrue(cancelled);
-    Py_DECREF(cancelled);
+    int is_cancelled = aiorun_call_predicate(task, st->s_cancelled);
     if (is_cancelled != 0) {
         /* A CancelledError escaping the main coroutine is swallowed. */
         return is_cancelled < 0 ? NULL : Py_NewRef(Py_None);
