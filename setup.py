@@ -6,7 +6,7 @@ from setuptools import Extension, setup
 
 SOURCES = [
     "module.c", "log.c", "runstate.c", "run.c", "signals.c",
-    "unhandled.c", "shutdown.c", "shield.c",
+    "unhandled.c", "shutdown.c", "shield.c", "watchdog.c", "sigwake.c", "stacks.c",
 ]
 
 if sys.platform == "win32":
@@ -14,7 +14,7 @@ if sys.platform == "win32":
     # break users' builds.
     compile_args = ["/W3"]
 else:
-    compile_args = ["-Wall", "-Wextra", "-Werror", "-std=c11"]
+    compile_args = ["-Wall", "-Wextra", "-Werror", "-std=c11", "-pthread"]
     # AIORUN_DEBUG_BUILD=1: unoptimised, assertions on, full debug info.
     if os.environ.get("AIORUN_DEBUG_BUILD"):
         compile_args += ["-O0", "-g3", "-UNDEBUG"]
@@ -27,7 +27,8 @@ setup(
             sources=[f"src/aiorun/_aiorun/{name}" for name in SOURCES],
             depends=["src/aiorun/_aiorun/aiorun.h", "src/aiorun/_aiorun/compat.h"],
             extra_compile_args=compile_args,
-            extra_link_args=os.environ.get("AIORUN_EXTRA_LDFLAGS", "").split(),
+            extra_link_args=(["-pthread"] if sys.platform != "win32" else [])
+            + os.environ.get("AIORUN_EXTRA_LDFLAGS", "").split(),
         )
     ]
 )

@@ -4,6 +4,7 @@ Every line of logic lives in the C extension ``aiorun._aiorun``; this file
 only re-exports its names (``name as name`` marks them as public for type
 checkers).
 """
+from ._aiorun import FORCED_EXIT_CODE as FORCED_EXIT_CODE
 from ._aiorun import WINDOWS as WINDOWS
 from ._aiorun import ShutdownCallback as ShutdownCallback
 from ._aiorun import _DO_NOT_CANCEL_COROS as _DO_NOT_CANCEL_COROS

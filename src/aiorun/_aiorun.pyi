@@ -19,6 +19,7 @@ __all__: List[str]
 __version__: str
 logger: logging.Logger
 WINDOWS: bool
+FORCED_EXIT_CODE: int
 _DO_NOT_CANCEL_COROS: WeakSet[Coroutine[Any, Any, Any]]
 
 class ShutdownWaiter(Coroutine[Any, None, _T]):
@@ -41,6 +42,8 @@ def run(
     use_uvloop: bool = False,
     stop_on_unhandled_errors: bool = False,
     timeout_task_shutdown: Optional[float] = 60,
+    shutdown_deadline: Optional[float] = None,
+    exit_on_repeated_signal: Optional[bool] = None,
 ) -> None: ...
 
 def shutdown_waits_for(

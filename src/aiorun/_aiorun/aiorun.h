@@ -8,6 +8,9 @@
  *   unhandled.c stop_on_unhandled_errors: the exception handler, main-task watch
  *   shutdown.c  the shutdown phase after the loop stops
  *   shield.c    shutdown_waits_for() and the awaitable it returns
+ *   watchdog.c  the thread that bounds the shutdown: deadline, forced exit
+ *   sigwake.c   the C-level signal handler that wakes the watchdog
+ *   stacks.c    Python stacks formatted the way tracebacks show them
  *   log.c       calls into the "aiorun" logger
  */
 #ifndef AIORUN_H
@@ -106,6 +109,12 @@ typedef enum {
     PHASE_DONE       /* run() is returning */
 } run_phase;
 
+/* Exit code of a shutdown cut short by the watchdog (deadline passed, or a
+ * repeated signal when asked for): 124, as timeout(1) uses. */
+#define AIORUN_FORCED_EXIT_CODE 124
+
+typedef struct aiorun_watchdog aiorun_watchdog;
+
 typedef struct {
     PyObject_HEAD
     aiorun_state *state;       /* borrowed: the type keeps the module alive */
@@ -120,6 +129,7 @@ typedef struct {
     int own_loop;              /* run() created the loop, so it closes it */
     int handler_installed;     /* our exception handler is on the loop */
     int shutdown_requested;    /* a signal came, or the shutdown began */
+    aiorun_watchdog *watchdog; /* NULL unless a deadline or forced exit is on */
 } RunObject;
 
 extern PyType_Spec aiorun_run_type_spec;
@@ -164,5 +174,51 @@ PyObject *aiorun_shutdown_waits_for(PyObject *module, PyObject *args,
                                     PyObject *kwargs);
 /* 1 if task is protected by shutdown_waits_for, 0 if not, -1 on error. */
 int aiorun_is_protected(aiorun_state *st, PyObject *task);
+
+/* ---- watchdog.c ---- */
+/* Where the shutdown is; the watchdog names it when it ends the process. */
+typedef enum {
+    STAGE_STARTING,
+    STAGE_RUNNING,
+    STAGE_HANDLER,
+    STAGE_SHUTDOWN,
+    STAGE_CALLBACK,
+    STAGE_CANCELLING,
+    STAGE_WAITING_TASKS,
+    STAGE_EXECUTOR,
+    STAGE_ASYNCGENS,
+    STAGE_CLOSING,
+    STAGE_LEAVING
+} aiorun_stage;
+
+typedef enum {
+    REQUEST_SIGNAL = 1,
+    REQUEST_LOOP_STOPPED,
+    REQUEST_UNHANDLED_ERROR
+} aiorun_request_reason;
+
+/* deadline in seconds (0: none).  Sets run->watchdog. */
+int aiorun_watchdog_start(RunObject *run, double deadline, int exit_on_repeat);
+/* Joins the watchdog's threads; keeps any exception set.  No-op without. */
+void aiorun_watchdog_stop(RunObject *run);
+void aiorun_watchdog_stage(RunObject *run, aiorun_stage stage);
+/* A shutdown was requested from Python code; the first request counts. */
+void aiorun_watchdog_request(RunObject *run, aiorun_request_reason reason);
+
+/* ---- sigwake.c (POSIX only) ---- */
+#ifndef MS_WINDOWS
+int aiorun_sigwake_install(int *read_fd, unsigned long *count_now);
+void aiorun_sigwake_uninstall(void);
+void aiorun_sigwake_poke(void);
+unsigned long aiorun_sigwake_count(void);
+int aiorun_sigwake_last_signum(void);
+#endif
+
+/* ---- stacks.c ---- */
+/* A sequence of frames, outermost first, as traceback lines ending in a
+ * newline each. */
+PyObject *aiorun_format_frames(PyObject *frames);
+/* frame and its callers as a list, outermost first. */
+PyObject *aiorun_frame_chain(PyObject *frame);
 
 #endif /* AIORUN_H */

@@ -211,6 +211,7 @@ aiorun_exec(PyObject *module)
         || PyModule_AddObjectRef(module, "logger", st->logger) < 0
         || PyModule_AddObjectRef(module, "_DO_NOT_CANCEL_COROS", st->do_not_cancel) < 0
         || PyModule_AddObjectRef(module, "ShutdownWaiter", st->WaiterType) < 0
+        || PyModule_AddIntConstant(module, "FORCED_EXIT_CODE", AIORUN_FORCED_EXIT_CODE) < 0
 #ifdef MS_WINDOWS
         || PyModule_AddObjectRef(module, "WINDOWS", Py_True) < 0
 #else

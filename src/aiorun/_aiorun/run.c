@@ -3,6 +3,12 @@
 #include "aiorun.h"
 
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DEADLINE_ENV "AIORUN_SHUTDOWN_DEADLINE"
+#define REPEATED_SIGNAL_ENV "AIORUN_EXIT_ON_REPEATED_SIGNAL"
 
 typedef struct {
     PyObject *coro;
@@ -14,7 +20,15 @@ typedef struct {
     PyObject *use_uvloop;
     PyObject *stop_on_unhandled_errors;
     PyObject *timeout_task_shutdown;
+    PyObject *shutdown_deadline;
+    PyObject *exit_on_repeated_signal;
 } run_args;
+
+/* What the watchdog is asked to do, from the arguments or the environment. */
+typedef struct {
+    double deadline;           /* seconds, 0 for none */
+    int exit_on_repeat;
+} watchdog_args;
 
 static int
 type_error(const char *param, const char *expected, PyObject *got)
@@ -59,6 +73,81 @@ check_flag(PyObject *obj, const char *param, int *out)
     }
     *out = PyObject_IsTrue(obj);
     return *out < 0 ? -1 : 0;
+}
+
+/* A number of seconds from a parameter: None stays -1; otherwise it must
+ * be an int or float, finite and at least `min` (strictly above when
+ * `exclusive`). */
+static int
+check_seconds(PyObject *obj, const char *param, double min, int exclusive,
+              double *out)
+{
+    *out = -1;
+    if (obj == Py_None) {
+        return 0;
+    }
+    if (PyBool_Check(obj) || !(PyLong_Check(obj) || PyFloat_Check(obj))) {
+        return type_error(param, "a number of seconds or None", obj);
+    }
+    double seconds = PyFloat_AsDouble(obj);
+    if (seconds == -1.0 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (isnan(seconds) || seconds < min || (exclusive && seconds == min)
+        || (exclusive && isinf(seconds))) {
+        char bound[32];  /* PyErr_Format has no %g */
+        snprintf(bound, sizeof(bound), "%g", min);
+        PyErr_Format(PyExc_ValueError, "run() argument '%s' must be %s %s%s",
+                     param, exclusive ? ">" : ">=", bound,
+                     exclusive ? " and finite" : "");
+        return -1;
+    }
+    *out = seconds;
+    return 0;
+}
+
+/* The watchdog settings: the parameters win over the environment, so an
+ * operator can bound a service whose code says nothing. */
+static int
+check_watchdog_arguments(run_args *a, watchdog_args *w)
+{
+    double deadline;
+    if (check_seconds(a->shutdown_deadline, "shutdown_deadline", 0, 1, &deadline) < 0) {
+        return -1;
+    }
+    if (deadline < 0) {
+        const char *env = getenv(DEADLINE_ENV);
+        deadline = 0;
+        if (env != NULL && env[strspn(env, " \t")] != '\0') {
+            char *end;
+            deadline = strtod(env, &end);
+            end += strspn(end, " \t");
+            if (*end != '\0' || !isfinite(deadline) || !(deadline > 0)) {
+                PyErr_Format(PyExc_ValueError,
+                             "environment variable %s must be a number of seconds "
+                             "> 0, not '%.100s'", DEADLINE_ENV, env);
+                return -1;
+            }
+        }
+    }
+    w->deadline = deadline;
+
+    PyObject *flag = a->exit_on_repeated_signal;
+    if (flag != Py_None) {
+        return check_flag(flag, "exit_on_repeated_signal", &w->exit_on_repeat);
+    }
+    w->exit_on_repeat = 0;
+    const char *env = getenv(REPEATED_SIGNAL_ENV);
+    if (env == NULL || *env == '\0' || strcmp(env, "0") == 0) {
+        return 0;
+    }
+    if (strcmp(env, "1") == 0) {
+        w->exit_on_repeat = 1;
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "environment variable %s must be 0 or 1, not '%.100s'",
+                 REPEATED_SIGNAL_ENV, env);
+    return -1;
 }
 
 static int
@@ -114,23 +203,9 @@ check_arguments(aiorun_state *st, run_args *a, int *use_uvloop, int *stop_on_err
                       stop_on_errors) < 0) {
         return -1;
     }
-    PyObject *timeout = a->timeout_task_shutdown;
-    if (timeout != Py_None) {
-        if (PyBool_Check(timeout) || !(PyLong_Check(timeout) || PyFloat_Check(timeout))) {
-            return type_error("timeout_task_shutdown", "a number of seconds or None",
-                              timeout);
-        }
-        double seconds = PyFloat_AsDouble(timeout);
-        if (seconds == -1.0 && PyErr_Occurred()) {
-            return -1;
-        }
-        if (isnan(seconds) || seconds < 0) {
-            PyErr_SetString(PyExc_ValueError,
-                            "run() argument 'timeout_task_shutdown' must be >= 0");
-            return -1;
-        }
-    }
-    return 0;
+    double seconds;
+    return check_seconds(a->timeout_task_shutdown, "timeout_task_shutdown", 0, 0,
+                         &seconds);
 }
 
 static PyObject *
@@ -252,9 +327,12 @@ static int
 run_loop(RunObject *run)
 {
     run->phase = PHASE_RUNNING;
+    aiorun_watchdog_stage(run, STAGE_RUNNING);
     PyObject *res = PyObject_CallMethod(run->loop, "run_forever", NULL);
     run->phase = PHASE_SHUTDOWN;
     run->shutdown_requested = 1;
+    aiorun_watchdog_request(run, REQUEST_LOOP_STOPPED);
+    aiorun_watchdog_stage(run, STAGE_SHUTDOWN);
     if (res != NULL) {
         Py_DECREF(res);
         return 0;
@@ -373,20 +451,22 @@ aiorun_run(PyObject *module, PyObject *args, PyObject *kwargs)
     static char *kwlist[] = {
         "coro", "loop", "shutdown_handler", "shutdown_callback", "executor_workers",
         "executor", "use_uvloop", "stop_on_unhandled_errors", "timeout_task_shutdown",
-        NULL,
+        "shutdown_deadline", "exit_on_repeated_signal", NULL,
     };
     aiorun_state *st = aiorun_get_state(module);
     run_args a = {Py_None, Py_None, Py_None, Py_None, Py_None, Py_None,
-                  Py_False, Py_False, NULL};
+                  Py_False, Py_False, NULL, Py_None, Py_None};
+    watchdog_args w = {0, 0};
     PyObject *result = NULL;
     int use_uvloop = 0, stop_on_errors = 0;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O$OOOOOOOO:run", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O$OOOOOOOOOO:run", kwlist,
                                      &a.coro, &a.loop, &a.shutdown_handler,
                                      &a.shutdown_callback, &a.executor_workers,
                                      &a.executor, &a.use_uvloop,
                                      &a.stop_on_unhandled_errors,
-                                     &a.timeout_task_shutdown)) {
+                                     &a.timeout_task_shutdown, &a.shutdown_deadline,
+                                     &a.exit_on_repeated_signal)) {
         return NULL;
     }
     PyObject *default_timeout = NULL;
@@ -413,9 +493,13 @@ aiorun_run(PyObject *module, PyObject *args, PyObject *kwargs)
         goto done;
     }
     if (aiorun_log(st, LOG_DEBUG, "Entering run()") == 0
-        && check_arguments(st, &a, &use_uvloop, &stop_on_errors) == 0) {
+        && check_arguments(st, &a, &use_uvloop, &stop_on_errors) == 0
+        && check_watchdog_arguments(&a, &w) == 0
+        && ((w.deadline == 0 && !w.exit_on_repeat)
+            || aiorun_watchdog_start(run, w.deadline, w.exit_on_repeat) == 0)) {
         result = run_with_signals(run, &a, use_uvloop, stop_on_errors);
     }
+    aiorun_watchdog_stop(run);
     remove_exception_handler(run);
     run->phase = PHASE_DONE;
     aiorun_signals_restore(run);

@@ -24,6 +24,7 @@ aiorun_run_new(aiorun_state *st)
     run->own_loop = 0;
     run->handler_installed = 0;
     run->shutdown_requested = 0;
+    run->watchdog = NULL;
     PyObject_GC_Track(run);
     return run;
 }

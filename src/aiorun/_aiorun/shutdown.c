@@ -156,42 +156,27 @@ aiorun_run_drain_timeout(PyObject *self, PyObject *unused)
 static int
 describe_stuck_task(PyObject *parts, PyObject *task)
 {
-    PyObject *line = PyUnicode_FromFormat("\n%R", task);
-    if (line == NULL || PyList_Append(parts, line) < 0) {
-        Py_XDECREF(line);
-        return -1;
-    }
-    Py_DECREF(line);
     PyObject *stack = PyObject_CallMethod(task, "get_stack", NULL);
     if (stack == NULL) {
         return -1;
     }
-    PyObject *frames = PySequence_Fast(stack, "get_stack() must return a sequence");
+    PyObject *frames = aiorun_format_frames(stack);
     Py_DECREF(stack);
     if (frames == NULL) {
         return -1;
     }
-    int rc = 0;
-    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(frames) && rc == 0; i++) {
-        PyObject *frame = PySequence_Fast_GET_ITEM(frames, i);
-        PyObject *code = PyObject_GetAttrString(frame, "f_code");
-        PyObject *lineno = PyObject_GetAttrString(frame, "f_lineno");
-        PyObject *filename = code ? PyObject_GetAttrString(code, "co_filename") : NULL;
-        PyObject *name = code ? PyObject_GetAttrString(code, "co_name") : NULL;
-        line = (filename && name && lineno)
-            ? PyUnicode_FromFormat("\n  File \"%S\", line %S, in %S",
-                                   filename, lineno, name)
-            : NULL;
-        if (line == NULL || PyList_Append(parts, line) < 0) {
-            rc = -1;
-        }
-        Py_XDECREF(line);
-        Py_XDECREF(code);
-        Py_XDECREF(lineno);
-        Py_XDECREF(filename);
-        Py_XDECREF(name);
-    }
+    /* The frames end in a newline; the log record must not. */
+    PyObject *line = PyUnicode_FromFormat("\n%R\n%U", task, frames);
     Py_DECREF(frames);
+    if (line == NULL) {
+        return -1;
+    }
+    Py_ssize_t len = PyUnicode_GET_LENGTH(line);
+    if (len > 0 && PyUnicode_READ_CHAR(line, len - 1) == '\n') {
+        Py_SETREF(line, PyUnicode_Substring(line, 0, len - 1));
+    }
+    int rc = line ? PyList_Append(parts, line) : -1;
+    Py_XDECREF(line);
     return rc;
 }
 
@@ -333,10 +318,15 @@ cancel_and_wait(RunObject *run, PyObject *timeout)
     }
     int rc = 0;
     if (PyList_GET_SIZE(tasks) > 0) {
+        aiorun_watchdog_stage(run, STAGE_CANCELLING);
         rc = (aiorun_log(st, LOG_INFO, "Cancelling pending tasks.") < 0
               || cancel_tasks(run, tasks) < 0
-              || aiorun_log(st, LOG_INFO, "Running pending tasks till complete") < 0
-              || drain(run, tasks, timeout) < 0) ? -1 : 0;
+              || aiorun_log(st, LOG_INFO, "Running pending tasks till complete") < 0)
+            ? -1 : 0;
+        if (rc == 0) {
+            aiorun_watchdog_stage(run, STAGE_WAITING_TASKS);
+            rc = drain(run, tasks, timeout);
+        }
     }
     Py_DECREF(tasks);
     return rc;
@@ -347,6 +337,7 @@ close_own_loop(RunObject *run)
 {
     aiorun_state *st = run->state;
     PyObject *gens = NULL, *res = NULL;
+    aiorun_watchdog_stage(run, STAGE_ASYNCGENS);
     if (aiorun_log(st, LOG_INFO, "Shutting down async generators") < 0) {
         return -1;
     }
@@ -360,6 +351,7 @@ close_own_loop(RunObject *run)
         return -1;
     }
     Py_DECREF(res);
+    aiorun_watchdog_stage(run, STAGE_CLOSING);
     if (aiorun_log(st, LOG_INFO, "Closing the loop.") < 0) {
         return -1;
     }
@@ -386,9 +378,11 @@ aiorun_shutdown(RunObject *run, PyObject *shutdown_callback, PyObject *executor,
     if (aiorun_log(st, LOG_INFO, "Entering shutdown phase.") < 0) {
         return NULL;
     }
-    if (shutdown_callback != Py_None
-        && run_shutdown_callback(run, shutdown_callback) < 0) {
-        return NULL;
+    if (shutdown_callback != Py_None) {
+        aiorun_watchdog_stage(run, STAGE_CALLBACK);
+        if (run_shutdown_callback(run, shutdown_callback) < 0) {
+            return NULL;
+        }
     }
     if (cancel_and_wait(run, timeout) < 0) {
         return NULL;
@@ -396,6 +390,7 @@ aiorun_shutdown(RunObject *run, PyObject *shutdown_callback, PyObject *executor,
     if (aiorun_log(st, LOG_INFO, "Waiting for executor shutdown.") < 0) {
         return NULL;
     }
+    aiorun_watchdog_stage(run, STAGE_EXECUTOR);
     PyObject *res = PyObject_CallMethod(executor, "shutdown", "O", Py_True);
     if (res == NULL) {
         return NULL;
@@ -404,6 +399,7 @@ aiorun_shutdown(RunObject *run, PyObject *shutdown_callback, PyObject *executor,
     if (run->own_loop && close_own_loop(run) < 0) {
         return NULL;
     }
+    aiorun_watchdog_stage(run, STAGE_LEAVING);
     if (aiorun_log(st, LOG_INFO, "Leaving. Bye!") < 0) {
         return NULL;
     }

@@ -126,6 +126,7 @@ aiorun_run_call_shutdown_handler(PyObject *self, PyObject *unused)
     if (run->phase != PHASE_RUNNING) {
         Py_RETURN_NONE;
     }
+    aiorun_watchdog_stage(run, STAGE_HANDLER);
     return PyObject_CallOneArg(run->shutdown_handler, run->loop);
 }
 

@@ -1,0 +1,112 @@
+/* Python stacks written the way a traceback writes them:
+ *
+ *   File "app.py", line 12, in job
+ *     time.sleep(60)
+ *
+ * Used by the stuck-task warning of the shutdown and by the watchdog's
+ * diagnostics, so every stack aiorun prints reads the same. */
+#include "aiorun.h"
+
+#include <frameobject.h>  /* PyFrame_Check, PyFrame_GetBack before 3.11 */
+
+/* One frame as two traceback lines; the source line is left out when
+ * linecache has none (code typed at a prompt, a deleted file). */
+static int
+append_frame(PyObject *parts, PyObject *getline, PyObject *frame)
+{
+    PyCodeObject *code = PyFrame_GetCode((PyFrameObject *)frame);
+    int lineno = PyFrame_GetLineNumber((PyFrameObject *)frame);
+    PyObject *line = NULL, *source = NULL, *stripped = NULL;
+    int rc = -1;
+
+    line = PyUnicode_FromFormat("  File \"%U\", line %d, in %U\n",
+                                code->co_filename, lineno, code->co_name);
+    if (line == NULL || PyList_Append(parts, line) < 0) {
+        goto done;
+    }
+    source = PyObject_CallFunction(getline, "Oi", code->co_filename, lineno);
+    if (source == NULL) {
+        goto done;
+    }
+    stripped = PyObject_CallMethod(source, "strip", NULL);
+    if (stripped == NULL) {
+        goto done;
+    }
+    if (PyUnicode_Check(stripped) && PyUnicode_GET_LENGTH(stripped) > 0) {
+        Py_SETREF(line, PyUnicode_FromFormat("    %U\n", stripped));
+        if (line == NULL || PyList_Append(parts, line) < 0) {
+            goto done;
+        }
+    }
+    rc = 0;
+done:
+    Py_DECREF(code);
+    Py_XDECREF(line);
+    Py_XDECREF(source);
+    Py_XDECREF(stripped);
+    return rc;
+}
+
+PyObject *
+aiorun_format_frames(PyObject *frames)
+{
+    PyObject *linecache = PyImport_ImportModule("linecache");
+    if (linecache == NULL) {
+        return NULL;
+    }
+    PyObject *getline = PyObject_GetAttrString(linecache, "getline");
+    Py_DECREF(linecache);
+    if (getline == NULL) {
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(frames, "a stack must be a sequence of frames");
+    PyObject *parts = seq ? PyList_New(0) : NULL;
+    PyObject *text = NULL;
+    if (parts == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        PyObject *frame = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyFrame_Check(frame)) {
+            PyErr_Format(PyExc_TypeError, "expected a frame, not %.200s",
+                         Py_TYPE(frame)->tp_name);
+            goto done;
+        }
+        if (append_frame(parts, getline, frame) < 0) {
+            goto done;
+        }
+    }
+    PyObject *empty = PyUnicode_FromString("");
+    if (empty != NULL) {
+        text = PyUnicode_Join(empty, parts);
+        Py_DECREF(empty);
+    }
+done:
+    Py_DECREF(getline);
+    Py_XDECREF(seq);
+    Py_XDECREF(parts);
+    return text;
+}
+
+PyObject *
+aiorun_frame_chain(PyObject *frame)
+{
+    PyObject *chain = PyList_New(0);
+    if (chain == NULL) {
+        return NULL;
+    }
+    PyFrameObject *f = (PyFrameObject *)Py_NewRef(frame);
+    while (f != NULL) {
+        if (PyList_Append(chain, (PyObject *)f) < 0) {
+            Py_DECREF(f);
+            Py_DECREF(chain);
+            return NULL;
+        }
+        Py_SETREF(f, PyFrame_GetBack(f));
+    }
+    if (PyList_Reverse(chain) < 0) {
+        Py_DECREF(chain);
+        return NULL;
+    }
+    return chain;
+}

@@ -1,0 +1,739 @@
+/* The shutdown watchdog: a thread of aiorun's own that bounds the shutdown.
+ *
+ * run() starts it only when a shutdown deadline or the repeated-signal exit
+ * is asked for, and joins it before returning.  Until a shutdown is
+ * requested it sleeps in poll() without the GIL, so a running app pays
+ * nothing for it.  Its timing needs no GIL either: when the loop thread
+ * holds the GIL forever, the deadline still ends the process.
+ *
+ * Once a shutdown is requested (first SIGINT/SIGTERM, loop.stop(), an
+ * unhandled error) it:
+ *   - after LATE_AFTER seconds, if the loop has not acted on the request,
+ *     warns once where the loop thread is stuck;
+ *   - when the deadline passes, or on a repeated signal if asked, writes
+ *     the shutdown phase and the stack of every thread and every unfinished
+ *     task to stderr, and ends the process with AIORUN_FORCED_EXIT_CODE.
+ *
+ * Thread stacks are dumped by faulthandler, the one stack walker CPython
+ * makes safe without the GIL: it is registered on a spare real-time signal
+ * that the watchdog raises in its own thread.  Work that needs Python
+ * (logging, task stacks, flushing stdout) goes to a helper thread that
+ * waits for the GIL; the watchdog gives it GIL_GRACE seconds and goes on
+ * without it. */
+#include "aiorun.h"  /* Python.h first: it sets _GNU_SOURCE and friends */
+
+#ifndef MS_WINDOWS
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define LATE_AFTER 1.0      /* seconds before the late-signal warning */
+#define GIL_GRACE 0.25      /* seconds the helper gets to take the GIL */
+#define MAX_TASKS_SHOWN 100
+
+enum { JOB_LATE = 1, JOB_FINAL = 2 };
+
+struct aiorun_watchdog {
+    RunObject *run;              /* borrowed; used only with the GIL */
+    double deadline;             /* seconds; 0 for none */
+    int exit_on_repeat;
+    int wake_fd;                 /* read end of the sigwake pipe */
+    int dump_signum;             /* faulthandler's signal, 0 if none */
+    unsigned long loop_thread;   /* threading ident of run()'s thread */
+    pthread_t thread;
+    atomic_int stage;            /* aiorun_stage */
+    atomic_int python_request;   /* aiorun_request_reason from Python */
+    atomic_int quit;             /* run() is returning */
+    atomic_int late_claimed;     /* the late warning has been given */
+    /* Written by the watchdog thread before any job is handed over. */
+    int requested;
+    int reason;
+    int signum;
+    double requested_at;
+    double late_ago;             /* seconds since the request, at the check */
+    /* Watchdog <-> helper hand-over, under mu. */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    pthread_t helper;
+    int helper_started;
+    int helper_quit;
+    int jobs;
+    int jobs_done;
+};
+
+static const char *const stage_names[] = {
+    [STAGE_STARTING] = "starting (the loop has not run yet)",
+    [STAGE_RUNNING] = "waiting for the event loop to act on the request",
+    [STAGE_HANDLER] = "shutdown_handler called, waiting for the loop to stop",
+    [STAGE_SHUTDOWN] = "entering the shutdown phase",
+    [STAGE_CALLBACK] = "running shutdown_callback",
+    [STAGE_CANCELLING] = "cancelling tasks",
+    [STAGE_WAITING_TASKS] = "waiting for cancelled tasks to finish",
+    [STAGE_EXECUTOR] = "waiting for the executor to shut down",
+    [STAGE_ASYNCGENS] = "shutting down async generators",
+    [STAGE_CLOSING] = "closing the loop",
+    [STAGE_LEAVING] = "leaving run()",
+};
+
+static double
+monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* write(2) to stderr, whole, without Python. */
+static void
+write_all(const char *p, size_t left)
+{
+    while (left > 0) {
+        ssize_t n = write(STDERR_FILENO, p, left);
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            return;
+        }
+        p += n;
+        left -= (size_t)n;
+    }
+}
+
+static void
+say(const char *format, ...)
+{
+    char buf[1024];
+    va_list args;
+    va_start(args, format);
+    int len = vsnprintf(buf, sizeof(buf), format, args);
+    va_end(args);
+    if (len > 0) {
+        write_all(buf, (size_t)len < sizeof(buf) ? (size_t)len : sizeof(buf) - 1);
+    }
+}
+
+static const char *
+signal_name(int signum)
+{
+    switch (signum) {
+    case SIGINT:
+        return "SIGINT";
+    case SIGTERM:
+        return "SIGTERM";
+    default:
+        return "a signal";
+    }
+}
+
+static const char *
+reason_text(const aiorun_watchdog *wd)
+{
+    switch (wd->reason) {
+    case REQUEST_SIGNAL:
+        return signal_name(wd->signum);
+    case REQUEST_LOOP_STOPPED:
+        return "loop.stop()";
+    default:
+        return "an unhandled error";
+    }
+}
+
+static const char *
+stage_text(const aiorun_watchdog *wd)
+{
+    int stage = atomic_load(&wd->stage);
+    if (stage < 0 || stage > STAGE_LEAVING) {
+        return "unknown";
+    }
+    return stage_names[stage];
+}
+
+/* ---- the helper: everything that needs the GIL ---- */
+
+/* Log, once, where the loop thread is while it ignores the request. */
+static void
+helper_late_warning(aiorun_watchdog *wd)
+{
+    RunObject *run = wd->run;
+    PyObject *frames = NULL, *chain = NULL, *text = NULL, *message = NULL;
+
+    if (atomic_exchange(&wd->late_claimed, 1)
+        || atomic_load(&wd->stage) > STAGE_RUNNING) {
+        return;  /* given already, or the loop got to it meanwhile */
+    }
+    PyObject *sys_frames = PySys_GetObject("_current_frames");  /* borrowed */
+    frames = sys_frames ? PyObject_CallNoArgs(sys_frames) : NULL;
+    PyObject *key = frames ? PyLong_FromUnsignedLong(wd->loop_thread) : NULL;
+    PyObject *frame = key ? PyDict_GetItemWithError(frames, key) : NULL;
+    Py_XDECREF(key);
+    if (frame != NULL) {
+        chain = aiorun_frame_chain(frame);
+        text = chain ? aiorun_format_frames(chain) : NULL;
+    }
+    else if (!PyErr_Occurred()) {
+        text = PyUnicode_FromString("  (no Python frame)\n");
+    }
+    if (text != NULL) {
+        char ago[32];
+        snprintf(ago, sizeof(ago), "%.1f", wd->late_ago);
+        message = PyUnicode_FromFormat(
+            "Shutdown requested %s s ago by %s, but the event loop has not "
+            "acted on it: its thread is blocked here (most recent call last):\n%U",
+            ago, reason_text(wd), text);
+    }
+    if (message == NULL
+        || aiorun_log_exc(run->state, LOG_WARNING, "%s", message, NULL) < 0) {
+        PyErr_WriteUnraisable((PyObject *)run);
+    }
+    Py_XDECREF(frames);
+    Py_XDECREF(chain);
+    Py_XDECREF(text);
+    Py_XDECREF(message);
+}
+
+static void
+flush_stream(const char *name)
+{
+    PyObject *stream = PySys_GetObject(name);  /* borrowed */
+    if (stream == NULL || stream == Py_None) {
+        return;
+    }
+    PyObject *res = PyObject_CallMethod(stream, "flush", NULL);
+    if (res == NULL) {
+        PyErr_Clear();  /* a closed stream has nothing to lose */
+    }
+    Py_XDECREF(res);
+}
+
+/* The unfinished tasks of the loop, as text; NULL with an exception. */
+static PyObject *
+describe_tasks(RunObject *run)
+{
+    aiorun_state *st = run->state;
+    PyObject *set = PyObject_CallOneArg(st->all_tasks, run->loop);
+    PyObject *tasks = set ? PySequence_List(set) : NULL;
+    Py_XDECREF(set);
+    if (tasks == NULL) {
+        return NULL;
+    }
+    PyObject *parts = PyList_New(0);
+    Py_ssize_t shown = 0, pending = 0;
+    for (Py_ssize_t i = 0; parts && i < PyList_GET_SIZE(tasks); i++) {
+        PyObject *task = PyList_GET_ITEM(tasks, i);
+        int done = aiorun_call_predicate(task, st->s_done);
+        if (done != 0) {
+            if (done < 0) {
+                Py_CLEAR(parts);
+            }
+            continue;
+        }
+        if (++pending > MAX_TASKS_SHOWN) {
+            continue;
+        }
+        shown++;
+        PyObject *stack = PyObject_CallMethod(task, "get_stack", NULL);
+        PyObject *frames = stack ? aiorun_format_frames(stack) : NULL;
+        PyObject *part = frames ? PyUnicode_FromFormat("%R\n%U", task, frames) : NULL;
+        if (part == NULL || PyList_Append(parts, part) < 0) {
+            Py_CLEAR(parts);
+        }
+        Py_XDECREF(stack);
+        Py_XDECREF(frames);
+        Py_XDECREF(part);
+    }
+    Py_DECREF(tasks);
+    if (parts == NULL) {
+        return NULL;
+    }
+    PyObject *head = PyUnicode_FromFormat(
+        "Unfinished asyncio tasks: %zd (most recent call last):\n", pending);
+    PyObject *tail = pending > shown
+        ? PyUnicode_FromFormat("... and %zd more\n", pending - shown)
+        : PyUnicode_FromString("");
+    PyObject *text = NULL;
+    if (head && tail && PyList_Insert(parts, 0, head) == 0
+        && PyList_Append(parts, tail) == 0) {
+        PyObject *empty = PyUnicode_FromString("");
+        text = empty ? PyUnicode_Join(empty, parts) : NULL;
+        Py_XDECREF(empty);
+    }
+    Py_XDECREF(head);
+    Py_XDECREF(tail);
+    Py_DECREF(parts);
+    return text;
+}
+
+/* Before the process ends: flush what Python buffered, then the tasks. */
+static void
+helper_final_report(aiorun_watchdog *wd)
+{
+    RunObject *run = wd->run;
+    flush_stream("stdout");
+    flush_stream("stderr");
+    if (run->loop == NULL) {
+        return;
+    }
+    PyObject *text = describe_tasks(run);
+    PyObject *bytes = text ? PyUnicode_AsEncodedString(text, "utf-8", "backslashreplace")
+                           : NULL;
+    if (bytes == NULL) {
+        PyErr_WriteUnraisable((PyObject *)run);
+    }
+    else {
+        write_all(PyBytes_AS_STRING(bytes), (size_t)PyBytes_GET_SIZE(bytes));
+    }
+    Py_XDECREF(text);
+    Py_XDECREF(bytes);
+}
+
+static void
+block_signals(int keep)
+{
+    sigset_t set;
+    sigfillset(&set);
+    /* Faults must still reach faulthandler or kill the process. */
+    sigdelset(&set, SIGSEGV);
+    sigdelset(&set, SIGBUS);
+    sigdelset(&set, SIGFPE);
+    sigdelset(&set, SIGILL);
+    sigdelset(&set, SIGABRT);
+    if (keep > 0) {
+        sigdelset(&set, keep);
+    }
+    pthread_sigmask(SIG_SETMASK, &set, NULL);
+}
+
+/* Named by its creator, so the name is there as soon as the thread is
+ * (top -H, py-spy and /proc show it). */
+static void
+name_thread(pthread_t thread, const char *name)
+{
+#ifdef __linux__
+    pthread_setname_np(thread, name);
+#else
+    (void)thread;
+    (void)name;
+#endif
+}
+
+static void *
+helper_main(void *arg)
+{
+    aiorun_watchdog *wd = arg;
+    block_signals(0);
+    pthread_mutex_lock(&wd->mu);
+    for (;;) {
+        while (!(wd->jobs & ~wd->jobs_done) && !wd->helper_quit) {
+            pthread_cond_wait(&wd->cv, &wd->mu);
+        }
+        int todo = wd->jobs & ~wd->jobs_done;
+        if (!todo) {
+            break;
+        }
+        pthread_mutex_unlock(&wd->mu);
+        PyGILState_STATE gil = PyGILState_Ensure();
+        if (!atomic_load(&wd->quit)) {  /* else run() is returning: moot */
+            if (todo & JOB_LATE) {
+                helper_late_warning(wd);
+            }
+            if (todo & JOB_FINAL) {
+                helper_final_report(wd);
+            }
+        }
+        PyGILState_Release(gil);
+        pthread_mutex_lock(&wd->mu);
+        wd->jobs_done |= todo;
+        pthread_cond_broadcast(&wd->cv);
+    }
+    pthread_mutex_unlock(&wd->mu);
+    return NULL;
+}
+
+/* Hand a job to the helper and wait up to GIL_GRACE for it.  1 when it was
+ * done, 0 when the helper could not get the GIL in time (or not start). */
+static int
+run_job(aiorun_watchdog *wd, int job)
+{
+    int done = 0;
+    pthread_mutex_lock(&wd->mu);
+    if (!wd->helper_started) {
+        if (pthread_create(&wd->helper, NULL, helper_main, wd) != 0) {
+            pthread_mutex_unlock(&wd->mu);
+            return 0;
+        }
+        wd->helper_started = 1;
+        name_thread(wd->helper, "aiorun-helper");
+    }
+    wd->jobs |= job;
+    pthread_cond_broadcast(&wd->cv);
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    long nsec = until.tv_nsec + (long)(GIL_GRACE * 1e9);
+    until.tv_sec += nsec / 1000000000L;
+    until.tv_nsec = nsec % 1000000000L;
+    while (!(done = (wd->jobs_done & job) != 0)) {
+        if (pthread_cond_timedwait(&wd->cv, &wd->mu, &until) == ETIMEDOUT) {
+            done = (wd->jobs_done & job) != 0;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&wd->mu);
+    return done;
+}
+
+/* ---- the watchdog thread: no Python at all ---- */
+
+static void
+dump_threads(aiorun_watchdog *wd)
+{
+    if (wd->dump_signum == 0) {
+        say("(thread stacks unavailable: no free signal for faulthandler)\n");
+        return;
+    }
+    /* raise() returns after the handler ran in this very thread. */
+    raise(wd->dump_signum);
+}
+
+static void
+late_warning(aiorun_watchdog *wd, double now)
+{
+    wd->late_ago = now - wd->requested_at;
+    if (run_job(wd, JOB_LATE) || atomic_exchange(&wd->late_claimed, 1)) {
+        return;
+    }
+    /* The loop thread keeps the GIL: no logging is possible, so say it
+     * directly, with the stacks. */
+    say("aiorun: WARNING: shutdown requested %.1f s ago by %s, but the event loop "
+        "has not acted on it and its thread holds the GIL. Stacks of all "
+        "threads follow.\n", wd->late_ago, reason_text(wd));
+    dump_threads(wd);
+}
+
+static void
+force_exit(aiorun_watchdog *wd, int repeated_signum)
+{
+    double elapsed = monotonic() - wd->requested_at;
+    if (repeated_signum) {
+        say("aiorun: %s again during the shutdown (requested by %s %.2f s ago): "
+            "forcing the exit.\n", signal_name(repeated_signum), reason_text(wd),
+            elapsed);
+    }
+    else {
+        say("aiorun: the shutdown deadline of %g s passed (requested by %s %.2f s "
+            "ago).\n", wd->deadline, reason_text(wd), elapsed);
+    }
+    say("aiorun: the shutdown was in phase: %s.\n", stage_text(wd));
+    say("aiorun: stacks of all threads:\n");
+    dump_threads(wd);
+    if (!run_job(wd, JOB_FINAL)) {
+        say("aiorun: the GIL could not be had within %g s: task stacks and "
+            "Python's buffered output are lost.\n", GIL_GRACE);
+    }
+    say("aiorun: exiting with code %d, %.2f s after the shutdown was requested.\n",
+        AIORUN_FORCED_EXIT_CODE, monotonic() - wd->requested_at);
+    /* Not exit(): atexit handlers and the interpreter's own clean-up would
+     * need the GIL, or the very thing that hangs. */
+    _exit(AIORUN_FORCED_EXIT_CODE);
+}
+
+static void
+note_request(aiorun_watchdog *wd, int reason, double now)
+{
+    if (wd->requested) {
+        return;
+    }
+    wd->requested = 1;
+    wd->reason = reason;
+    wd->signum = aiorun_sigwake_last_signum();
+    wd->requested_at = now;
+}
+
+/* Milliseconds until the next thing the watchdog must do, -1 for never. */
+static int
+next_timeout(const aiorun_watchdog *wd, int late_done, double now)
+{
+    if (!wd->requested) {
+        return -1;
+    }
+    double next = -1;
+    if (wd->deadline > 0) {
+        next = wd->requested_at + wd->deadline;
+    }
+    if (!late_done) {
+        double late = wd->requested_at + LATE_AFTER;
+        if (next < 0 || late < next) {
+            next = late;
+        }
+    }
+    if (next < 0) {
+        return -1;
+    }
+    double ms = (next - now) * 1000.0 + 1.0;
+    return ms <= 0 ? 0 : ms > 1e9 ? 1000000000 : (int)ms;
+}
+
+static void *
+watchdog_main(void *arg)
+{
+    aiorun_watchdog *wd = arg;
+    unsigned long seen = aiorun_sigwake_count();
+    int late_done = 0;
+    char buf[64];
+
+    /* The mask was set by the creator; only the dump signal comes in. */
+    block_signals(wd->dump_signum);
+    for (;;) {
+        struct pollfd pfd = {.fd = wd->wake_fd, .events = POLLIN};
+        int timeout = next_timeout(wd, late_done, monotonic());
+        if (poll(&pfd, 1, timeout) > 0) {
+            while (read(wd->wake_fd, buf, sizeof(buf)) > 0) {
+            }
+        }
+        if (atomic_load(&wd->quit)) {
+            break;
+        }
+        double now = monotonic();
+        unsigned long count = aiorun_sigwake_count();
+        unsigned long fresh = count - seen;
+        seen = count;
+        if (fresh > 0 && !wd->requested) {
+            note_request(wd, REQUEST_SIGNAL, now);
+            fresh--;
+        }
+        int python_reason = atomic_load(&wd->python_request);
+        if (python_reason) {
+            note_request(wd, python_reason, now);
+        }
+        if (fresh > 0 && wd->exit_on_repeat) {
+            force_exit(wd, aiorun_sigwake_last_signum());
+        }
+        if (!wd->requested) {
+            continue;
+        }
+        if (wd->deadline > 0 && now >= wd->requested_at + wd->deadline) {
+            force_exit(wd, 0);
+        }
+        if (!late_done && now >= wd->requested_at + LATE_AFTER) {
+            late_done = 1;
+            /* Not worth a warning if the deadline comes first anyway. */
+            if (atomic_load(&wd->stage) <= STAGE_RUNNING
+                && (wd->deadline == 0 || wd->deadline > LATE_AFTER)) {
+                late_warning(wd, now);
+            }
+        }
+    }
+    return NULL;
+}
+
+/* A real-time signal nobody uses, for faulthandler.register(); 0 if none. */
+static int
+register_dump_signal(void)
+{
+    PyObject *faulthandler = PyImport_ImportModule("faulthandler");
+    if (faulthandler == NULL) {
+        return -1;
+    }
+    int chosen = 0;
+    for (int signum = SIGRTMAX; signum >= SIGRTMIN; signum--) {
+        struct sigaction current;
+        if (sigaction(signum, NULL, &current) == 0
+            && !(current.sa_flags & SA_SIGINFO) && current.sa_handler == SIG_DFL) {
+            chosen = signum;
+            break;
+        }
+    }
+    if (chosen != 0) {
+        PyObject *res = PyObject_CallMethod(faulthandler, "register", "iiOO", chosen,
+                                            STDERR_FILENO, Py_True, Py_False);
+        if (res == NULL) {
+            chosen = -1;
+        }
+        Py_XDECREF(res);
+    }
+    Py_DECREF(faulthandler);
+    return chosen;
+}
+
+static void
+unregister_dump_signal(int signum)
+{
+    if (signum <= 0) {
+        return;
+    }
+    PyObject *faulthandler = PyImport_ImportModule("faulthandler");
+    PyObject *res = faulthandler
+        ? PyObject_CallMethod(faulthandler, "unregister", "i", signum) : NULL;
+    if (res == NULL) {
+        PyErr_WriteUnraisable(NULL);
+    }
+    Py_XDECREF(faulthandler);
+    Py_XDECREF(res);
+}
+
+int
+aiorun_watchdog_start(RunObject *run, double deadline, int exit_on_repeat)
+{
+    aiorun_watchdog *wd = PyMem_RawCalloc(1, sizeof(*wd));
+    if (wd == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    wd->run = run;
+    wd->deadline = deadline;
+    wd->exit_on_repeat = exit_on_repeat;
+    wd->loop_thread = PyThread_get_thread_ident();
+    atomic_init(&wd->stage, run->phase == PHASE_SETUP ? STAGE_STARTING : STAGE_RUNNING);
+    atomic_init(&wd->python_request, run->shutdown_requested ? REQUEST_SIGNAL : 0);
+    atomic_init(&wd->quit, 0);
+    atomic_init(&wd->late_claimed, 0);
+
+    pthread_condattr_t attr;
+    if (pthread_condattr_init(&attr) != 0) {
+        PyMem_RawFree(wd);
+        PyErr_NoMemory();
+        return -1;
+    }
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    int cv_rc = pthread_cond_init(&wd->cv, &attr);
+    pthread_condattr_destroy(&attr);
+    if (cv_rc != 0 || pthread_mutex_init(&wd->mu, NULL) != 0) {
+        if (cv_rc == 0) {
+            pthread_cond_destroy(&wd->cv);
+        }
+        PyMem_RawFree(wd);
+        PyErr_NoMemory();
+        return -1;
+    }
+    wd->dump_signum = register_dump_signal();
+    if (wd->dump_signum < 0) {
+        goto fail;
+    }
+    unsigned long base;
+    if (aiorun_sigwake_install(&wd->wake_fd, &base) < 0) {
+        goto fail;
+    }
+    /* The thread starts with every signal blocked, so none lands there by
+     * chance; it unblocks the dump signal itself. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int rc = pthread_create(&wd->thread, NULL, watchdog_main, wd);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        aiorun_sigwake_uninstall();
+        errno = rc;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto fail;
+    }
+    name_thread(wd->thread, "aiorun-watchdog");
+    run->watchdog = wd;
+    return 0;
+fail:
+    {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        unregister_dump_signal(wd->dump_signum);
+        PyErr_Restore(type, value, tb);
+    }
+    pthread_mutex_destroy(&wd->mu);
+    pthread_cond_destroy(&wd->cv);
+    PyMem_RawFree(wd);
+    return -1;
+}
+
+void
+aiorun_watchdog_stop(RunObject *run)
+{
+    aiorun_watchdog *wd = run->watchdog;
+    if (wd == NULL) {
+        return;
+    }
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    atomic_store(&wd->quit, 1);
+    aiorun_sigwake_poke();
+    pthread_mutex_lock(&wd->mu);
+    wd->helper_quit = 1;
+    pthread_cond_broadcast(&wd->cv);
+    pthread_mutex_unlock(&wd->mu);
+    /* The helper may be waiting for the GIL: let it have it to finish. */
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(wd->thread, NULL);
+    if (wd->helper_started) {
+        pthread_join(wd->helper, NULL);
+    }
+    Py_END_ALLOW_THREADS
+    aiorun_sigwake_uninstall();
+    unregister_dump_signal(wd->dump_signum);
+    pthread_mutex_destroy(&wd->mu);
+    pthread_cond_destroy(&wd->cv);
+    PyMem_RawFree(wd);
+    run->watchdog = NULL;
+    PyErr_Restore(type, value, tb);
+}
+
+void
+aiorun_watchdog_stage(RunObject *run, aiorun_stage stage)
+{
+    if (run->watchdog != NULL) {
+        atomic_store(&run->watchdog->stage, (int)stage);
+    }
+}
+
+void
+aiorun_watchdog_request(RunObject *run, aiorun_request_reason reason)
+{
+    aiorun_watchdog *wd = run->watchdog;
+    if (wd == NULL) {
+        return;
+    }
+    int none = 0;
+    if (atomic_compare_exchange_strong(&wd->python_request, &none, (int)reason)) {
+        aiorun_sigwake_poke();
+    }
+}
+
+#else /* MS_WINDOWS */
+
+int
+aiorun_watchdog_start(RunObject *run, double deadline, int exit_on_repeat)
+{
+    (void)run;
+    (void)deadline;
+    (void)exit_on_repeat;
+    PyErr_SetString(PyExc_NotImplementedError,
+                    "run(): 'shutdown_deadline' and 'exit_on_repeated_signal' "
+                    "are not available on Windows yet");
+    return -1;
+}
+
+void
+aiorun_watchdog_stop(RunObject *run)
+{
+    (void)run;
+}
+
+void
+aiorun_watchdog_stage(RunObject *run, aiorun_stage stage)
+{
+    (void)run;
+    (void)stage;
+}
+
+void
+aiorun_watchdog_request(RunObject *run, aiorun_request_reason reason)
+{
+    (void)run;
+    (void)reason;
+}
+
+#endif /* MS_WINDOWS */
