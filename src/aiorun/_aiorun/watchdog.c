@@ -48,6 +48,7 @@ struct aiorun_watchdog {
     int wake_fd;                 /* read end of the sigwake pipe */
     int dump_signum;             /* faulthandler's signal, 0 if none */
     unsigned long loop_thread;   /* threading ident of run()'s thread */
+    pid_t pid;                   /* the process whose threads these are */
     pthread_t thread;
     atomic_int stage;            /* aiorun_stage */
     atomic_int python_request;   /* aiorun_request_reason from Python */
@@ -591,6 +592,7 @@ aiorun_watchdog_start(RunObject *run, double deadline, int exit_on_repeat)
     wd->deadline = deadline;
     wd->exit_on_repeat = exit_on_repeat;
     wd->loop_thread = PyThread_get_thread_ident();
+    wd->pid = getpid();
     atomic_init(&wd->stage, run->phase == PHASE_SETUP ? STAGE_STARTING : STAGE_RUNNING);
     atomic_init(&wd->python_request, run->shutdown_requested ? REQUEST_SIGNAL : 0);
     atomic_init(&wd->quit, 0);
@@ -659,6 +661,15 @@ aiorun_watchdog_stop(RunObject *run)
     }
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
+    if (wd->pid != getpid()) {
+        /* A child forked during run(): the threads stayed in the parent,
+         * and their mutex may be held there.  Forget the lot. */
+        aiorun_sigwake_uninstall();
+        unregister_dump_signal(wd->dump_signum);
+        run->watchdog = NULL;
+        PyErr_Restore(type, value, tb);
+        return;
+    }
     atomic_store(&wd->quit, 1);
     aiorun_sigwake_poke();
     pthread_mutex_lock(&wd->mu);
