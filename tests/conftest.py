@@ -44,6 +44,10 @@ def example_argv(python, name):
             str(EXAMPLES / name)]
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class App:
     """A child Python process whose stdout is read line by line."""
 
@@ -64,6 +68,9 @@ class App:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # A shell runs background jobs with SIGINT ignored, and Python
+            # keeps an inherited SIG_IGN; give every app the usual start.
+            preexec_fn=_default_sigint,
         )
         self.stdout_lines = []
         self.stderr_lines = []

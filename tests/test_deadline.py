@@ -35,6 +35,25 @@ def forced_exit(a, r, phase, sent_at, deadline=None):
     return text
 
 
+# A task that swallows every cancellation and says so.
+STUBBORN = """
+        async def stubborn():
+            while True:
+                try:
+                    await asyncio.sleep(3600)  # SWALLOWS CANCEL
+                except asyncio.CancelledError:
+                    say("not stopping")
+"""
+
+
+def signal_when_ready(a, sig, ready="READY"):
+    """Wait for the app's ready line, send sig; return (Result, when sent)."""
+    a.wait_line(ready)
+    sent = time.monotonic()
+    a.send(sig)
+    return a.finish(), sent
+
+
 def thread_frame(a, marker, func):
     """How faulthandler names a line of the app in a thread's stack."""
     return f'File "{a.script}", line {line_of(a.script, marker)} in {func}'
@@ -53,10 +72,7 @@ def test_blocking_sleep_in_a_coroutine(app):
 
         run(job(), shutdown_deadline=2)
     """)
-    a.wait_line("READY")
-    sent = time.monotonic()
-    a.send(signal.SIGTERM)
-    r = a.finish()
+    r, sent = signal_when_ready(a, signal.SIGTERM)
     text = forced_exit(a, r, "waiting for the event loop to act on the request", sent,
                        deadline=2)
     assert "requested by SIGTERM" in text
@@ -83,10 +99,7 @@ def test_call_that_holds_the_gil(app):
 
         run(job(), shutdown_deadline=2)
     """)
-    a.wait_line("READY")
-    sent = time.monotonic()
-    a.send(signal.SIGINT)
-    r = a.finish()
+    r, sent = signal_when_ready(a, signal.SIGINT)
     text = forced_exit(a, r, "waiting for the event loop to act on the request", sent,
                        deadline=2)
     # No logging is possible: the warning is written directly, with stacks.
@@ -111,10 +124,7 @@ def test_executor_job_that_never_returns(app):
 
         run(main(), shutdown_deadline=1)
     """)
-    a.wait_line("READY")
-    sent = time.monotonic()
-    a.send(signal.SIGTERM)
-    r = a.finish()
+    r, sent = signal_when_ready(a, signal.SIGTERM)
     text = forced_exit(a, r, "waiting for the executor to shut down", sent, deadline=1)
     assert thread_frame(a, "# JOB NEVER RETURNS", "forever") in text
     assert subsequence(["Entering shutdown phase.", "Waiting for executor shutdown."],
@@ -125,13 +135,7 @@ def test_executor_job_that_never_returns(app):
 
 
 def test_task_that_swallows_every_cancellation(app):
-    a = app("""
-        async def stubborn():
-            while True:
-                try:
-                    await asyncio.sleep(3600)  # SWALLOWS CANCEL
-                except asyncio.CancelledError:
-                    say("not stopping")
+    a = app(STUBBORN + """
 
         async def main():
             asyncio.get_running_loop().create_task(stubborn())
@@ -139,10 +143,7 @@ def test_task_that_swallows_every_cancellation(app):
 
         run(main(), shutdown_deadline=1)  # timeout_task_shutdown stays 60
     """)
-    a.wait_line("READY")
-    sent = time.monotonic()
-    a.send(signal.SIGINT)
-    r = a.finish()
+    r, sent = signal_when_ready(a, signal.SIGINT)
     text = forced_exit(a, r, "waiting for cancelled tasks to finish", sent, deadline=1)
     assert "Unfinished asyncio tasks: 1 (most recent call last):" in text
     assert "coro=<stubborn()" in text
@@ -160,10 +161,7 @@ def test_shutdown_callback_that_never_returns(app):
 
         run(main(), shutdown_callback=callback, shutdown_deadline=1)
     """)
-    a.wait_line("READY")
-    sent = time.monotonic()
-    a.send(signal.SIGTERM)
-    r = a.finish()
+    r, sent = signal_when_ready(a, signal.SIGTERM)
     text = forced_exit(a, r, "running shutdown_callback", sent, deadline=1)
     assert task_frame(a, "# CALLBACK HANGS", "callback") in text
     assert "Executing provided shutdown_callback." in r.messages
@@ -234,20 +232,14 @@ def test_repeated_signal_from_the_environment(app):
 def test_deadline_from_the_environment(app):
     a = app(STUCK_APP.format(args=""), stdin=True,
             env={"AIORUN_SHUTDOWN_DEADLINE": "1.5"})
-    a.wait_line("READY")
-    sent = time.monotonic()
-    a.send(signal.SIGTERM)
-    r = a.finish()
+    r, sent = signal_when_ready(a, signal.SIGTERM)
     forced_exit(a, r, "waiting for cancelled tasks to finish", sent, deadline=1.5)
 
 
 def test_the_parameter_wins_over_the_environment(app):
     a = app(STUCK_APP.format(args=", shutdown_deadline=1"), stdin=True,
             env={"AIORUN_SHUTDOWN_DEADLINE": "3600"})
-    a.wait_line("READY")
-    sent = time.monotonic()
-    a.send(signal.SIGTERM)
-    r = a.finish()
+    r, sent = signal_when_ready(a, signal.SIGTERM)
     forced_exit(a, r, "waiting for cancelled tasks to finish", sent, deadline=1)
 
 
@@ -267,13 +259,7 @@ def test_bad_deadline_in_the_environment_names_the_variable(app, value):
 
 
 def test_unhandled_error_starts_the_deadline(app):
-    a = app("""
-        async def stubborn():
-            while True:
-                try:
-                    await asyncio.sleep(3600)
-                except asyncio.CancelledError:
-                    pass
+    a = app(STUBBORN + """
 
         async def main():
             asyncio.get_running_loop().create_task(stubborn())
@@ -292,13 +278,7 @@ def test_unhandled_error_starts_the_deadline(app):
 
 
 def test_loop_stop_starts_the_deadline(app):
-    r = run_app(app, """
-        async def stubborn():
-            while True:
-                try:
-                    await asyncio.sleep(3600)
-                except asyncio.CancelledError:
-                    pass
+    r = run_app(app, STUBBORN + """
 
         async def main():
             loop = asyncio.get_running_loop()
@@ -431,3 +411,18 @@ def test_bad_watchdog_arguments_name_the_parameter(kwargs, error, message):
     assert str(info.value) == message
     assert signal_module.getsignal(signal_module.SIGINT) is before
     asyncio.set_event_loop(None)
+
+
+def test_deadline_with_uvloop(app):
+    pytest.importorskip("uvloop")
+    a = app(STUBBORN + """
+
+        async def main():
+            asyncio.get_running_loop().create_task(stubborn())
+            say("READY", type(asyncio.get_running_loop()).__module__)
+
+        run(main(), use_uvloop=True, shutdown_deadline=1)
+    """)
+    r, sent = signal_when_ready(a, signal.SIGTERM, ready="READY uvloop")
+    text = forced_exit(a, r, "waiting for cancelled tasks to finish", sent, deadline=1)
+    assert task_frame(a, "# SWALLOWS CANCEL", "stubborn") in text

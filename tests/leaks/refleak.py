@@ -61,6 +61,22 @@ def scenario_stuck():
     loop.run_until_complete(asyncio.wait(stuck))
     loop.close()
 
+def scenario_watchdog():
+    # run() with the watchdog thread on, a signal, and a stuck-task warning
+    # (its stacks go through stacks.c); the deadline is never reached.
+    async def naughty():
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.05)
+    async def main():
+        asyncio.get_running_loop().create_task(naughty())
+        await asyncio.sleep(0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(10)
+    run(main(), shutdown_deadline=30, exit_on_repeated_signal=True,
+        timeout_task_shutdown=0.01)
+
 def scenario_waiters():
     async def main():
         for i in range(1000):
@@ -105,7 +121,9 @@ def scenario_bad_args():
     bad_kwargs = [dict(loop=1), dict(shutdown_handler=1), dict(shutdown_callback=1),
                   dict(executor_workers="1"), dict(executor_workers=0),
                   dict(executor=1), dict(use_uvloop="x"), dict(timeout_task_shutdown=-1),
-                  dict(stop_on_unhandled_errors=None), dict(bogus=1)]
+                  dict(stop_on_unhandled_errors=None), dict(bogus=1),
+                  dict(shutdown_deadline=0), dict(shutdown_deadline="1"),
+                  dict(exit_on_repeated_signal="1")]
     for kw in bad_kwargs:
         try:
             run(**kw)
@@ -147,8 +165,8 @@ def measure(fn, warm=5, reps=30):
 
 if __name__ == "__main__":
     leaked = False
-    for fn in [scenario_cancel_awaiter, scenario_run_stop, scenario_unhandled, scenario_stuck, scenario_waiters,
-               scenario_bad_args]:
+    for fn in [scenario_cancel_awaiter, scenario_run_stop, scenario_unhandled, scenario_stuck,
+               scenario_watchdog, scenario_waiters, scenario_bad_args]:
         refs, blocks = measure(fn)
         leaked |= refs > 0 and refs >= 30   # at least one per repetition
     sys.exit(1 if leaked else 0)

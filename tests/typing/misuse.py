@@ -6,6 +6,8 @@ from aiorun import run, shutdown_waits_for
 run(5)  # E: coro
 run(None, loop=3)  # E: loop
 run(timeout_task_shutdown="60")  # E: timeout
+run(shutdown_deadline="25")  # E: deadline
+run(exit_on_repeated_signal="yes")  # E: repeated signal
 shutdown_waits_for(42)  # E: waits_for
 
 

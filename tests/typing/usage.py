@@ -40,3 +40,6 @@ run(main(), shutdown_handler=stop, shutdown_callback=cleanup, executor_workers=2
     executor=ThreadPoolExecutor(), use_uvloop=False, stop_on_unhandled_errors=True,
     timeout_task_shutdown=1.5)
 run(loop=asyncio.new_event_loop(), timeout_task_shutdown=None)
+run(main(), shutdown_deadline=25, exit_on_repeated_signal=True)
+run(main(), shutdown_deadline=None, exit_on_repeated_signal=None)
+forced: int = aiorun.FORCED_EXIT_CODE
