@@ -140,6 +140,8 @@ aiorun_run_on_signal(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;  /* the shutdown is already on its way */
     }
     run->shutdown_requested = 1;
+    /* For a signal that came before the watchdog's own handler was in. */
+    aiorun_watchdog_request(run, REQUEST_SIGNAL);
     if (run->loop != NULL) {
         schedule_shutdown_handler(run);
     }

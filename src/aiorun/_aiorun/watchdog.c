@@ -49,6 +49,7 @@ struct aiorun_watchdog {
     int dump_signum;             /* faulthandler's signal, 0 if none */
     unsigned long loop_thread;   /* threading ident of run()'s thread */
     pid_t pid;                   /* the process whose threads these are */
+    unsigned long signals_base;  /* sigwake count when run() installed it */
     pthread_t thread;
     atomic_int stage;            /* aiorun_stage */
     atomic_int python_request;   /* aiorun_request_reason from Python */
@@ -486,7 +487,9 @@ static void *
 watchdog_main(void *arg)
 {
     aiorun_watchdog *wd = arg;
-    unsigned long seen = aiorun_sigwake_count();
+    /* From the count at installation, not at thread start: a signal may
+     * come before this thread first runs. */
+    unsigned long seen = wd->signals_base;
     int late_done = 0;
     char buf[64];
 
@@ -619,8 +622,7 @@ aiorun_watchdog_start(RunObject *run, double deadline, int exit_on_repeat)
     if (wd->dump_signum < 0) {
         goto fail;
     }
-    unsigned long base;
-    if (aiorun_sigwake_install(&wd->wake_fd, &base) < 0) {
+    if (aiorun_sigwake_install(&wd->wake_fd, &wd->signals_base) < 0) {
         goto fail;
     }
     /* The thread starts with every signal blocked, so none lands there by
