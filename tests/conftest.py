@@ -29,7 +29,10 @@ import aiorun
 from aiorun import run, shutdown_waits_for
 
 def say(*args):
-    print(*args, flush=True)
+    # One write per line: print() writes the text and the newline apart, so
+    # lines said from two threads could interleave.
+    sys.stdout.write(" ".join(map(str, args)) + "\\n")
+    sys.stdout.flush()
 """
 
 # Generous: these bound a hang, they are not timing assertions.
