@@ -218,6 +218,8 @@ int aiorun_sigwake_last_signum(void);
 /* A sequence of frames, outermost first, as traceback lines ending in a
  * newline each. */
 PyObject *aiorun_format_frames(PyObject *frames);
+/* A task's repr, then its stack (Task.get_stack()) as traceback lines. */
+PyObject *aiorun_format_task(PyObject *task);
 /* frame and its callers as a list, outermost first. */
 PyObject *aiorun_frame_chain(PyObject *frame);
 

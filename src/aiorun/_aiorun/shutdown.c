@@ -156,18 +156,13 @@ aiorun_run_drain_timeout(PyObject *self, PyObject *unused)
 static int
 describe_stuck_task(PyObject *parts, PyObject *task)
 {
-    PyObject *stack = PyObject_CallMethod(task, "get_stack", NULL);
-    if (stack == NULL) {
-        return -1;
-    }
-    PyObject *frames = aiorun_format_frames(stack);
-    Py_DECREF(stack);
-    if (frames == NULL) {
+    PyObject *described = aiorun_format_task(task);
+    if (described == NULL) {
         return -1;
     }
     /* The frames end in a newline; the log record must not. */
-    PyObject *line = PyUnicode_FromFormat("\n%R\n%U", task, frames);
-    Py_DECREF(frames);
+    PyObject *line = PyUnicode_FromFormat("\n%U", described);
+    Py_DECREF(described);
     if (line == NULL) {
         return -1;
     }

@@ -89,6 +89,23 @@ done:
 }
 
 PyObject *
+aiorun_format_task(PyObject *task)
+{
+    PyObject *stack = PyObject_CallMethod(task, "get_stack", NULL);
+    if (stack == NULL) {
+        return NULL;
+    }
+    PyObject *frames = aiorun_format_frames(stack);
+    Py_DECREF(stack);
+    if (frames == NULL) {
+        return NULL;
+    }
+    PyObject *text = PyUnicode_FromFormat("%R\n%U", task, frames);
+    Py_DECREF(frames);
+    return text;
+}
+
+PyObject *
 aiorun_frame_chain(PyObject *frame)
 {
     PyObject *chain = PyList_New(0);

@@ -194,7 +194,9 @@ helper_late_warning(aiorun_watchdog *wd)
     }
     if (message == NULL
         || aiorun_log_exc(run->state, LOG_WARNING, "%s", message, NULL) < 0) {
-        PyErr_WriteUnraisable((PyObject *)run);
+        if (PyErr_Occurred()) {  /* sys._current_frames missing sets none */
+            PyErr_WriteUnraisable((PyObject *)run);
+        }
     }
     Py_XDECREF(frames);
     Py_XDECREF(chain);
@@ -242,14 +244,10 @@ describe_tasks(RunObject *run)
             continue;
         }
         shown++;
-        PyObject *stack = PyObject_CallMethod(task, "get_stack", NULL);
-        PyObject *frames = stack ? aiorun_format_frames(stack) : NULL;
-        PyObject *part = frames ? PyUnicode_FromFormat("%R\n%U", task, frames) : NULL;
+        PyObject *part = aiorun_format_task(task);
         if (part == NULL || PyList_Append(parts, part) < 0) {
             Py_CLEAR(parts);
         }
-        Py_XDECREF(stack);
-        Py_XDECREF(frames);
         Py_XDECREF(part);
     }
     Py_DECREF(tasks);
