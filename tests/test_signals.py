@@ -321,3 +321,57 @@ def test_signal_racing_loop_stop_does_not_abort_the_shutdown(app):
     assert r.stdout == ["both requested", "callback finished", "run returned"]
     assert "WARNING:Stopping the loop" not in r.log
     assert r.messages[-1] == "Leaving. Bye!"
+
+
+def test_a_signal_while_run_sets_its_loop_up_runs_the_handler_once(app):
+    # Found by the signal storm (tests/reliability/storm.py): a signal whose
+    # Python handler ran after run() made its loop but before the loop was
+    # marked ready scheduled the shutdown handler twice.  A policy whose
+    # set_event_loop() signals its own process lands one exactly there.
+    a = app("""
+        class Policy(asyncio.DefaultEventLoopPolicy):
+            def set_event_loop(self, loop):
+                super().set_event_loop(loop)
+                if loop is not None:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    for _ in range(100):   # the Python handler runs in here
+                        pass
+
+        asyncio.set_event_loop_policy(Policy())
+
+        def handler(loop):
+            say("HANDLER")
+            loop.stop()
+
+        async def main():
+            await asyncio.sleep(3600)
+
+        run(main(), shutdown_handler=handler)
+        say("run returned")
+    """)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["HANDLER", "run returned"]
+
+
+def test_a_signal_taken_by_another_thread_still_wakes_the_loop(app):
+    # The kernel gives a process-wide signal to any thread that does not
+    # block it.  Here only a helper thread can take SIGTERM; the loop's
+    # thread sits in its selector with an hour to wait, and must still wake.
+    a = app("""
+        threading.Thread(target=threading.Event().wait, daemon=True).start()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+        async def main():
+            say("READY")
+            await asyncio.sleep(3600)
+
+        run(main())
+        say("run returned")
+    """)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["READY", "run returned"]
+    assert "Stopping the loop" in r.messages

@@ -18,6 +18,8 @@
 
 #include "compat.h"
 
+#include <signal.h>
+
 /* Module state.  Every object field is listed once here; the struct,
  * m_traverse and m_clear are all generated from this list. */
 #define AIORUN_STATE_OBJECTS(X)                                             \
@@ -36,6 +38,7 @@
     X(get_running_loop)         /* asyncio._get_running_loop */             \
     X(isawaitable)              /* inspect.isawaitable */                   \
     X(signal_signal)            /* signal.signal */                         \
+    X(set_wakeup_fd)            /* signal.set_wakeup_fd */                  \
     X(sig_dfl)                                                              \
     /* interned method and attribute names used on hot paths */             \
     X(s_add_done_callback)                                                  \
@@ -129,6 +132,8 @@ typedef struct {
     int own_loop;              /* run() created the loop, so it closes it */
     int handler_installed;     /* our exception handler is on the loop */
     int shutdown_requested;    /* a signal came, or the shutdown began */
+    int handler_scheduled;     /* shutdown_handler has been handed to the loop */
+    int wake_fds[2];           /* pipe the signal module writes to, or -1s */
     aiorun_watchdog *watchdog; /* NULL unless a deadline or forced exit is on */
 } RunObject;
 
@@ -144,9 +149,24 @@ PyObject *aiorun_run(PyObject *module, PyObject *args, PyObject *kwargs);
 PyObject *aiorun_default_shutdown_handler(PyObject *module, PyObject *loop);
 
 /* ---- signals.c ---- */
+/* SIGINT/SIGTERM held back in this thread while handlers are swapped. */
+typedef struct {
+    int holding;
+#ifndef MS_WINDOWS
+    sigset_t previous;
+#endif
+} aiorun_held_signals;
+void aiorun_signals_hold(aiorun_held_signals *held);
+/* Idempotent: ends the hold if it is on. */
+void aiorun_signals_release(aiorun_held_signals *held);
 int aiorun_signals_take_over(RunObject *run);
 /* Called once run->loop is set: hands over a signal that came early. */
 void aiorun_signals_loop_ready(RunObject *run);
+/* While the loop runs: a signal taken by any thread wakes it (see
+ * signals.c); both idempotent, 0 or -1 with an exception. */
+int aiorun_signals_wake_loop(RunObject *run);
+void aiorun_signals_unwake_loop(RunObject *run);
+PyObject *aiorun_run_drain_wakeups(PyObject *self, PyObject *unused);
 /* Puts the previous handlers back; keeps any exception already set. */
 void aiorun_signals_restore(RunObject *run);
 PyObject *aiorun_run_on_signal(PyObject *self, PyObject *const *args,

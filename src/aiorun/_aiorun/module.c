@@ -121,6 +121,7 @@ load_imports(aiorun_state *st)
         IMPORT(ThreadPoolExecutor, "concurrent.futures", "ThreadPoolExecutor"),
         IMPORT(isawaitable, "inspect", "isawaitable"),
         IMPORT(signal_signal, "signal", "signal"),
+        IMPORT(set_wakeup_fd, "signal", "set_wakeup_fd"),
         IMPORT(sig_dfl, "signal", "SIG_DFL"),
 #undef IMPORT
     };

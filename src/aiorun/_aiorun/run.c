@@ -326,6 +326,9 @@ set_up_executor(RunObject *run, run_args *a)
 static int
 run_loop(RunObject *run)
 {
+    if (aiorun_signals_wake_loop(run) < 0) {
+        return -1;
+    }
     run->phase = PHASE_RUNNING;
     aiorun_watchdog_stage(run, STAGE_RUNNING);
     PyObject *res = PyObject_CallMethod(run->loop, "run_forever", NULL);
@@ -445,8 +448,9 @@ remove_exception_handler(RunObject *run)
     PyErr_Restore(type, value, tb);
 }
 
-PyObject *
-aiorun_run(PyObject *module, PyObject *args, PyObject *kwargs)
+static PyObject *
+run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
+                    aiorun_held_signals *held)
 {
     static char *kwlist[] = {
         "coro", "loop", "shutdown_handler", "shutdown_callback", "executor_workers",
@@ -488,8 +492,10 @@ aiorun_run(PyObject *module, PyObject *args, PyObject *kwargs)
         goto done;
     }
     /* First of all, so that a signal arriving from here on is neither
-     * fatal nor lost. */
-    if (aiorun_signals_take_over(run) < 0) {
+     * fatal nor lost; until now it was held back. */
+    int taken = aiorun_signals_take_over(run);
+    aiorun_signals_release(held);
+    if (taken < 0) {
         goto done;
     }
     if (aiorun_log(st, LOG_DEBUG, "Entering run()") == 0
@@ -500,6 +506,7 @@ aiorun_run(PyObject *module, PyObject *args, PyObject *kwargs)
         result = run_with_signals(run, &a, use_uvloop, stop_on_errors);
     }
     aiorun_watchdog_stop(run);
+    aiorun_signals_unwake_loop(run);
     remove_exception_handler(run);
     run->phase = PHASE_DONE;
     aiorun_signals_restore(run);
@@ -508,6 +515,18 @@ done:
     (void)aiorun_run_clear(run);
     Py_DECREF(run);
     Py_XDECREF(default_timeout);
+    return result;
+}
+
+PyObject *
+aiorun_run(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    /* A signal from the first instruction on waits for our handler
+     * (signals.c says why). */
+    aiorun_held_signals held;
+    aiorun_signals_hold(&held);
+    PyObject *result = run_holding_signals(module, args, kwargs, &held);
+    aiorun_signals_release(&held);
     return result;
 }
 

@@ -24,6 +24,8 @@ aiorun_run_new(aiorun_state *st)
     run->own_loop = 0;
     run->handler_installed = 0;
     run->shutdown_requested = 0;
+    run->handler_scheduled = 0;
+    run->wake_fds[0] = run->wake_fds[1] = -1;
     run->watchdog = NULL;
     PyObject_GC_Track(run);
     return run;
@@ -86,6 +88,8 @@ static PyMethodDef run_methods[] = {
      METH_FASTCALL, "Loop exception handler for stop_on_unhandled_errors."},
     {"_main_done", aiorun_run_main_done, METH_O,
      "Done callback of the main task: reports its exception at once."},
+    {"_drain_wakeups", aiorun_run_drain_wakeups, METH_NOARGS,
+     "Reader of the signal wake-up pipe: empties it."},
     {"_task_done", aiorun_run_task_done, METH_O,
      "Done callback of a task the shutdown waits for."},
     {"_drain_timeout", aiorun_run_drain_timeout, METH_NOARGS,

@@ -350,6 +350,7 @@ close_own_loop(RunObject *run)
     if (aiorun_log(st, LOG_INFO, "Closing the loop.") < 0) {
         return -1;
     }
+    aiorun_signals_unwake_loop(run);   /* its reader must go before the loop */
     res = PyObject_CallMethod(run->loop, "close", NULL);
     if (res == NULL) {
         return -1;

@@ -9,10 +9,23 @@
  *
  * The handler stays installed until run() returns and acts only on the
  * first signal: later ones are ignored, so a burst of signals cannot run
- * the shutdown handler twice or disturb the shutdown. */
+ * the shutdown handler twice or disturb the shutdown.
+ *
+ * Both swaps happen with the two signals blocked in this thread (run()
+ * holds them from its first instruction until the takeover is done).
+ * signal.signal() runs the pending Python handlers before it swaps, so
+ * without the block a signal landing just before a swap would reach the
+ * old handler (a KeyboardInterrupt out of run(), or death by SIGTERM),
+ * and one landing between that check and the swap would be dropped as
+ * "ignored due to race condition".  Blocked, it waits in the kernel and
+ * goes to whichever handler is in place when the block ends. */
 #include "aiorun.h"
 
 #include <signal.h>
+#ifndef MS_WINDOWS
+#include <fcntl.h>
+#include <unistd.h>
+#endif
 
 static const int takeover_signals[] = {
 #ifdef MS_WINDOWS
@@ -22,6 +35,31 @@ static const int takeover_signals[] = {
 #endif
 };
 #define N_TAKEOVER_SIGNALS (sizeof(takeover_signals) / sizeof(takeover_signals[0]))
+
+void
+aiorun_signals_hold(aiorun_held_signals *held)
+{
+    held->holding = 0;
+#ifndef MS_WINDOWS
+    sigset_t block;
+    sigemptyset(&block);
+    for (size_t i = 0; i < N_TAKEOVER_SIGNALS; i++) {
+        sigaddset(&block, takeover_signals[i]);
+    }
+    held->holding = pthread_sigmask(SIG_BLOCK, &block, &held->previous) == 0;
+#endif
+}
+
+void
+aiorun_signals_release(aiorun_held_signals *held)
+{
+#ifndef MS_WINDOWS
+    if (held->holding) {
+        (void)pthread_sigmask(SIG_SETMASK, &held->previous, NULL);
+    }
+#endif
+    held->holding = 0;
+}
 
 /* signal.signal(signum, handler); returns the previous handler. */
 static PyObject *
@@ -103,6 +141,12 @@ fail:
 static void
 schedule_shutdown_handler(RunObject *run)
 {
+    /* Once only: the loop can become ready while the first signal's
+     * handler is running, and both would schedule it. */
+    if (run->handler_scheduled) {
+        return;
+    }
+    run->handler_scheduled = 1;
     PyObject *call = aiorun_run_method(run, "_call_shutdown_handler");
     PyObject *res = call ? PyObject_CallMethodOneArg(
         run->loop, run->state->s_call_soon_threadsafe, call) : NULL;
@@ -161,6 +205,8 @@ void
 aiorun_signals_restore(RunObject *run)
 {
     PyObject *type, *value, *tb;
+    aiorun_held_signals held;
+    aiorun_signals_hold(&held);
     PyErr_Fetch(&type, &value, &tb);
     /* Signals that arrived during run() but whose Python-level handlers
      * have not run yet would otherwise reach the restored handlers (a late
@@ -175,6 +221,139 @@ aiorun_signals_restore(RunObject *run)
     }
     put_back_saved(run);
     PyErr_Restore(type, value, tb);
+    aiorun_signals_release(&held);
+}
+
+/* The signal module's C handler runs in whichever thread the kernel picks.
+ * When that is not the loop's thread, nothing interrupts the loop's wait
+ * and the Python handler would run only when the loop next wakes (never,
+ * for an idle service).  A wake-up fd (what loop.add_signal_handler()
+ * sets up) makes every signal wake the loop; uvloop sets its own while it
+ * runs and puts ours back after.  An fd someone else set is kept: an
+ * app's add_signal_handler() depends on it, and it wakes the loop too. */
+/* warn_on_full_buffer=False even for -1: the flag is global and read by
+ * the C handler in any thread, so one set to True while a handler in
+ * another thread meets a full pipe prints a spurious warning. */
+static PyObject *
+set_wakeup_fd_quiet(aiorun_state *st, long fd)
+{
+    PyObject *kwargs = Py_BuildValue("{sO}", "warn_on_full_buffer", Py_False);
+    PyObject *args = kwargs ? Py_BuildValue("(l)", fd) : NULL;
+    PyObject *old = args ? PyObject_Call(st->set_wakeup_fd, args, kwargs) : NULL;
+    Py_XDECREF(args);
+    Py_XDECREF(kwargs);
+    return old;
+}
+
+int
+aiorun_signals_wake_loop(RunObject *run)
+{
+#ifdef MS_WINDOWS
+    (void)run;   /* the proactor loop sets its own; the 0.1 s timer does the rest */
+    return 0;
+#else
+    aiorun_state *st = run->state;
+    int fds[2];
+    if (run->wake_fds[0] >= 0) {
+        return 0;
+    }
+    if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    run->wake_fds[0] = fds[0];
+    run->wake_fds[1] = fds[1];
+    PyObject *old = set_wakeup_fd_quiet(st, fds[1]);
+    if (old == NULL) {
+        goto close;
+    }
+    long old_fd = PyLong_AsLong(old);
+    Py_DECREF(old);
+    if (old_fd != -1) {
+        /* Someone else's: give it back (it wakes the loop as well). */
+        old = PyObject_CallFunction(st->set_wakeup_fd, "l", old_fd);
+        Py_XDECREF(old);
+        goto close;
+    }
+    PyObject *reader = aiorun_run_method(run, "_drain_wakeups");
+    PyObject *res = reader ? PyObject_CallMethod(run->loop, "add_reader", "iO",
+                                                 fds[0], reader) : NULL;
+    Py_XDECREF(reader);
+    if (res == NULL) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        Py_XDECREF(PyObject_CallFunction(st->set_wakeup_fd, "i", -1));
+        PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+        goto close;
+    }
+    Py_DECREF(res);
+    return 0;
+close:
+    close(fds[0]);
+    close(fds[1]);
+    run->wake_fds[0] = run->wake_fds[1] = -1;
+    return PyErr_Occurred() ? -1 : 0;
+#endif
+}
+
+void
+aiorun_signals_unwake_loop(RunObject *run)
+{
+#ifndef MS_WINDOWS
+    if (run->wake_fds[0] < 0) {
+        return;
+    }
+    aiorun_state *st = run->state;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *old = set_wakeup_fd_quiet(st, -1);
+    int ok = old != NULL;
+    if (ok) {
+        long old_fd = PyLong_AsLong(old);
+        Py_DECREF(old);
+        /* Replaced meanwhile (an add_signal_handler() in the app): keep theirs. */
+        if (old_fd != run->wake_fds[1] && old_fd != -1) {
+            old = PyObject_CallFunction(st->set_wakeup_fd, "l", old_fd);
+            ok = old != NULL;
+            Py_XDECREF(old);
+        }
+    }
+    /* A closed loop has forgotten its readers already. */
+    PyObject *closed = ok ? PyObject_CallMethod(run->loop, "is_closed", NULL) : NULL;
+    PyObject *res = NULL;
+    if (closed != NULL) {
+        res = closed == Py_False
+            ? PyObject_CallMethod(run->loop, "remove_reader", "i", run->wake_fds[0])
+            : Py_NewRef(Py_None);
+    }
+    if (res == NULL) {
+        PyErr_WriteUnraisable((PyObject *)run);
+    }
+    Py_XDECREF(res);
+    Py_XDECREF(closed);
+    close(run->wake_fds[0]);
+    close(run->wake_fds[1]);
+    run->wake_fds[0] = run->wake_fds[1] = -1;
+    PyErr_Restore(type, value, tb);
+#else
+    (void)run;
+#endif
+}
+
+PyObject *
+aiorun_run_drain_wakeups(PyObject *self, PyObject *unused)
+{
+    (void)unused;
+#ifndef MS_WINDOWS
+    RunObject *run = (RunObject *)self;
+    char bytes[64];
+    while (run->wake_fds[0] >= 0 && read(run->wake_fds[0], bytes, sizeof(bytes)) > 0) {
+    }
+#else
+    (void)self;
+#endif
+    Py_RETURN_NONE;
 }
 
 #ifdef MS_WINDOWS
