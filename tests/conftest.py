@@ -116,6 +116,11 @@ class App:
         """Block until stdout has a line equal to text."""
         return self._wait_in(self._out, self.stdout_lines, lambda l: l == text, text, timeout)
 
+    def wait_prefix(self, prefix, timeout=LINE_TIMEOUT):
+        """Block until stdout has a line starting with prefix; return it."""
+        return self._wait_in(self._out, self.stdout_lines, lambda l: l.startswith(prefix),
+                             prefix, timeout)
+
     def wait_log(self, fragment, timeout=LINE_TIMEOUT):
         """Block until stderr has a line containing fragment."""
         return self._wait_in(self._err, self.stderr_lines, lambda l: fragment in l,

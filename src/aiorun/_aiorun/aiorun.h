@@ -39,6 +39,8 @@
     X(isawaitable)              /* inspect.isawaitable */                   \
     X(signal_signal)            /* signal.signal */                         \
     X(set_wakeup_fd)            /* signal.set_wakeup_fd */                  \
+    X(main_thread)              /* threading.main_thread */                 \
+    X(current_thread)           /* threading.current_thread */              \
     X(sig_dfl)                                                              \
     /* interned method and attribute names used on hot paths */             \
     X(s_add_done_callback)                                                  \
@@ -132,6 +134,7 @@ typedef struct {
     int own_loop;              /* run() created the loop, so it closes it */
     int handler_installed;     /* our exception handler is on the loop */
     int shutdown_requested;    /* a signal came, or the shutdown began */
+    int off_main_thread;       /* no signal handling: only the main thread can */
     int handler_scheduled;     /* shutdown_handler has been handed to the loop */
     int wake_fds[2];           /* pipe the signal module writes to, or -1s */
     aiorun_watchdog *watchdog; /* NULL unless a deadline or forced exit is on */

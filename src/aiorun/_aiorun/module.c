@@ -122,6 +122,8 @@ load_imports(aiorun_state *st)
         IMPORT(isawaitable, "inspect", "isawaitable"),
         IMPORT(signal_signal, "signal", "signal"),
         IMPORT(set_wakeup_fd, "signal", "set_wakeup_fd"),
+        IMPORT(main_thread, "threading", "main_thread"),
+        IMPORT(current_thread, "threading", "current_thread"),
         IMPORT(sig_dfl, "signal", "SIG_DFL"),
 #undef IMPORT
     };

@@ -448,6 +448,59 @@ remove_exception_handler(RunObject *run)
     PyErr_Restore(type, value, tb);
 }
 
+/* Refuses a call from inside a running loop, before anything is touched,
+ * and notes whether this is the main thread (the only one signals reach). */
+static int
+check_thread(aiorun_state *st, RunObject *run)
+{
+    PyObject *running = PyObject_CallNoArgs(st->get_running_loop);
+    if (running == NULL) {
+        return -1;
+    }
+    Py_DECREF(running);
+    if (running != Py_None) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "run() cannot be called from a running event loop");
+        return -1;
+    }
+    PyObject *main = PyObject_CallNoArgs(st->main_thread);
+    PyObject *current = main ? PyObject_CallNoArgs(st->current_thread) : NULL;
+    Py_XDECREF(main);
+    if (current == NULL) {
+        return -1;
+    }
+    Py_DECREF(current);
+    run->off_main_thread = current != main;
+    return 0;
+}
+
+#define OFF_MAIN_THREAD                                                       \
+    "run() is not in the main thread, so SIGINT and SIGTERM are left alone: " \
+    "stop it with loop.stop() (from another thread, "                         \
+    "loop.call_soon_threadsafe(loop.stop))"
+
+/* The watchdog hears signals and dumps stacks through process-wide signal
+ * handlers; off the main thread an explicit request for it is an error,
+ * and the environment variables do not apply. */
+static int
+check_watchdog_thread(RunObject *run, run_args *a, watchdog_args *w)
+{
+    if (!run->off_main_thread) {
+        return 0;
+    }
+    const char *asked = a->shutdown_deadline != Py_None ? "shutdown_deadline"
+        : a->exit_on_repeated_signal != Py_None && w->exit_on_repeat
+            ? "exit_on_repeated_signal" : NULL;
+    if (asked != NULL) {
+        PyErr_Format(PyExc_ValueError,
+                     "run() argument '%s' needs run() in the main thread", asked);
+        return -1;
+    }
+    w->deadline = 0;
+    w->exit_on_repeat = 0;
+    return 0;
+}
+
 static PyObject *
 run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
                     aiorun_held_signals *held)
@@ -491,6 +544,9 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
     if (run->shutdown_handler == NULL) {
         goto done;
     }
+    if (check_thread(st, run) < 0) {
+        goto done;
+    }
     /* First of all, so that a signal arriving from here on is neither
      * fatal nor lost; until now it was held back. */
     int taken = aiorun_signals_take_over(run);
@@ -499,8 +555,10 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
         goto done;
     }
     if (aiorun_log(st, LOG_DEBUG, "Entering run()") == 0
+        && (!run->off_main_thread || aiorun_log(st, LOG_WARNING, OFF_MAIN_THREAD) == 0)
         && check_arguments(st, &a, &use_uvloop, &stop_on_errors) == 0
         && check_watchdog_arguments(&a, &w) == 0
+        && check_watchdog_thread(run, &a, &w) == 0
         && ((w.deadline == 0 && !w.exit_on_repeat)
             || aiorun_watchdog_start(run, w.deadline, w.exit_on_repeat) == 0)) {
         result = run_with_signals(run, &a, use_uvloop, stop_on_errors);

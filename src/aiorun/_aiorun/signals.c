@@ -98,6 +98,9 @@ int
 aiorun_signals_take_over(RunObject *run)
 {
     aiorun_state *st = run->state;
+    if (run->off_main_thread) {
+        return 0;   /* signal.signal() would refuse; run() says so in a WARNING */
+    }
     PyObject *handler = aiorun_run_method(run, "_on_signal");
     if (handler == NULL) {
         return -1;
@@ -254,7 +257,7 @@ aiorun_signals_wake_loop(RunObject *run)
 #else
     aiorun_state *st = run->state;
     int fds[2];
-    if (run->wake_fds[0] >= 0) {
+    if (run->wake_fds[0] >= 0 || run->off_main_thread) {
         return 0;
     }
     if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0) {
