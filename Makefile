@@ -1,8 +1,14 @@
-# make demo   the echo server and client of the seeds, stopped by SIGINT
-# make test   build and test on every CPython 3.9-3.13 (see scripts/test)
+# make demo            the echo server and client of the seeds, stopped by SIGINT
+# make test            build and test on every CPython 3.9-3.13 (see scripts/test)
+# make reliability     the quick reliability set CI runs (RELIABILITY.md)
+# make sanitize | refleak | storm | startup-window    one each, long versions:
+#                      make storm TRIALS=500, make refleak REPS=100, ...
 PYTHON ?= python3
+PY311 = .venvs/py3.11/bin/python
+TRIALS ?= 100
+REPS ?= 30
 
-.PHONY: demo test clean
+.PHONY: demo test clean reliability sanitize refleak storm startup-window
 
 demo:
 	@[ -x .venvs/demo/bin/python ] || $(PYTHON) -m venv .venvs/demo
@@ -11,6 +17,28 @@ demo:
 
 test:
 	scripts/test
+
+$(PY311):
+	scripts/test 3.11
+
+sanitize: $(PY311)
+	scripts/sanitize
+
+refleak:
+	REFLEAK_REPS=$(REPS) scripts/refleak
+
+storm: $(PY311)
+	$(PY311) tests/reliability/storm.py --trials $(TRIALS)
+	$(PY311) tests/reliability/storm.py --trials $(TRIALS) --uvloop
+
+startup-window: $(PY311)
+	$(PY311) tests/reliability/startup_window.py --trials $$(( $(TRIALS) * 4 ))
+
+reliability:
+	$(MAKE) sanitize
+	$(MAKE) refleak REPS=12
+	$(MAKE) storm TRIALS=5
+	$(MAKE) startup-window TRIALS=25
 
 clean:
 	rm -rf build .venvs src/*.egg-info src/aiorun/*.so
