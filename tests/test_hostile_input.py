@@ -85,8 +85,10 @@ def current_loop():
           suppress_health_check=[HealthCheck.too_slow])
 @given(arguments)
 def test_run_with_arbitrary_arguments(kwargs):
-    # Without a coroutine that stops it, a valid call would run forever.
-    kwargs.setdefault("coro", stopper())
+    # Without a coroutine that stops it, a valid call would run forever
+    # (coro=None included: that is run() waiting for a signal).
+    if kwargs.get("coro") is None:
+        kwargs["coro"] = stopper()
     if not asyncio.iscoroutine(kwargs["coro"]):
         kwargs["shutdown_callback"] = None
     before = handlers(), current_loop()
