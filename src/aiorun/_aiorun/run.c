@@ -465,13 +465,12 @@ check_thread(aiorun_state *st, RunObject *run)
     }
     PyObject *main = PyObject_CallNoArgs(st->main_thread);
     PyObject *current = main ? PyObject_CallNoArgs(st->current_thread) : NULL;
-    Py_XDECREF(main);
-    if (current == NULL) {
-        return -1;
+    if (current != NULL) {
+        run->off_main_thread = current != main;   /* compared while both are held */
     }
-    Py_DECREF(current);
-    run->off_main_thread = current != main;
-    return 0;
+    Py_XDECREF(main);
+    Py_XDECREF(current);
+    return current == NULL ? -1 : 0;
 }
 
 #define OFF_MAIN_THREAD                                                       \

@@ -285,7 +285,7 @@ aiorun_signals_wake_loop(RunObject *run)
     if (res == NULL) {
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);
-        Py_XDECREF(PyObject_CallFunction(st->set_wakeup_fd, "i", -1));
+        Py_XDECREF(set_wakeup_fd_quiet(st, -1));
         PyErr_Clear();
         PyErr_Restore(type, value, tb);
         goto close;
