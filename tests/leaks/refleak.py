@@ -1,13 +1,16 @@
 """Reference-leak check: run under a debug interpreter (scripts/refleak).
 
-Each scenario runs a few times to warm caches, then 30 more times; the total
-reference count must not grow with the repetitions (a leak shows up as at
-least one reference per repetition).  Allocated blocks are printed too:
-they plateau as thread-pool and logging caches fill, rather than growing.
+Each scenario runs a few times to warm caches, then REFLEAK_REPS (30) more
+times.  After each repetition the type cache is cleared and the garbage
+collected; a scenario leaks if the total reference count or the allocated
+blocks grew in every one of the repetitions (the rule of regrtest -R).
 """
 import asyncio, gc, logging, os, signal, sys
 logging.getLogger("aiorun").addHandler(logging.NullHandler())
 logging.getLogger("aiorun").propagate = False
+# The stuck-task scenarios leave a task pending on purpose.
+logging.getLogger("asyncio").addHandler(logging.NullHandler())
+logging.getLogger("asyncio").propagate = False
 import aiorun
 from aiorun import run, shutdown_waits_for
 
@@ -174,28 +177,60 @@ def scenario_bad_args():
         pass
     loop.close()
 
-def measure(fn, warm=5, reps=30):
-    for _ in range(warm):
-        fn()
+_int_pool = {n: n for n in range(-1000, 1000)}
+
+def _pooled(n):
+    # The deltas are stored without creating a new int each time, so the
+    # bookkeeping itself adds no reference (regrtest's trick).
+    return _int_pool.setdefault(n, n)
+
+def _settle():
+    # Drop what caches hold on to between repetitions, as regrtest -R does.
+    sys._clear_type_cache()
     gc.collect()
+
+def measure(fn, warm=5, reps=30, report=True):
+    """Per-repetition deltas of refs and allocated blocks after warm-up.
+
+    A leak is a delta of at least 1 in every repetition (regrtest's rule:
+    a cache that fills shows up as a few early positives, then zeros).
+    The warm-up runs through the same loop, so its bookkeeping is warm too.
+    """
+    refs, blocks = [0] * (warm + reps), [0] * (warm + reps)
+    _settle()
     r0, b0 = sys.gettotalrefcount(), sys.getallocatedblocks()
-    for _ in range(reps):
+    for i in range(warm + reps):
         fn()
-    gc.collect()
-    r1, b1 = sys.gettotalrefcount(), sys.getallocatedblocks()
-    print(f"{fn.__name__:22s} reps={reps} refs delta={r1 - r0:+d} blocks delta={b1 - b0:+d}",
-          flush=True)
-    return r1 - r0, b1 - b0
+        _settle()
+        r1, b1 = sys.gettotalrefcount(), sys.getallocatedblocks()
+        refs[i], blocks[i] = _pooled(r1 - r0), _pooled(b1 - b0)
+        r0, b0 = r1, b1
+    refs, blocks = refs[warm:], blocks[warm:]
+    leak = all(d >= 1 for d in refs) or all(d >= 1 for d in blocks)
+    if not report:
+        return leak
+    print(f"{fn.__name__:26s} reps={reps:3d} refs delta={sum(refs):+d} "
+          f"blocks delta={sum(blocks):+d} {'LEAK' if leak else 'ok'}", flush=True)
+    if leak or os.environ.get("REFLEAK_VERBOSE"):
+        print(f"    refs per rep {refs}\n    blocks per rep {blocks}", flush=True)
+    return leak
+
+_kept = []
+
+def canary_leaks_one_object_per_rep():
+    _kept.append(object())
 
 if __name__ == "__main__":
+    # The check must be able to fail: a known leak has to be reported.
+    if not measure(canary_leaks_one_object_per_rep, warm=2, reps=5, report=False):
+        sys.exit("refleak: the canary leak was not detected; the check is broken")
+    print("canary: a leak of one object per repetition is detected", flush=True)
+    _kept.clear()
     leaked = False
     reps = int(os.environ.get("REFLEAK_REPS", "30"))
     for fn in [scenario_cancel_awaiter, scenario_run_stop, scenario_unhandled, scenario_stuck,
                scenario_watchdog, scenario_waiters, scenario_waiters_10k,
                scenario_thread_and_nested, scenario_bad_args]:
         n = max(reps // 6, 3) if fn is scenario_waiters_10k else reps
-        refs, blocks = measure(fn, reps=n)
-        # Refs: at least one per repetition is a leak.  Blocks are shown
-        # only: caches (thread pools, logging) still fill at these counts.
-        leaked |= refs >= n
+        leaked |= measure(fn, reps=n)
     sys.exit(1 if leaked else 0)
