@@ -375,3 +375,37 @@ def test_a_signal_taken_by_another_thread_still_wakes_the_loop(app):
     assert r.returncode == 0, r
     assert r.stdout == ["READY", "run returned"]
     assert "Stopping the loop" in r.messages
+
+
+def test_a_shutdown_handler_that_failed_is_tried_again_on_the_next_signal(app):
+    # Found by fault injection (tests/reliability/nomemory.py): when the
+    # shutdown handler could not run (a MemoryError), every later signal was
+    # ignored and the process could only be killed.  As with aiorun's
+    # add_signal_handler(), the next signal calls the handler again.
+    a = app("""
+        calls = []
+
+        def handler(loop):
+            calls.append(1)
+            say("HANDLER", len(calls))
+            if len(calls) == 1:
+                raise MemoryError("the first try fails")
+            loop.stop()
+
+        async def main():
+            asyncio.get_running_loop().set_exception_handler(
+                lambda loop, context: say("FAILED", repr(context.get("exception"))))
+            say("READY")
+            await asyncio.sleep(3600)
+
+        run(main(), shutdown_handler=handler)
+        say("run returned")
+    """)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    a.wait_prefix("FAILED")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["READY", "HANDLER 1", "FAILED MemoryError('the first try fails')",
+                        "HANDLER 2", "run returned"]

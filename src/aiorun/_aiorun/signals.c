@@ -141,6 +141,15 @@ fail:
 /* Ask the loop to call shutdown_handler(loop) on its own thread.  Never
  * raises: an exception escaping a signal handler would surface at a random
  * place in the application. */
+/* A request that failed on its way (MemoryError) must not swallow the
+ * ones after it: the next SIGINT/SIGTERM tries again. */
+static void
+allow_another_request(RunObject *run)
+{
+    run->shutdown_requested = 0;
+    run->handler_scheduled = 0;
+}
+
 static void
 schedule_shutdown_handler(RunObject *run)
 {
@@ -155,8 +164,10 @@ schedule_shutdown_handler(RunObject *run)
         run->loop, run->state->s_call_soon_threadsafe, call) : NULL;
     Py_XDECREF(call);
     if (res == NULL) {
+        allow_another_request(run);
         aiorun_log_current_error(run->state,
-                                 "Could not schedule the shutdown handler");
+                                 "Could not schedule the shutdown handler; "
+                                 "the next signal tries again");
         return;
     }
     Py_DECREF(res);
@@ -174,7 +185,11 @@ aiorun_run_call_shutdown_handler(PyObject *self, PyObject *unused)
         Py_RETURN_NONE;
     }
     aiorun_watchdog_stage(run, STAGE_HANDLER);
-    return PyObject_CallOneArg(run->shutdown_handler, run->loop);
+    PyObject *res = PyObject_CallOneArg(run->shutdown_handler, run->loop);
+    if (res == NULL) {
+        allow_another_request(run);   /* the loop logs the error */
+    }
+    return res;
 }
 
 PyObject *
