@@ -67,11 +67,11 @@ make_shutdown_callback_alias(aiorun_state *st)
     if (typing == NULL) {
         goto done;
     }
-    awaitable = PyObject_GetAttrString(typing, "Awaitable");
-    callable = PyObject_GetAttrString(typing, "Callable");
-    optional = PyObject_GetAttrString(typing, "Optional");
-    union_ = PyObject_GetAttrString(typing, "Union");
-    if (!awaitable || !callable || !optional || !union_) {
+    /* One at a time: no call may be made with an exception already set. */
+    if ((awaitable = PyObject_GetAttrString(typing, "Awaitable")) == NULL
+        || (callable = PyObject_GetAttrString(typing, "Callable")) == NULL
+        || (optional = PyObject_GetAttrString(typing, "Optional")) == NULL
+        || (union_ = PyObject_GetAttrString(typing, "Union")) == NULL) {
         goto done;
     }
     key = Py_BuildValue("([O]O)", st->AbstractEventLoop, awaitable);
@@ -205,9 +205,8 @@ aiorun_exec(PyObject *module)
         return -1;
     }
 
-    alias = make_shutdown_callback_alias(st);
-    all = Py_BuildValue("[ss]", "run", "shutdown_waits_for");
-    if (alias == NULL || all == NULL
+    if ((alias = make_shutdown_callback_alias(st)) == NULL
+        || (all = Py_BuildValue("[ss]", "run", "shutdown_waits_for")) == NULL
         || PyModule_AddStringConstant(module, "__version__", AIORUN_VERSION) < 0
         || PyModule_AddObjectRef(module, "__all__", all) < 0
         || PyModule_AddObjectRef(module, "ShutdownCallback", alias) < 0

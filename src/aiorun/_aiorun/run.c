@@ -347,8 +347,8 @@ run_loop(RunObject *run)
     return aiorun_log(run->state, LOG_INFO, "Got KeyboardInterrupt");
 }
 
-/* A set-up step failed after run() made its own loop: close it again so
- * the failure leaves nothing behind.  Keeps the exception that is set. */
+/* A set-up step or the shutdown failed after run() made its own loop: close
+ * it so the failure leaves nothing behind.  Keeps the exception that is set. */
 static void
 discard_own_loop(RunObject *run)
 {
@@ -357,7 +357,10 @@ discard_own_loop(RunObject *run)
     }
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    PyObject *res = PyObject_CallMethod(run->loop, "close", NULL);
+    PyObject *res = PyObject_CallMethod(run->loop, "is_closed", NULL);
+    if (res == Py_False) {
+        Py_SETREF(res, PyObject_CallMethod(run->loop, "close", NULL));
+    }
     if (res != NULL) {
         Py_DECREF(res);
         res = PyObject_CallOneArg(run->state->set_event_loop, Py_None);
@@ -422,6 +425,11 @@ run_with_signals(RunObject *run, run_args *a, int use_uvloop, int stop_on_errors
     }
     result = aiorun_shutdown(run, a->shutdown_callback, executor,
                              a->timeout_task_shutdown);
+    if (result == NULL) {
+        /* A shutdown that failed half-way (MemoryError) still leaves no
+         * open loop behind as the current one. */
+        discard_own_loop(run);
+    }
     goto done;
 fail:
     discard_own_loop(run);

@@ -217,10 +217,10 @@ drain(RunObject *run, PyObject *tasks, PyObject *timeout)
     PyObject *stuck = NULL, *res = NULL;
     int rc = -1;
 
-    run->drain_waiter = PyObject_CallMethodNoArgs(run->loop, st->s_create_future);
-    on_done = aiorun_run_method(run, "_task_done");
-    stuck = PyList_New(0);
-    if (run->drain_waiter == NULL || on_done == NULL || stuck == NULL) {
+    /* One at a time: no call may be made with an exception already set. */
+    if ((run->drain_waiter = PyObject_CallMethodNoArgs(run->loop, st->s_create_future)) == NULL
+        || (on_done = aiorun_run_method(run, "_task_done")) == NULL
+        || (stuck = PyList_New(0)) == NULL) {
         goto done;
     }
     run->drain_remaining = 0;
