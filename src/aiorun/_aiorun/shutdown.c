@@ -90,9 +90,10 @@ static int
 cancel_tasks(RunObject *run, PyObject *tasks)
 {
     aiorun_state *st = run->state;
-    int debug = aiorun_log_enabled(st, LOG_DEBUG);
-    Py_ssize_t any_protected = PyObject_Size(st->do_not_cancel);
-    if (debug < 0 || any_protected < 0) {
+    int debug;
+    Py_ssize_t any_protected;
+    if ((debug = aiorun_log_enabled(st, LOG_DEBUG)) < 0
+        || (any_protected = PyObject_Size(st->do_not_cancel)) < 0) {
         return -1;
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tasks); i++) {
