@@ -1,14 +1,16 @@
 # make demo            the echo server and client of the seeds, stopped by SIGINT
 # make test            build and test on every CPython 3.9-3.13 (see scripts/test)
 # make reliability     the quick reliability set CI runs (RELIABILITY.md)
-# make sanitize | refleak | storm | startup-window    one each, long versions:
-#                      make storm TRIALS=500, make refleak REPS=100, ...
+# make sanitize | memcheck | refleak | nomemory | storm | startup-window
+#                      one each; long versions: make storm TRIALS=500,
+#                      make refleak REPS=100, make nomemory STEP=1, ...
 PYTHON ?= python3
 PY311 = .venvs/py3.11/bin/python
 TRIALS ?= 100
 REPS ?= 30
+STEP ?= 1
 
-.PHONY: demo test clean reliability sanitize refleak storm startup-window
+.PHONY: demo test clean reliability sanitize memcheck refleak nomemory storm startup-window
 
 demo:
 	@[ -x .venvs/demo/bin/python ] || $(PYTHON) -m venv .venvs/demo
@@ -24,8 +26,16 @@ $(PY311):
 sanitize: $(PY311)
 	scripts/sanitize
 
+memcheck: $(PY311)
+	scripts/memcheck
+
 refleak:
-	REFLEAK_REPS=$(REPS) scripts/refleak
+	REFLEAK_REPS=$(REPS) scripts/debug-python tests/leaks/refleak.py
+
+# Fails the n-th allocation for every STEP-th n; gdb tells whose code crashed.
+nomemory:
+	command -v gdb >/dev/null || (apt-get update -q && apt-get install -y -q gdb)
+	scripts/debug-python tests/reliability/nomemory.py --step $(STEP)
 
 storm: $(PY311)
 	$(PY311) tests/reliability/storm.py --trials $(TRIALS)
@@ -37,6 +47,7 @@ startup-window: $(PY311)
 reliability:
 	$(MAKE) sanitize
 	$(MAKE) refleak REPS=12
+	$(MAKE) nomemory STEP=7
 	$(MAKE) storm TRIALS=5
 	$(MAKE) startup-window TRIALS=25
 

@@ -1,4 +1,4 @@
-"""Reference-leak check: run under a debug interpreter (scripts/refleak).
+"""Reference-leak check: run under a debug interpreter (scripts/debug-python tests/leaks/refleak.py).
 
 Each scenario runs a few times to warm caches, then REFLEAK_REPS (30) more
 times.  After each repetition the type cache is cleared and the garbage
@@ -36,13 +36,17 @@ def scenario_run_stop():
         await asyncio.sleep(10)
     async def cb(loop):
         await asyncio.sleep(0)
-    run(main(), shutdown_callback=cb, executor_workers=2)
+    # Bounded: under fault injection asyncio can lose a task's wake-up, and
+    # a shutdown step would then wait forever (the deadline's purpose).
+    run(main(), shutdown_callback=cb, executor_workers=2, timeout_task_shutdown=2,
+        shutdown_deadline=5)
 
 def scenario_unhandled():
     async def main():
         raise KeyError("k")
     try:
-        run(main(), stop_on_unhandled_errors=True, shutdown_callback=lambda l: 1 / 0)
+        run(main(), stop_on_unhandled_errors=True, shutdown_callback=lambda l: 1 / 0,
+            timeout_task_shutdown=2, shutdown_deadline=5)
     except KeyError:
         pass
 
@@ -77,7 +81,7 @@ def scenario_watchdog():
         await asyncio.sleep(0)
         os.kill(os.getpid(), signal.SIGTERM)
         await asyncio.sleep(10)
-    run(main(), shutdown_deadline=30, exit_on_repeated_signal=True,
+    run(main(), shutdown_deadline=5, exit_on_repeated_signal=True,
         timeout_task_shutdown=0.01)
 
 def scenario_waiters():
@@ -215,6 +219,9 @@ def measure(fn, warm=5, reps=30, report=True):
         print(f"    refs per rep {refs}\n    blocks per rep {blocks}", flush=True)
     return leak
 
+SCENARIOS = ["scenario_cancel_awaiter", "scenario_run_stop", "scenario_unhandled",
+             "scenario_stuck", "scenario_watchdog", "scenario_waiters", "scenario_waiters_10k",
+             "scenario_thread_and_nested", "scenario_bad_args"]
 _kept = []
 
 def canary_leaks_one_object_per_rep():
@@ -228,9 +235,7 @@ if __name__ == "__main__":
     _kept.clear()
     leaked = False
     reps = int(os.environ.get("REFLEAK_REPS", "30"))
-    for fn in [scenario_cancel_awaiter, scenario_run_stop, scenario_unhandled, scenario_stuck,
-               scenario_watchdog, scenario_waiters, scenario_waiters_10k,
-               scenario_thread_and_nested, scenario_bad_args]:
+    for fn in [globals()[name] for name in SCENARIOS]:
         n = max(reps // 6, 3) if fn is scenario_waiters_10k else reps
         leaked |= measure(fn, reps=n)
     sys.exit(1 if leaked else 0)

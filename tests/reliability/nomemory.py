@@ -1,0 +1,281 @@
+"""Fault injection: fail the n-th memory allocation, for every n, inside a
+scenario, and check the run ends in success or a Python exception; never
+a crash, an assertion, a hang or a SystemError (a C-API misuse).
+
+Runs under the debug interpreter (scripts/debug-python), whose _testcapi
+has set_nomemory.  The parent imports and warms everything, then forks one
+child per n so each child starts from the same state; the n-th allocation
+after set_nomemory() fails (only that one).  A child tells whether its
+failure point was reached inside the scenario by allocating afterwards: if
+a probe allocation fails, the scenario was shorter than n.  The sweep of a
+scenario ends after a few n in a row were not reached.
+
+    scripts/debug-python tests/reliability/nomemory.py [--step K] [--scenario NAME]
+"""
+import argparse, faulthandler, glob, itertools, os, re, resource, shutil, signal, subprocess, sys, tempfile, time
+from collections import Counter
+from pathlib import Path
+
+import _testcapi
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "leaks"))
+import refleak  # noqa: E402  (the scenarios, and aiorun's logging kept quiet)
+from aiorun import FORCED_EXIT_CODE  # noqa: E402
+
+SCENARIOS = {
+    # start-up, shutdown_waits_for, a signal, shutdown callback, executor
+    "run_signal_shutdown": refleak.scenario_run_stop,
+    # the stop_on_unhandled_errors path and a failing shutdown callback
+    "unhandled_error": refleak.scenario_unhandled,
+    # the watchdog thread, the helper thread and the stuck-task report
+    "watchdog": refleak.scenario_watchdog,
+    # shutdown_waits_for: awaited, cancelled, thrown into
+    "waiters": refleak.scenario_cancel_awaiter,
+    # run() off the main thread and refused inside a running loop
+    "thread_and_nested": refleak.scenario_thread_and_nested,
+    # every argument error path
+    "bad_arguments": refleak.scenario_bad_args,
+}
+NOT_REACHED_TO_STOP = 5
+
+
+def probe_reached(budget):
+    """True if the failure point was passed inside the scenario: then none
+    of `budget` more allocations (one per bytes(), none for the loop) fails.
+    The sweep's n never runs ahead of the scenario by more than the budget.
+    """
+    for _ in itertools.repeat(None, budget):
+        try:
+            bytes(100)
+        except MemoryError:
+            return False
+    return True
+
+
+def child(scenario, n, log_fd, hang_seconds, budget, core_dir=None):
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    if core_dir:
+        # A crash leaves a core file here (with the kernel's plain "core"
+        # pattern), so its C stack is read exactly as it happened.
+        os.chdir(core_dir)
+        resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,) * 2)
+    faulthandler.dump_traceback_later(hang_seconds, exit=True)
+    outcome = "success"
+    _testcapi.set_nomemory(n - 1, n)      # fails allocation number n only
+    try:
+        scenario()
+    except BaseException as e:            # noqa: B902  whatever came out of it
+        outcome = type(e).__name__
+    reached = probe_reached(budget)
+    _testcapi.remove_mem_hooks()
+    faulthandler.cancel_dump_traceback_later()
+    os.write(1, f"\nRESULT {outcome} {int(reached)}\n".encode())
+    os._exit(0)
+
+
+def wait_nudging(children, nudge_seconds):
+    """Waits for every child; one still running after nudge_seconds gets a
+    SIGTERM, as a supervisor would send.  A main coroutine that died of the
+    MemoryError leaves run() waiting for a signal, by design, so this is
+    how such a run ends.  Returns {pid: (status, nudged)}."""
+    started, done, nudged = time.monotonic(), {}, set()
+    while len(done) < len(children):
+        for pid in children:
+            if pid in done:
+                continue
+            got, status = os.waitpid(pid, os.WNOHANG)
+            if got:
+                done[pid] = (status, pid in nudged)
+            elif pid not in nudged and time.monotonic() - started > nudge_seconds:
+                os.kill(pid, signal.SIGTERM)
+                nudged.add(pid)
+        time.sleep(0.002)
+    return done
+
+
+def classify(status, log):
+    """(verdict, outcome, reached): verdict is 'ok' or what went wrong."""
+    result = [line for line in log.splitlines() if line.startswith("RESULT ")]
+    if os.WIFSIGNALED(status):
+        return f"crash ({signal.Signals(os.WTERMSIG(status)).name})", "-", True
+    if "Timeout (" in log:
+        return "hang", "-", True
+    if os.WEXITSTATUS(status) == FORCED_EXIT_CODE and "aiorun: " in log:
+        # The watchdog's documented exit: a deadline passed, or a repeated
+        # signal (the nudge) with exit_on_repeated_signal.
+        return "ok", f"exit {FORCED_EXIT_CODE}", True
+    if os.WEXITSTATUS(status) != 0 or not result:
+        return f"exit {os.WEXITSTATUS(status)}", "-", True
+    _, outcome, reached = result[-1].split()
+    if "SystemError" in log or "Fatal Python error" in log:
+        return "SystemError", outcome, True
+    return "ok", outcome, reached == "1"
+
+
+def first_owner(backtrace, skip_eval_frames=0):
+    """'aiorun' if a frame of the extension comes before the first frame
+    of the eval loop (walking outwards from the innermost, past the first
+    skip_eval_frames of them), 'CPython' if the eval loop comes first, None
+    if neither is there."""
+    for line in backtrace.splitlines():
+        if "src/aiorun/_aiorun/" in line:
+            return "aiorun"
+        if "_PyEval_EvalFrameDefault" in line:
+            if skip_eval_frames == 0:
+                return "CPython"
+            skip_eval_frames -= 1
+    return None
+
+
+def core_backtrace(gdb, core):
+    out = subprocess.run([gdb, "-q", "-batch", "-nx", "-ex", "set print frame-arguments none",
+                          "-ex", "bt 40", sys.executable, core],
+                         capture_output=True, text=True, timeout=120).stdout
+    return "\n".join(line for line in out.splitlines() if line.startswith("#"))
+
+
+def explain(name, n, log_path, cores):
+    """Runs the same n again under gdb, appends the C stacks of the failed
+    allocation and of the crash to the log, and says whose code was
+    handling the failure: the extension's, or the interpreter's own (a
+    failure while running Python code, as in enum.py or asyncio).  Either
+    stack reaching the extension before the eval loop makes it ours."""
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        return "unexplained (no gdb)"
+    commands = ["set pagination off", "set print frame-arguments none",
+                "set follow-fork-mode child", "set breakpoint pending on",
+                "handle SIGTERM nostop noprint pass", "handle SIGINT nostop noprint pass",
+                f"break fm_nomemory if FmData.count >= {n - 1}",
+                "run", "finish", "echo @@ALLOCATION\\n", "bt 40",
+                "delete", "continue", "echo @@CRASH\\n", "bt 40"]
+    argv = [gdb, "-q", "-batch", "-nx"]
+    for c in commands:
+        argv += ["-ex", c]
+    argv += ["--args", sys.executable, __file__, "--scenario", name, "--start", str(n),
+             "--stop", str(n), "--jobs", "1", "--no-explain"]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
+    except subprocess.TimeoutExpired:
+        return "unexplained (gdb timed out)"
+    _, _, after = out.partition("@@ALLOCATION")
+    allocation, _, crash = after.partition("@@CRASH")
+    if cores:   # the crash as it happened; the rerun may have gone otherwise
+        crash = core_backtrace(gdb, cores[0])
+    with open(log_path, "a") as log:
+        log.write(f"\n--- gdb: the failed allocation\n{allocation}\n--- gdb: the crash\n{crash}")
+    text = Path(log_path).read_text()
+    culprit = re.search(r"SystemError: <(\S+)[^>]*> returned", text)
+    if culprit:
+        # The function that broke the C-API contract is named: a Python
+        # function is the eval loop losing its exception; a built-in one
+        # is counted as ours, to be looked at.
+        return "CPython" if culprit.group(1) == "function" else "aiorun"
+    if cores:
+        # The stack of the crash as it happened decides.  A frame entered
+        # with an exception already set (ceval.c's entry assertion) is the
+        # caller's fault: look past that frame.
+        entered_with_error = "!_PyErr_Occurred(tstate)" in text and "ceval.c:1741" in text
+        return first_owner(crash, skip_eval_frames=int(entered_with_error)) or "unexplained"
+    # Only the rerun, which may have gone another way: ours if either of its
+    # stacks says so.
+    owners = {first_owner(crash), first_owner(allocation)}
+    if "aiorun" in owners:
+        return "aiorun"
+    return "CPython" if "CPython" in owners else "unexplained"
+
+
+def sweep(name, scenario, step, start, stop, jobs, hang_seconds, nudge_seconds, keep,
+          explaining):
+    scenario()                       # warm: imports, caches, thread pools
+    scenario()
+    outcomes, failures, cpython = Counter(), [], []
+    n, not_reached, tried, last_reached = start, 0, 0, 0
+    budget = 20 * step * jobs + 20_000
+    t0 = time.monotonic()
+    while not_reached < NOT_REACHED_TO_STOP and (stop is None or n <= stop):
+        batch = {}
+        for _ in range(jobs):
+            log_fd, log_path = tempfile.mkstemp(prefix=f"nomem-{name}-{n}-", suffix=".log")
+            core_dir = tempfile.mkdtemp(prefix=f"nomem-{name}-{n}-core-")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                child(scenario, n, log_fd, hang_seconds, budget, core_dir)
+            os.close(log_fd)
+            batch[pid] = (n, log_path, core_dir)
+            n += step
+        statuses = wait_nudging(batch, nudge_seconds)
+        for pid, (at, log_path, core_dir) in sorted(batch.items(), key=lambda kv: kv[1][0]):
+            status, nudged = statuses[pid]
+            log = Path(log_path).read_text(errors="replace")
+            verdict, outcome, reached = classify(status, log)
+            if nudged and verdict == "ok":
+                outcome += " after SIGTERM"
+            if verdict != "ok":
+                owner = (explain(name, at, log_path, glob.glob(f"{core_dir}/core*"))
+                         if explaining and verdict != "hang" else "-")
+                if owner == "CPython":
+                    cpython.append((at, verdict, log_path))
+                else:
+                    failures.append((at, verdict, log_path))
+                first = log.strip().splitlines()[0][:100] if log.strip() else ""
+                print(f"  n={at}: {verdict} in {owner} code: {first}\n    log: {log_path}",
+                      flush=True)
+            elif not keep:
+                os.unlink(log_path)
+            shutil.rmtree(core_dir, ignore_errors=True)
+            if reached:
+                tried += 1
+                last_reached = max(last_reached, at)
+                outcomes[outcome] += 1
+                not_reached = 0
+            else:
+                not_reached += 1
+    seconds = time.monotonic() - t0
+    summary = ", ".join(f"{k} {v}" for k, v in outcomes.most_common())
+    print(f"{name:20s} failure points tried {tried} (n = {start}..{last_reached} step {step}) "
+          f"in {seconds:.0f} s: {summary}; failures {len(failures)}, "
+          f"in CPython's own code {len(cpython)}", flush=True)
+    return tried, failures, cpython
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
+    ap.add_argument("--step", type=int, default=1, help="try every STEP-th n (default 1)")
+    ap.add_argument("--start", type=int, default=1)
+    ap.add_argument("--stop", type=int, help="the last n to try (default: the end)")
+    ap.add_argument("--jobs", type=int, default=4)
+    ap.add_argument("--nudge-seconds", type=float, default=1,
+                    help="send SIGTERM to a child still running after this long")
+    ap.add_argument("--hang-seconds", type=float, default=20,
+                    help="a child still running after this long is a hang")
+    ap.add_argument("--keep-logs", action="store_true")
+    ap.add_argument("--no-explain", action="store_true",
+                    help="do not rerun failures under gdb to find whose code it was")
+    ap.add_argument("--only", type=int, metavar="N",
+                    help="fail allocation N of the one --scenario, in the foreground")
+    args = ap.parse_args()
+    if args.only:
+        scenario = SCENARIOS[args.scenario[0]]
+        scenario()
+        scenario()
+        child(scenario, args.only, os.dup(1), args.hang_seconds, 20_000)
+    total, failed, cpython = 0, [], []
+    for name in args.scenario or SCENARIOS:
+        tried, failures, theirs = sweep(
+            name, SCENARIOS[name], args.step, args.start, args.stop, args.jobs,
+            args.hang_seconds, args.nudge_seconds, args.keep_logs, not args.no_explain)
+        total += tried
+        failed += failures
+        cpython += theirs
+    print(f"nomemory: {total} failure points tried, {len(failed)} failures, "
+          f"{len(cpython)} crashes in CPython's own code", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
