@@ -235,6 +235,9 @@ void aiorun_sigwake_uninstall(void);
 void aiorun_sigwake_poke(void);
 unsigned long aiorun_sigwake_count(void);
 int aiorun_sigwake_last_signum(void);
+/* The first signal since install (0 if none yet); *at gets its
+ * CLOCK_MONOTONIC time in seconds. */
+int aiorun_sigwake_first_signum(double *at);
 #endif
 
 /* ---- stacks.c ---- */

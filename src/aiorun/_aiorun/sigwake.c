@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <time.h>
 #include <unistd.h>
 
 static const int chained_signals[] = {SIGINT, SIGTERM};
@@ -30,6 +31,14 @@ static int installed;
 
 static atomic_ulong signal_count;
 static atomic_int last_signum;
+/* The first signal since install and when it came (CLOCK_MONOTONIC, in ns):
+ * the watchdog thread may first wake after a second one, and the request
+ * dates from the first. */
+#if ATOMIC_LLONG_LOCK_FREE == 2
+#define RECORD_FIRST 1
+static atomic_int first_signum;
+static atomic_llong first_at_ns;
+#endif
 static atomic_int wake_write_fd = -1;
 
 /* The pipe: made once per process (again in a forked child, which must not
@@ -44,6 +53,17 @@ on_signal(int signum, siginfo_t *info, void *context)
     int saved_errno = errno;
     atomic_fetch_add(&signal_count, 1);
     atomic_store(&last_signum, signum);
+#ifdef RECORD_FIRST
+    if (atomic_load(&first_at_ns) == 0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);   /* async-signal-safe */
+        long long unset = 0;
+        if (atomic_compare_exchange_strong(
+                &first_at_ns, &unset, (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec)) {
+            atomic_store(&first_signum, signum);
+        }
+    }
+#endif
     int fd = atomic_load(&wake_write_fd);
     if (fd >= 0) {
         ssize_t written = write(fd, "s", 1);  /* full pipe: already awake */
@@ -112,6 +132,10 @@ aiorun_sigwake_install(int *read_fd, unsigned long *count_now)
     char buf[64];
     while (read(pipe_fds[0], buf, sizeof(buf)) > 0) {
     }
+#ifdef RECORD_FIRST
+    atomic_store(&first_signum, 0);
+    atomic_store(&first_at_ns, 0);
+#endif
     atomic_store(&wake_write_fd, pipe_fds[1]);
     *read_fd = pipe_fds[0];
     *count_now = atomic_load(&signal_count);
@@ -172,6 +196,21 @@ int
 aiorun_sigwake_last_signum(void)
 {
     return atomic_load(&last_signum);
+}
+
+int
+aiorun_sigwake_first_signum(double *at)
+{
+#ifdef RECORD_FIRST
+    int signum = atomic_load(&first_signum);
+    if (signum != 0) {
+        *at = (double)atomic_load(&first_at_ns) / 1e9;
+    }
+    return signum;
+#else
+    (void)at;
+    return 0;
+#endif
 }
 
 #endif /* !MS_WINDOWS */

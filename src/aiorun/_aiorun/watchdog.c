@@ -455,6 +455,14 @@ note_request(aiorun_watchdog *wd, int reason, double now)
     wd->reason = reason;
     wd->signum = aiorun_sigwake_last_signum();
     wd->requested_at = now;
+    /* A signal request dates from the first signal, which this thread may
+     * only see together with a later one on a busy machine. */
+    double first_at;
+    int first = reason == REQUEST_SIGNAL ? aiorun_sigwake_first_signum(&first_at) : 0;
+    if (first != 0) {
+        wd->signum = first;
+        wd->requested_at = first_at;
+    }
 }
 
 /* Milliseconds until the next thing the watchdog must do, -1 for never. */
