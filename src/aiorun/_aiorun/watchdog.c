@@ -39,7 +39,7 @@
 #define GIL_GRACE 0.25      /* seconds the helper gets to take the GIL */
 #define MAX_TASKS_SHOWN 100
 
-enum { JOB_LATE = 1, JOB_FINAL = 2 };
+enum { JOB_LATE = 1, JOB_FINAL = 2, JOB_STACKS = 4 };
 
 struct aiorun_watchdog {
     RunObject *run;              /* borrowed; used only with the GIL */
@@ -55,6 +55,7 @@ struct aiorun_watchdog {
     atomic_int python_request;   /* aiorun_request_reason from Python */
     atomic_int quit;             /* run() is returning */
     atomic_int late_claimed;     /* the late warning has been given */
+    atomic_int stacks_claimed;   /* the forced exit's stacks have been dumped */
     /* Written by the watchdog thread before any job is handed over. */
     int requested;
     int reason;
@@ -329,7 +330,7 @@ static void *
 helper_main(void *arg)
 {
     aiorun_watchdog *wd = arg;
-    block_signals(0);
+    block_signals(wd->dump_signum);   /* JOB_STACKS raises it here */
     pthread_mutex_lock(&wd->mu);
     for (;;) {
         while (!(wd->jobs & ~wd->jobs_done) && !wd->helper_quit) {
@@ -342,6 +343,11 @@ helper_main(void *arg)
         pthread_mutex_unlock(&wd->mu);
         PyGILState_STATE gil = PyGILState_Ensure();
         if (!atomic_load(&wd->quit)) {  /* else run() is returning: moot */
+            /* With the GIL held here, no thread is changing its frames
+             * while faulthandler walks them. */
+            if ((todo & JOB_STACKS) && !atomic_exchange(&wd->stacks_claimed, 1)) {
+                raise(wd->dump_signum);
+            }
             if (todo & JOB_LATE) {
                 helper_late_warning(wd);
             }
@@ -433,7 +439,15 @@ force_exit(aiorun_watchdog *wd, int repeated_signum)
     }
     say("aiorun: the shutdown was in phase: %s.\n", stage_text(wd));
     say("aiorun: stacks of all threads:\n");
-    dump_threads(wd);
+    /* Walking the frames of a thread that runs Python meanwhile can crash
+     * (seen: a SIGSEGV instead of exit 124 when the loop was busy logging),
+     * so the helper dumps them holding the GIL.  Without the GIL in time the
+     * holder is stuck, its frames stay still, and this thread dumps them. */
+    if (wd->dump_signum == 0 || !run_job(wd, JOB_STACKS)) {
+        if (!atomic_exchange(&wd->stacks_claimed, 1)) {
+            dump_threads(wd);
+        }
+    }
     if (!run_job(wd, JOB_FINAL)) {
         say("aiorun: the GIL could not be had within %g s: task stacks and "
             "Python's buffered output are lost.\n", GIL_GRACE);
@@ -606,6 +620,7 @@ aiorun_watchdog_start(RunObject *run, double deadline, int exit_on_repeat)
     atomic_init(&wd->python_request, run->shutdown_requested ? REQUEST_SIGNAL : 0);
     atomic_init(&wd->quit, 0);
     atomic_init(&wd->late_claimed, 0);
+    atomic_init(&wd->stacks_claimed, 0);
 
     pthread_condattr_t attr;
     if (pthread_condattr_init(&attr) != 0) {
