@@ -47,7 +47,7 @@ startup-window: $(PY311)
 reliability:
 	$(MAKE) sanitize
 	$(MAKE) refleak REPS=12
-	$(MAKE) nomemory STEP=7
+	$(MAKE) nomemory STEP=11
 	$(MAKE) storm TRIALS=5
 	$(MAKE) startup-window TRIALS=25
 

@@ -97,11 +97,11 @@ def scenario_waiters():
         await asyncio.sleep(0.01)
     asyncio.run(main())
 
-def scenario_cancel_awaiter():
+def scenario_cancel_awaiter(rounds=50):
     # Task.cancel() reaches the waiter as throw(CancelledError) carrying a
     # traceback: the path every cancelled awaiting task takes.
     async def main():
-        for _ in range(50):
+        for _ in range(rounds):
             t = asyncio.ensure_future(shutdown_waits_for(work(0)))
             await asyncio.sleep(0)
             t.cancel()
@@ -109,7 +109,7 @@ def scenario_cancel_awaiter():
                 await t
             except asyncio.CancelledError:
                 pass
-        for _ in range(50):   # an exception that was raised has a traceback
+        for _ in range(rounds):   # an exception that was raised has a traceback
             try:
                 raise KeyError("raised")
             except KeyError as e:

@@ -12,7 +12,7 @@ scenario ends after a few n in a row were not reached.
 
     scripts/debug-python tests/reliability/nomemory.py [--step K] [--scenario NAME]
 """
-import argparse, faulthandler, glob, itertools, os, re, resource, shutil, signal, subprocess, sys, tempfile, time
+import argparse, faulthandler, functools, glob, itertools, os, re, resource, shutil, signal, subprocess, sys, tempfile, time
 from collections import Counter
 from pathlib import Path
 
@@ -29,8 +29,9 @@ SCENARIOS = {
     "unhandled_error": refleak.scenario_unhandled,
     # the watchdog thread, the helper thread and the stuck-task report
     "watchdog": refleak.scenario_watchdog,
-    # shutdown_waits_for: awaited, cancelled, thrown into
-    "waiters": refleak.scenario_cancel_awaiter,
+    # shutdown_waits_for: awaited, cancelled, thrown into (3 rounds of each
+    # cover the paths; 50 would only repeat them)
+    "waiters": functools.partial(refleak.scenario_cancel_awaiter, rounds=3),
     # run() off the main thread and refused inside a running loop
     "thread_and_nested": refleak.scenario_thread_and_nested,
     # every argument error path
@@ -94,9 +95,13 @@ def wait_nudging(children, nudge_seconds):
     return done
 
 
-def classify(status, log):
+def classify(status, log, nudged):
     """(verdict, outcome, reached): verdict is 'ok' or what went wrong."""
     result = [line for line in log.splitlines() if line.startswith("RESULT ")]
+    if nudged and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM:
+        # Still waiting when the nudge came, and nothing handled it (an
+        # asyncio.run() that lost a wake-up): a hang.
+        return "hang (ended by the SIGTERM)", "-", True
     if os.WIFSIGNALED(status):
         return f"crash ({signal.Signals(os.WTERMSIG(status)).name})", "-", True
     if "Timeout (" in log:
@@ -166,7 +171,7 @@ def explain(name, n, log_path, cores):
     with open(log_path, "a") as log:
         log.write(f"\n--- gdb: the failed allocation\n{allocation}\n--- gdb: the crash\n{crash}")
     text = Path(log_path).read_text()
-    culprit = re.search(r"SystemError: <(\S+)[^>]*> returned", text)
+    culprit = re.search(r"SystemError: <(\S+) [^\n]*?> returned", text)
     if culprit:
         # The function that broke the C-API contract is named: a Python
         # function is the eval loop losing its exception; a built-in one
@@ -211,12 +216,12 @@ def sweep(name, scenario, step, start, stop, jobs, hang_seconds, nudge_seconds, 
         for pid, (at, log_path, core_dir) in sorted(batch.items(), key=lambda kv: kv[1][0]):
             status, nudged = statuses[pid]
             log = Path(log_path).read_text(errors="replace")
-            verdict, outcome, reached = classify(status, log)
+            verdict, outcome, reached = classify(status, log, nudged)
             if nudged and verdict == "ok":
                 outcome += " after SIGTERM"
             if verdict != "ok":
                 owner = (explain(name, at, log_path, glob.glob(f"{core_dir}/core*"))
-                         if explaining and verdict != "hang" else "-")
+                         if explaining else "-")
                 if owner == "CPython":
                     cpython.append((at, verdict, log_path))
                 else:
@@ -264,17 +269,25 @@ def main():
         scenario()
         scenario()
         child(scenario, args.only, os.dup(1), args.hang_seconds, 20_000)
-    total, failed, cpython = 0, [], []
-    for name in args.scenario or SCENARIOS:
-        tried, failures, theirs = sweep(
-            name, SCENARIOS[name], args.step, args.start, args.stop, args.jobs,
-            args.hang_seconds, args.nudge_seconds, args.keep_logs, not args.no_explain)
-        total += tried
-        failed += failures
-        cpython += theirs
-    print(f"nomemory: {total} failure points tried, {len(failed)} failures, "
-          f"{len(cpython)} crashes in CPython's own code", flush=True)
-    sys.exit(1 if failed else 0)
+    names = args.scenario or list(SCENARIOS)
+    if len(names) > 1:
+        # One process per scenario: its allocation numbers then match those
+        # of the gdb rerun, which starts a fresh process for that scenario.
+        failed = 0
+        for name in names:
+            argv = [sys.executable, __file__, "--scenario", name, "--step", str(args.step),
+                    "--start", str(args.start), "--jobs", str(args.jobs),
+                    "--nudge-seconds", str(args.nudge_seconds),
+                    "--hang-seconds", str(args.hang_seconds)]
+            argv += ["--stop", str(args.stop)] if args.stop else []
+            argv += ["--keep-logs"] if args.keep_logs else []
+            argv += ["--no-explain"] if args.no_explain else []
+            failed += subprocess.run(argv).returncode != 0
+        sys.exit(1 if failed else 0)
+    tried, failures, theirs = sweep(
+        names[0], SCENARIOS[names[0]], args.step, args.start, args.stop, args.jobs,
+        args.hang_seconds, args.nudge_seconds, args.keep_logs, not args.no_explain)
+    sys.exit(1 if failures else 0)
 
 
 if __name__ == "__main__":
