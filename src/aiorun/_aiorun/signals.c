@@ -138,9 +138,6 @@ fail:
     return -1;
 }
 
-/* Ask the loop to call shutdown_handler(loop) on its own thread.  Never
- * raises: an exception escaping a signal handler would surface at a random
- * place in the application. */
 /* A request that failed on its way (MemoryError) must not swallow the
  * ones after it: the next SIGINT/SIGTERM tries again. */
 static void
@@ -150,6 +147,9 @@ allow_another_request(RunObject *run)
     run->handler_scheduled = 0;
 }
 
+/* Ask the loop to call shutdown_handler(loop) on its own thread.  Never
+ * raises: an exception escaping a signal handler would surface at a random
+ * place in the application. */
 static void
 schedule_shutdown_handler(RunObject *run)
 {
