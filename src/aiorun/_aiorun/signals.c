@@ -287,6 +287,9 @@ aiorun_signals_wake_loop(RunObject *run)
     }
     long old_fd = PyLong_AsLong(old);
     Py_DECREF(old);
+    if (old_fd == -1 && PyErr_Occurred()) {
+        goto close;
+    }
     if (old_fd != -1) {
         /* Someone else's: give it back (it wakes the loop as well). */
         old = PyObject_CallFunction(st->set_wakeup_fd, "l", old_fd);
@@ -330,8 +333,9 @@ aiorun_signals_unwake_loop(RunObject *run)
     if (ok) {
         long old_fd = PyLong_AsLong(old);
         Py_DECREF(old);
+        ok = !(old_fd == -1 && PyErr_Occurred());
         /* Replaced meanwhile (an add_signal_handler() in the app): keep theirs. */
-        if (old_fd != run->wake_fds[1] && old_fd != -1) {
+        if (ok && old_fd != run->wake_fds[1] && old_fd != -1) {
             old = PyObject_CallFunction(st->set_wakeup_fd, "l", old_fd);
             ok = old != NULL;
             Py_XDECREF(old);
