@@ -60,6 +60,8 @@ def test_wrong_types_raise_type_error_naming_the_parameter(param, kwargs, messag
 @pytest.mark.parametrize("kwargs,message", [
     ({"executor_workers": 0}, "'executor_workers' must be greater than 0"),
     ({"executor_workers": -3}, "'executor_workers' must be greater than 0"),
+    # Found by the hostile-input test: beyond a C long it was an OverflowError.
+    ({"executor_workers": -2**70}, "'executor_workers' must be greater than 0"),
     ({"timeout_task_shutdown": -1}, "'timeout_task_shutdown' must be >= 0"),
     ({"timeout_task_shutdown": float("nan")}, "'timeout_task_shutdown' must be >= 0"),
 ])
@@ -124,3 +126,14 @@ def test_accepted_forms():
 
     run(main(), use_uvloop=0, stop_on_unhandled_errors=1, timeout_task_shutdown=None)
     run(main(), executor_workers=1, timeout_task_shutdown=0)
+
+
+def test_a_worker_count_beyond_a_c_long_is_still_a_count():
+    # Too many workers is the executor's business, as in aiorun: its threads
+    # start only when needed.
+    async def main():
+        say_done.append(await asyncio.get_running_loop().run_in_executor(None, int, "7"))
+        asyncio.get_running_loop().stop()
+    say_done = []
+    run(main(), executor_workers=2**70)
+    assert say_done == [7]

@@ -184,11 +184,14 @@ check_arguments(aiorun_state *st, run_args *a, int *use_uvloop, int *stop_on_err
         if (!PyLong_Check(a->executor_workers) || PyBool_Check(a->executor_workers)) {
             return type_error("executor_workers", "int or None", a->executor_workers);
         }
-        long workers = PyLong_AsLong(a->executor_workers);
+        /* Beyond a C long is still a count: too many is the executor's
+         * business, and below zero is the same error as -1. */
+        int overflow;
+        long workers = PyLong_AsLongAndOverflow(a->executor_workers, &overflow);
         if (workers == -1 && PyErr_Occurred()) {
             return -1;
         }
-        if (workers <= 0) {
+        if (overflow < 0 || (overflow == 0 && workers <= 0)) {
             PyErr_SetString(PyExc_ValueError,
                             "run() argument 'executor_workers' must be greater than 0");
             return -1;
