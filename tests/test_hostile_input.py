@@ -73,6 +73,11 @@ VALID = {
 # then rightly runs on forever, so it is kept out of "coro".
 JUNK = {p: junk for p in PARAMS}
 JUNK["coro"] = junk.filter(lambda v: not isinstance(v, Weird))
+# Any number > 0 is a valid deadline, and a tiny one (4e-23 s was drawn)
+# rightly ends the process with exit 124: junk deadlines stay out of that
+# range, as the valid ones do (5..60 s).
+JUNK["shutdown_deadline"] = junk.filter(
+    lambda v: not (type(v) in (int, float) and 0 < v < 5))
 arguments = st.fixed_dictionaries(
     {}, optional={p: st.one_of(VALID[p], JUNK[p]) for p in PARAMS})
 
