@@ -2,21 +2,21 @@
 scenario, and check the run ends in success or a Python exception; never
 a crash, an assertion, a hang or a SystemError (a C-API misuse).
 
-Runs under the debug interpreter (scripts/debug-python), whose _testcapi
-has set_nomemory.  The parent imports and warms everything, then forks one
+Runs under the debug interpreter (scripts/debug-python), whose assertions
+catch C-API misuse.  The parent imports and warms everything, then forks one
 child per n so each child starts from the same state; the n-th allocation
-after set_nomemory() fails (only that one).  A child tells whether its
+after failalloc_set() fails (only that one, as with _testcapi.set_nomemory),
+and failalloc.c writes its C stack, and the stack of any crash, to the
+child's log as it happens.  A child tells whether its
 failure point was reached inside the scenario by allocating afterwards: if
 a probe allocation fails, the scenario was shorter than n.  The sweep of a
 scenario ends after a few n in a row were not reached.
 
     scripts/debug-python tests/reliability/nomemory.py [--step K] [--scenario NAME]
 """
-import argparse, faulthandler, functools, glob, itertools, os, re, resource, shutil, signal, subprocess, sys, tempfile, time
+import argparse, ctypes, faulthandler, functools, itertools, os, re, shutil, signal, subprocess, sys, sysconfig, tempfile, time
 from collections import Counter
 from pathlib import Path
-
-import _testcapi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "leaks"))
 import refleak  # noqa: E402  (the scenarios, and aiorun's logging kept quiet)
@@ -53,23 +53,35 @@ def probe_reached(budget):
     return True
 
 
-def child(scenario, n, log_fd, hang_seconds, budget, core_dir=None):
+def load_failalloc():
+    """Builds failalloc.c for this interpreter (once, in a temporary
+    directory) and loads it; PyDLL keeps the GIL held across its calls."""
+    out = Path(tempfile.mkdtemp(prefix="failalloc-")) / "failalloc.so"
+    cc = (sysconfig.get_config_var("CC") or "cc").split()
+    subprocess.run([*cc, "-shared", "-fPIC", "-O1", "-g", "-Wall", "-Wextra", "-Werror",
+                    "-I", sysconfig.get_paths()["include"],
+                    str(Path(__file__).with_name("failalloc.c")), "-o", str(out)], check=True)
+    lib = ctypes.PyDLL(str(out))
+    lib.failalloc_set.argtypes = [ctypes.c_long, ctypes.c_int]
+    shutil.rmtree(out.parent)             # the mapping stays
+    return lib
+
+
+FAILALLOC = load_failalloc()
+
+
+def child(scenario, n, log_fd, hang_seconds, budget):
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
-    if core_dir:
-        # A crash leaves a core file here (with the kernel's plain "core"
-        # pattern), so its C stack is read exactly as it happened.
-        os.chdir(core_dir)
-        resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,) * 2)
     faulthandler.dump_traceback_later(hang_seconds, exit=True)
     outcome = "success"
-    _testcapi.set_nomemory(n - 1, n)      # fails allocation number n only
+    FAILALLOC.failalloc_set(n, 2)         # fails allocation number n only
     try:
         scenario()
     except BaseException as e:            # noqa: B902  whatever came out of it
         outcome = type(e).__name__
     reached = probe_reached(budget)
-    _testcapi.remove_mem_hooks()
+    FAILALLOC.failalloc_remove()
     faulthandler.cancel_dump_traceback_later()
     os.write(1, f"\nRESULT {outcome} {int(reached)}\n".encode())
     os._exit(0)
@@ -133,62 +145,81 @@ def first_owner(backtrace, skip_eval_frames=0):
     return None
 
 
-def core_backtrace(gdb, core):
-    out = subprocess.run([gdb, "-q", "-batch", "-nx", "-ex", "set print frame-arguments none",
-                          "-ex", "bt 40", sys.executable, core],
-                         capture_output=True, text=True, timeout=120).stdout
-    return "\n".join(line for line in out.splitlines() if line.startswith("#"))
+def is_position_dependent(path, cache={}):
+    """True for an ELF executable linked at a fixed address (ET_EXEC): its
+    frames are looked up by address, those of everything else by offset."""
+    if path not in cache:
+        with open(path, "rb") as f:
+            cache[path] = f.read(18)[16:18] == b"\x02\x00"
+    return cache[path]
 
 
-def explain(name, n, log_path, cores):
-    """Runs the same n again under gdb, appends the C stacks of the failed
-    allocation and of the crash to the log, and says whose code was
-    handling the failure: the extension's, or the interpreter's own (a
-    failure while running Python code, as in enum.py or asyncio).  Either
-    stack reaching the extension before the eval loop makes it ours."""
-    gdb = shutil.which("gdb")
-    if gdb is None:
-        return "unexplained (no gdb)"
-    commands = ["set pagination off", "set print frame-arguments none",
-                "set follow-fork-mode child", "set breakpoint pending on",
-                "handle SIGTERM nostop noprint pass", "handle SIGINT nostop noprint pass",
-                f"break fm_nomemory if FmData.count >= {n - 1}",
-                "run", "finish", "echo @@ALLOCATION\\n", "bt 40",
-                "delete", "continue", "echo @@CRASH\\n", "bt 40"]
-    argv = [gdb, "-q", "-batch", "-nx"]
-    for c in commands:
-        argv += ["-ex", c]
-    argv += ["--args", sys.executable, __file__, "--scenario", name, "--start", str(n),
-             "--stop", str(n), "--jobs", "1", "--no-explain"]
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=120).stdout
-    except subprocess.TimeoutExpired:
-        return "unexplained (gdb timed out)"
-    _, _, after = out.partition("@@ALLOCATION")
-    allocation, _, crash = after.partition("@@CRASH")
-    if cores:   # the crash as it happened; the rerun may have gone otherwise
-        crash = core_backtrace(gdb, cores[0])
+def object_file(name):
+    """The file behind a frame's object name: dladdr() names the main
+    program as it was started (no directory), shared objects by path."""
+    if os.path.basename(name) == os.path.basename(sys.executable):
+        return os.path.realpath(sys.executable)
+    return name if os.path.exists(name) else None
+
+
+def symbolize(text, header):
+    """The stack written by failalloc.c after `header` in a child's log, as
+    "#i function at file:line (object)" lines, inlined calls included, or
+    "" if the log has none.  failalloc.c's own frames are left out."""
+    _, found, rest = text.partition(f"\n{header}\n")
+    if not found:
+        return ""
+    frames = [line.split()[1:] for line in rest.partition("@@END")[0].splitlines()
+              if line.startswith("FRAME ") and "failalloc" not in line]
+    where = {}   # (path, address) -> "function at file:line"
+    by_file = {}
+    for name, address, offset in frames:
+        path = object_file(name)
+        if path:
+            by_file.setdefault(path, set()).add(
+                (address, address if is_position_dependent(path) else offset))
+    for path, addresses in by_file.items():
+        addresses = sorted(addresses)
+        # -a starts each address's answer with the address itself, so the
+        # inlined frames (-i) of one address stay together.
+        out = subprocess.run(["addr2line", "-a", "-f", "-i", "-C", "-e", path,
+                              *(at for _, at in addresses)],
+                             capture_output=True, text=True).stdout
+        answers = re.split(r"^0x[0-9a-f]+\n", out, flags=re.M)[1:]
+        for (address, _), answer in zip(addresses, answers):
+            lines = answer.splitlines()
+            where[path, address] = " inlined into ".join(
+                f"{fn} at {loc}" for fn, loc in zip(lines[::2], lines[1::2]))
+    return "\n".join(
+        f"#{i} {where.get((object_file(name), address), '??')} ({os.path.basename(name)})"
+        for i, (name, address, _) in enumerate(frames))
+
+
+def explain(log_path):
+    """Appends the C stacks of the failed allocation and of the crash (both
+    as they happened, written by failalloc.c) to the log, and says whose
+    code mishandled the failure: the extension's, or the interpreter's own
+    (a failure while running Python code, as in enum.py or asyncio)."""
+    text = Path(log_path).read_text(errors="replace")
+    allocation = symbolize(text, "@@FAILED-ALLOCATION")
+    crash = symbolize(text, "@@CRASH")
     with open(log_path, "a") as log:
-        log.write(f"\n--- gdb: the failed allocation\n{allocation}\n--- gdb: the crash\n{crash}")
-    text = Path(log_path).read_text()
+        log.write(f"\n--- the failed allocation\n{allocation}\n--- the crash\n{crash}\n")
     culprit = re.search(r"SystemError: <(\S+) [^\n]*?> returned", text)
     if culprit:
         # The function that broke the C-API contract is named: a Python
         # function is the eval loop losing its exception; a built-in one
         # is counted as ours, to be looked at.
         return "CPython" if culprit.group(1) == "function" else "aiorun"
-    if cores:
-        # The stack of the crash as it happened decides.  A frame entered
-        # with an exception already set (ceval.c's entry assertion) is the
-        # caller's fault: look past that frame.
+    if crash:
+        # The crash's stack decides.  A frame entered with an exception
+        # already set (ceval.c's entry assertion) is the caller's fault:
+        # look past that frame.
         entered_with_error = "!_PyErr_Occurred(tstate)" in text and "ceval.c:1741" in text
         return first_owner(crash, skip_eval_frames=int(entered_with_error)) or "unexplained"
-    # Only the rerun, which may have gone another way: ours if either of its
-    # stacks says so.
-    owners = {first_owner(crash), first_owner(allocation)}
-    if "aiorun" in owners:
-        return "aiorun"
-    return "CPython" if "CPython" in owners else "unexplained"
+    # A hang: whose code the failure hit.  Ours if the extension was
+    # running when the allocation failed (it got the MemoryError first).
+    return first_owner(allocation) or "unexplained"
 
 
 def sweep(name, scenario, step, start, stop, jobs, hang_seconds, nudge_seconds, keep,
@@ -203,35 +234,34 @@ def sweep(name, scenario, step, start, stop, jobs, hang_seconds, nudge_seconds, 
         batch = {}
         for _ in range(jobs):
             log_fd, log_path = tempfile.mkstemp(prefix=f"nomem-{name}-{n}-", suffix=".log")
-            core_dir = tempfile.mkdtemp(prefix=f"nomem-{name}-{n}-core-")
             sys.stdout.flush()
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                child(scenario, n, log_fd, hang_seconds, budget, core_dir)
+                child(scenario, n, log_fd, hang_seconds, budget)
             os.close(log_fd)
-            batch[pid] = (n, log_path, core_dir)
+            batch[pid] = (n, log_path)
             n += step
         statuses = wait_nudging(batch, nudge_seconds)
-        for pid, (at, log_path, core_dir) in sorted(batch.items(), key=lambda kv: kv[1][0]):
+        for pid, (at, log_path) in sorted(batch.items(), key=lambda kv: kv[1][0]):
             status, nudged = statuses[pid]
             log = Path(log_path).read_text(errors="replace")
             verdict, outcome, reached = classify(status, log, nudged)
             if nudged and verdict == "ok":
                 outcome += " after SIGTERM"
             if verdict != "ok":
-                owner = (explain(name, at, log_path, glob.glob(f"{core_dir}/core*"))
-                         if explaining else "-")
+                owner = explain(log_path) if explaining else "-"
                 if owner == "CPython":
                     cpython.append((at, verdict, log_path))
                 else:
                     failures.append((at, verdict, log_path))
-                first = log.strip().splitlines()[0][:100] if log.strip() else ""
+                said = [line for line in log.splitlines()
+                        if line.strip() and not line.startswith(("@@", "FRAME "))]
+                first = said[0][:100] if said else ""
                 print(f"  n={at}: {verdict} in {owner} code: {first}\n    log: {log_path}",
                       flush=True)
             elif not keep:
                 os.unlink(log_path)
-            shutil.rmtree(core_dir, ignore_errors=True)
             if reached:
                 tried += 1
                 last_reached = max(last_reached, at)
@@ -260,7 +290,7 @@ def main():
                     help="a child still running after this long is a hang")
     ap.add_argument("--keep-logs", action="store_true")
     ap.add_argument("--no-explain", action="store_true",
-                    help="do not rerun failures under gdb to find whose code it was")
+                    help="do not read the failures' C stacks to find whose code it was")
     ap.add_argument("--only", type=int, metavar="N",
                     help="fail allocation N of the one --scenario, in the foreground")
     args = ap.parse_args()
@@ -271,8 +301,8 @@ def main():
         child(scenario, args.only, os.dup(1), args.hang_seconds, 20_000)
     names = args.scenario or list(SCENARIOS)
     if len(names) > 1:
-        # One process per scenario: its allocation numbers then match those
-        # of the gdb rerun, which starts a fresh process for that scenario.
+        # One process per scenario: `--scenario NAME --start n --stop n`
+        # then fails the same allocation as the whole run did.
         failed = 0
         for name in names:
             argv = [sys.executable, __file__, "--scenario", name, "--step", str(args.step),
