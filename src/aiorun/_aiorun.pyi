@@ -44,7 +44,10 @@ def run(
     timeout_task_shutdown: Optional[float] = 60,
     shutdown_deadline: Optional[float] = None,
     exit_on_repeated_signal: Optional[bool] = None,
+    notify_ready_on_start: bool = True,
 ) -> None: ...
+
+def notify_ready(status: Optional[str] = None) -> bool: ...
 
 def shutdown_waits_for(
     coro: Awaitable[_T], loop: Optional[asyncio.AbstractEventLoop] = None

@@ -1,6 +1,7 @@
 """Each marked line must be rejected by mypy (tests/test_typing.py)."""
 import asyncio
 
+import aiorun
 from aiorun import run, shutdown_waits_for
 
 run(5)  # E: coro
@@ -19,3 +20,5 @@ async def main() -> None:
     s: str = await shutdown_waits_for(typed())  # E: result type
     print(s)
     asyncio.get_running_loop().stop()
+aiorun.notify_ready(5)  # E: status is a str
+run(notify_ready_on_start="no")  # E: ready flag

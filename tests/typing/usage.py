@@ -43,3 +43,5 @@ run(loop=asyncio.new_event_loop(), timeout_task_shutdown=None)
 run(main(), shutdown_deadline=25, exit_on_repeated_signal=True)
 run(main(), shutdown_deadline=None, exit_on_repeated_signal=None)
 forced: int = aiorun.FORCED_EXIT_CODE
+run(main(), notify_ready_on_start=False)
+sent: bool = aiorun.notify_ready("serving") or aiorun.notify_ready(None)

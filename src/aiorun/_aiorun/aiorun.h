@@ -10,6 +10,7 @@
  *   shield.c    shutdown_waits_for() and the awaitable it returns
  *   watchdog.c  the thread that bounds the shutdown: deadline, forced exit
  *   sigwake.c   the C-level signal handler that wakes the watchdog
+ *   notify.c    systemd notifications: ready, stopping, phases, pings
  *   stacks.c    Python stacks formatted the way tracebacks show them
  *   log.c       calls into the "aiorun" logger
  */
@@ -119,6 +120,7 @@ typedef enum {
 #define AIORUN_FORCED_EXIT_CODE 124
 
 typedef struct aiorun_watchdog aiorun_watchdog;
+typedef struct aiorun_notifier aiorun_notifier;
 
 typedef struct {
     PyObject_HEAD
@@ -138,6 +140,8 @@ typedef struct {
     int handler_scheduled;     /* shutdown_handler has been handed to the loop */
     int wake_fds[2];           /* pipe the signal module writes to, or -1s */
     aiorun_watchdog *watchdog; /* NULL unless a deadline or forced exit is on */
+    aiorun_notifier *notifier; /* NULL unless NOTIFY_SOCKET is set */
+    PyObject *ping_timer;      /* the loop's handle of the next WATCHDOG=1 */
 } RunObject;
 
 extern PyType_Spec aiorun_run_type_spec;
@@ -146,6 +150,8 @@ RunObject *aiorun_run_new(aiorun_state *st);
 int aiorun_run_clear(RunObject *run);
 /* Bound method `name` of run: a callable to hand to asyncio or signal. */
 PyObject *aiorun_run_method(RunObject *run, const char *name);
+/* run has reached `stage`: tells the watchdog and the supervisor. */
+void aiorun_run_stage(RunObject *run, int stage);
 
 /* ---- run.c ---- */
 PyObject *aiorun_run(PyObject *module, PyObject *args, PyObject *kwargs);
@@ -227,6 +233,22 @@ void aiorun_watchdog_stop(RunObject *run);
 void aiorun_watchdog_stage(RunObject *run, aiorun_stage stage);
 /* A shutdown was requested from Python code; the first request counts. */
 void aiorun_watchdog_request(RunObject *run, aiorun_request_reason reason);
+
+/* ---- notify.c ---- */
+/* Reads NOTIFY_SOCKET and WATCHDOG_USEC; says STATUS=starting.  task_timeout
+ * in seconds, -1 for None.  0, or -1 with an exception. */
+int aiorun_notify_start(RunObject *run, double task_timeout);
+/* Once the loop and main task exist: queues READY=1 (when ready_on_start)
+ * and the first watchdog ping. */
+int aiorun_notify_loop_ready(RunObject *run, int ready_on_start);
+/* STOPPING=1, once; signum 0 when the loop stopped without a signal. */
+void aiorun_notify_stopping(RunObject *run, int signum);
+void aiorun_notify_stage(RunObject *run, aiorun_stage stage);
+/* Cancels the pings and closes the socket; keeps any exception set. */
+void aiorun_notify_stop(RunObject *run);
+PyObject *aiorun_run_notify_ready(PyObject *self, PyObject *unused);
+PyObject *aiorun_run_notify_watchdog(PyObject *self, PyObject *unused);
+PyObject *aiorun_notify_ready(PyObject *module, PyObject *args, PyObject *kwargs);
 
 /* ---- sigwake.c (POSIX only) ---- */
 #ifndef MS_WINDOWS

@@ -30,6 +30,14 @@ PyDoc_STRVAR(shutdown_handler_doc,
 "\n"
 "The default shutdown_handler: log 'Stopping the loop' and stop the loop.");
 
+PyDoc_STRVAR(notify_ready_doc,
+"notify_ready(status=None)\n"
+"--\n"
+"\n"
+"Tell systemd the service is ready (READY=1, and STATUS=status), for apps\n"
+"run with notify_ready_on_start=False that are ready later than their\n"
+"start.  True if sent; False when NOTIFY_SOCKET is not set.");
+
 static PyMethodDef aiorun_methods[] = {
     {"run", (PyCFunction)(void (*)(void))aiorun_run,
      METH_VARARGS | METH_KEYWORDS, run_doc},
@@ -37,6 +45,8 @@ static PyMethodDef aiorun_methods[] = {
      METH_VARARGS | METH_KEYWORDS, shutdown_waits_for_doc},
     {"_shutdown_handler", aiorun_default_shutdown_handler, METH_O,
      shutdown_handler_doc},
+    {"notify_ready", (PyCFunction)(void (*)(void))aiorun_notify_ready,
+     METH_VARARGS | METH_KEYWORDS, notify_ready_doc},
     {NULL, NULL, 0, NULL},
 };
 

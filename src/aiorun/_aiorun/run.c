@@ -22,7 +22,16 @@ typedef struct {
     PyObject *timeout_task_shutdown;
     PyObject *shutdown_deadline;
     PyObject *exit_on_repeated_signal;
+    PyObject *notify_ready_on_start;
 } run_args;
+
+/* What the arguments say, once checked. */
+typedef struct {
+    int use_uvloop;
+    int stop_on_errors;
+    int ready_on_start;        /* READY=1 when the main coroutine starts */
+    double task_timeout;       /* seconds, -1 for None */
+} run_flags;
 
 /* What the watchdog is asked to do, from the arguments or the environment. */
 typedef struct {
@@ -151,7 +160,7 @@ check_watchdog_arguments(run_args *a, watchdog_args *w)
 }
 
 static int
-check_arguments(aiorun_state *st, run_args *a, int *use_uvloop, int *stop_on_errors)
+check_arguments(aiorun_state *st, run_args *a, run_flags *f)
 {
     int ok;
 
@@ -201,14 +210,15 @@ check_arguments(aiorun_state *st, run_args *a, int *use_uvloop, int *stop_on_err
                        "a concurrent.futures.Executor or None") < 0) {
         return -1;
     }
-    if (check_flag(a->use_uvloop, "use_uvloop", use_uvloop) < 0
+    if (check_flag(a->use_uvloop, "use_uvloop", &f->use_uvloop) < 0
         || check_flag(a->stop_on_unhandled_errors, "stop_on_unhandled_errors",
-                      stop_on_errors) < 0) {
+                      &f->stop_on_errors) < 0
+        || check_flag(a->notify_ready_on_start, "notify_ready_on_start",
+                      &f->ready_on_start) < 0) {
         return -1;
     }
-    double seconds;
     return check_seconds(a->timeout_task_shutdown, "timeout_task_shutdown", 0, 0,
-                         &seconds);
+                         &f->task_timeout);
 }
 
 static PyObject *
@@ -333,12 +343,12 @@ run_loop(RunObject *run)
         return -1;
     }
     run->phase = PHASE_RUNNING;
-    aiorun_watchdog_stage(run, STAGE_RUNNING);
+    aiorun_run_stage(run, STAGE_RUNNING);
     PyObject *res = PyObject_CallMethod(run->loop, "run_forever", NULL);
     run->phase = PHASE_SHUTDOWN;
     run->shutdown_requested = 1;
     aiorun_watchdog_request(run, REQUEST_LOOP_STOPPED);
-    aiorun_watchdog_stage(run, STAGE_SHUTDOWN);
+    aiorun_run_stage(run, STAGE_SHUTDOWN);
     if (res != NULL) {
         Py_DECREF(res);
         return 0;
@@ -377,19 +387,19 @@ discard_own_loop(RunObject *run)
 
 /* Everything after the argument checks. */
 static PyObject *
-run_with_signals(RunObject *run, run_args *a, int use_uvloop, int stop_on_errors)
+run_with_signals(RunObject *run, run_args *a, run_flags *f)
 {
     aiorun_state *st = run->state;
     PyObject *executor = NULL, *result = NULL;
 
-    if (a->loop != Py_None && use_uvloop) {
+    if (a->loop != Py_None && f->use_uvloop) {
         PyErr_SetString(PyExc_Exception,
                         "'loop' and 'use_uvloop' parameters are mutually exclusive. "
                         "(Just make your own uvloop and pass it in).");
         return NULL;
     }
     if (a->loop == Py_None) {
-        run->loop = new_loop(st, use_uvloop);
+        run->loop = new_loop(st, f->use_uvloop);
         if (run->loop == NULL) {
             return NULL;
         }
@@ -404,10 +414,13 @@ run_with_signals(RunObject *run, run_args *a, int use_uvloop, int stop_on_errors
         run->loop = Py_NewRef(a->loop);
     }
     aiorun_signals_loop_ready(run);
-    if (install_exception_handler(run, stop_on_errors) < 0) {
+    if (install_exception_handler(run, f->stop_on_errors) < 0) {
         goto fail;
     }
     if (a->coro != Py_None && start_main_task(run, a->coro) < 0) {
+        goto fail;
+    }
+    if (aiorun_notify_loop_ready(run, f->ready_on_start) < 0) {
         goto fail;
     }
 #ifdef MS_WINDOWS
@@ -518,22 +531,23 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
     static char *kwlist[] = {
         "coro", "loop", "shutdown_handler", "shutdown_callback", "executor_workers",
         "executor", "use_uvloop", "stop_on_unhandled_errors", "timeout_task_shutdown",
-        "shutdown_deadline", "exit_on_repeated_signal", NULL,
+        "shutdown_deadline", "exit_on_repeated_signal", "notify_ready_on_start", NULL,
     };
     aiorun_state *st = aiorun_get_state(module);
     run_args a = {Py_None, Py_None, Py_None, Py_None, Py_None, Py_None,
-                  Py_False, Py_False, NULL, Py_None, Py_None};
+                  Py_False, Py_False, NULL, Py_None, Py_None, Py_True};
     watchdog_args w = {0, 0};
+    run_flags f = {0, 0, 1, -1};
     PyObject *result = NULL;
-    int use_uvloop = 0, stop_on_errors = 0;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O$OOOOOOOOOO:run", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O$OOOOOOOOOOO:run", kwlist,
                                      &a.coro, &a.loop, &a.shutdown_handler,
                                      &a.shutdown_callback, &a.executor_workers,
                                      &a.executor, &a.use_uvloop,
                                      &a.stop_on_unhandled_errors,
                                      &a.timeout_task_shutdown, &a.shutdown_deadline,
-                                     &a.exit_on_repeated_signal)) {
+                                     &a.exit_on_repeated_signal,
+                                     &a.notify_ready_on_start)) {
         return NULL;
     }
     PyObject *default_timeout = NULL;
@@ -566,13 +580,15 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
     }
     if (aiorun_log(st, LOG_DEBUG, "Entering run()") == 0
         && (!run->off_main_thread || aiorun_log(st, LOG_WARNING, OFF_MAIN_THREAD) == 0)
-        && check_arguments(st, &a, &use_uvloop, &stop_on_errors) == 0
+        && check_arguments(st, &a, &f) == 0
         && check_watchdog_arguments(&a, &w) == 0
         && check_watchdog_thread(run, &a, &w) == 0
         && ((w.deadline == 0 && !w.exit_on_repeat)
-            || aiorun_watchdog_start(run, w.deadline, w.exit_on_repeat) == 0)) {
-        result = run_with_signals(run, &a, use_uvloop, stop_on_errors);
+            || aiorun_watchdog_start(run, w.deadline, w.exit_on_repeat) == 0)
+        && aiorun_notify_start(run, f.task_timeout) == 0) {
+        result = run_with_signals(run, &a, &f);
     }
+    aiorun_notify_stop(run);
     aiorun_watchdog_stop(run);
     aiorun_signals_unwake_loop(run);
     remove_exception_handler(run);

@@ -28,6 +28,8 @@ aiorun_run_new(aiorun_state *st)
     run->handler_scheduled = 0;
     run->wake_fds[0] = run->wake_fds[1] = -1;
     run->watchdog = NULL;
+    run->notifier = NULL;
+    run->ping_timer = NULL;
     PyObject_GC_Track(run);
     return run;
 }
@@ -36,6 +38,13 @@ PyObject *
 aiorun_run_method(RunObject *run, const char *name)
 {
     return PyObject_GetAttrString((PyObject *)run, name);
+}
+
+void
+aiorun_run_stage(RunObject *run, int stage)
+{
+    aiorun_watchdog_stage(run, (aiorun_stage)stage);
+    aiorun_notify_stage(run, (aiorun_stage)stage);
 }
 
 static int
@@ -48,6 +57,7 @@ run_traverse(RunObject *self, visitproc visit, void *arg)
     Py_VISIT(self->main_task);
     Py_VISIT(self->saved_handlers);
     Py_VISIT(self->drain_waiter);
+    Py_VISIT(self->ping_timer);
     return 0;
 }
 
@@ -60,6 +70,7 @@ aiorun_run_clear(RunObject *self)
     Py_CLEAR(self->main_task);
     Py_CLEAR(self->saved_handlers);
     Py_CLEAR(self->drain_waiter);
+    Py_CLEAR(self->ping_timer);
     return 0;
 }
 
@@ -95,6 +106,10 @@ static PyMethodDef run_methods[] = {
      "Done callback of a task the shutdown waits for."},
     {"_drain_timeout", aiorun_run_drain_timeout, METH_NOARGS,
      "Ends the wait for cancelled tasks when timeout_task_shutdown passes."},
+    {"_notify_ready", aiorun_run_notify_ready, METH_NOARGS,
+     "Sends READY=1 once the main coroutine has started."},
+    {"_notify_watchdog", aiorun_run_notify_watchdog, METH_NOARGS,
+     "Sends WATCHDOG=1 and schedules the next ping on the loop."},
 #ifdef MS_WINDOWS
     {"_windows_wakeup", aiorun_run_windows_wakeup, METH_NOARGS,
      "Wakes the loop periodically so Ctrl-C is noticed on Windows."},

@@ -314,13 +314,13 @@ cancel_and_wait(RunObject *run, PyObject *timeout)
     }
     int rc = 0;
     if (PyList_GET_SIZE(tasks) > 0) {
-        aiorun_watchdog_stage(run, STAGE_CANCELLING);
+        aiorun_run_stage(run, STAGE_CANCELLING);
         rc = (aiorun_log(st, LOG_INFO, "Cancelling pending tasks.") < 0
               || cancel_tasks(run, tasks) < 0
               || aiorun_log(st, LOG_INFO, "Running pending tasks till complete") < 0)
             ? -1 : 0;
         if (rc == 0) {
-            aiorun_watchdog_stage(run, STAGE_WAITING_TASKS);
+            aiorun_run_stage(run, STAGE_WAITING_TASKS);
             rc = drain(run, tasks, timeout);
         }
     }
@@ -333,7 +333,7 @@ close_own_loop(RunObject *run)
 {
     aiorun_state *st = run->state;
     PyObject *gens = NULL, *res = NULL;
-    aiorun_watchdog_stage(run, STAGE_ASYNCGENS);
+    aiorun_run_stage(run, STAGE_ASYNCGENS);
     if (aiorun_log(st, LOG_INFO, "Shutting down async generators") < 0) {
         return -1;
     }
@@ -347,7 +347,7 @@ close_own_loop(RunObject *run)
         return -1;
     }
     Py_DECREF(res);
-    aiorun_watchdog_stage(run, STAGE_CLOSING);
+    aiorun_run_stage(run, STAGE_CLOSING);
     if (aiorun_log(st, LOG_INFO, "Closing the loop.") < 0) {
         return -1;
     }
@@ -376,7 +376,7 @@ aiorun_shutdown(RunObject *run, PyObject *shutdown_callback, PyObject *executor,
         return NULL;
     }
     if (shutdown_callback != Py_None) {
-        aiorun_watchdog_stage(run, STAGE_CALLBACK);
+        aiorun_run_stage(run, STAGE_CALLBACK);
         if (run_shutdown_callback(run, shutdown_callback) < 0) {
             return NULL;
         }
@@ -387,7 +387,7 @@ aiorun_shutdown(RunObject *run, PyObject *shutdown_callback, PyObject *executor,
     if (aiorun_log(st, LOG_INFO, "Waiting for executor shutdown.") < 0) {
         return NULL;
     }
-    aiorun_watchdog_stage(run, STAGE_EXECUTOR);
+    aiorun_run_stage(run, STAGE_EXECUTOR);
     PyObject *res = PyObject_CallMethod(executor, "shutdown", "O", Py_True);
     if (res == NULL) {
         return NULL;
@@ -396,7 +396,7 @@ aiorun_shutdown(RunObject *run, PyObject *shutdown_callback, PyObject *executor,
     if (run->own_loop && close_own_loop(run) < 0) {
         return NULL;
     }
-    aiorun_watchdog_stage(run, STAGE_LEAVING);
+    aiorun_run_stage(run, STAGE_LEAVING);
     if (aiorun_log(st, LOG_INFO, "Leaving. Bye!") < 0) {
         return NULL;
     }

@@ -184,7 +184,7 @@ aiorun_run_call_shutdown_handler(PyObject *self, PyObject *unused)
     if (run->phase != PHASE_RUNNING) {
         Py_RETURN_NONE;
     }
-    aiorun_watchdog_stage(run, STAGE_HANDLER);
+    aiorun_run_stage(run, STAGE_HANDLER);
     PyObject *res = PyObject_CallOneArg(run->shutdown_handler, run->loop);
     if (res == NULL) {
         allow_another_request(run);   /* the loop logs the error */
@@ -196,12 +196,16 @@ PyObject *
 aiorun_run_on_signal(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     RunObject *run = (RunObject *)self;
-    (void)args;
-    (void)nargs;
     if (run->shutdown_requested || run->phase >= PHASE_SHUTDOWN) {
         Py_RETURN_NONE;  /* the shutdown is already on its way */
     }
     run->shutdown_requested = 1;
+    long signum = nargs > 0 && PyLong_Check(args[0]) ? PyLong_AsLong(args[0]) : 0;
+    if (signum == -1 && PyErr_Occurred()) {
+        PyErr_Clear();   /* only names the signal in a notification */
+        signum = 0;
+    }
+    aiorun_notify_stopping(run, (int)signum);
     /* For a signal that came before the watchdog's own handler was in. */
     aiorun_watchdog_request(run, REQUEST_SIGNAL);
     if (run->loop != NULL) {

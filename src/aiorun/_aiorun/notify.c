@@ -1,0 +1,454 @@
+/* systemd's notification protocol (sd_notify(3)), spoken directly: one
+ * datagram per message to the AF_UNIX socket named by NOTIFY_SOCKET, no
+ * libsystemd.  Nothing happens unless NOTIFY_SOCKET is set.
+ *
+ * What run() says, in order:
+ *   STATUS=starting                        run() has begun setting up
+ *   READY=1 + STATUS=running               the main coroutine has started
+ *                                          (or notify_ready(), when asked)
+ *   STOPPING=1 + STATUS=stopping: <why>    the first signal, or loop stop
+ *   STATUS=shutdown: <phase> + EXTEND_TIMEOUT_USEC=<us>   each phase
+ *   STATUS=stopped                         run() is returning
+ * and WATCHDOG=1 every WATCHDOG_USEC / 2, sent by a timer on the event loop
+ * itself, so a blocked loop stops the pings and systemd acts on it.
+ *
+ * Sends never block (a full socket drops the message, as sd_notify does)
+ * and never fail run(): a notification is advice to the supervisor. */
+#include "aiorun.h"
+
+#ifndef MS_WINDOWS
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#define NOTIFY_ENV "NOTIFY_SOCKET"
+
+struct aiorun_notifier {
+    int fd;
+    struct sockaddr_un addr;
+    socklen_t addrlen;
+    double ping_interval;      /* seconds; 0 when systemd wants no pings */
+    long long extend_usec;     /* EXTEND_TIMEOUT_USEC sent with each phase */
+    int stopping_sent;
+};
+
+static const char *const phase_status[] = {
+    [STAGE_STARTING] = NULL,
+    [STAGE_RUNNING] = NULL,
+    [STAGE_HANDLER] = "calling shutdown_handler",
+    [STAGE_SHUTDOWN] = "the loop stopped",
+    [STAGE_CALLBACK] = "running shutdown_callback",
+    [STAGE_CANCELLING] = "cancelling tasks",
+    [STAGE_WAITING_TASKS] = "waiting for tasks",
+    [STAGE_EXECUTOR] = "shutting down the executor",
+    [STAGE_ASYNCGENS] = "closing async generators",
+    [STAGE_CLOSING] = "closing the loop",
+    [STAGE_LEAVING] = NULL,
+};
+
+/* NOTIFY_SOCKET as a socket address: "/path", or "@name" for the abstract
+ * namespace.  0 when it is usable, -1 (with *why set) when not. */
+static int
+parse_address(const char *value, struct sockaddr_un *addr, socklen_t *len,
+              const char **why)
+{
+    size_t n = strlen(value);
+    memset(addr, 0, sizeof *addr);
+    addr->sun_family = AF_UNIX;
+    if (value[0] != '/' && value[0] != '@') {
+        *why = "is not a path or an abstract socket name (only AF_UNIX is supported)";
+        return -1;
+    }
+    if (n < 2 || n > sizeof addr->sun_path - (value[0] == '/')) {
+        *why = "has no room in a socket address";
+        return -1;
+    }
+    memcpy(addr->sun_path, value, n);
+    if (value[0] == '@') {
+        addr->sun_path[0] = '\0';   /* abstract: no terminating NUL counted */
+        *len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n);
+    }
+    else {
+        *len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + 1);
+    }
+    return 0;
+}
+
+/* 0 if sent (or dropped by a full socket), -1 with errno otherwise. */
+static int
+send_to(int fd, const struct sockaddr_un *addr, socklen_t len, const char *message)
+{
+    ssize_t sent = sendto(fd, message, strlen(message), MSG_NOSIGNAL | MSG_DONTWAIT,
+                          (const struct sockaddr *)addr, len);
+    return sent >= 0 || errno == EAGAIN ? 0 : -1;
+}
+
+static int
+open_socket(void)
+{
+    return socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+}
+
+static void
+say(RunObject *run, const char *message)
+{
+    aiorun_notifier *nt = run->notifier;
+    if (nt != NULL && send_to(nt->fd, &nt->addr, nt->addrlen, message) < 0) {
+        /* The receiver went away: systemd will not read more either. */
+        close(nt->fd);
+        PyMem_RawFree(nt);
+        run->notifier = NULL;
+    }
+}
+
+/* WATCHDOG_USEC, when systemd asks this process (WATCHDOG_PID, if set, is
+ * ours) for pings: half of it, in seconds; 0 for none, -1 if malformed. */
+static double
+ping_interval(void)
+{
+    const char *usec = getenv("WATCHDOG_USEC");
+    const char *pid = getenv("WATCHDOG_PID");
+    char *end;
+    if (usec == NULL || *usec == '\0') {
+        return 0;
+    }
+    if (pid != NULL && *pid != '\0') {
+        long long who = strtoll(pid, &end, 10);
+        if (*end != '\0' || who <= 0) {
+            return -1;
+        }
+        if (who != (long long)getpid()) {
+            return 0;
+        }
+    }
+    errno = 0;
+    long long us = strtoll(usec, &end, 10);
+    if (*end != '\0' || errno != 0 || us <= 0) {
+        return -1;
+    }
+    return (double)us / 2e6;
+}
+
+int
+aiorun_notify_start(RunObject *run, double task_timeout)
+{
+    const char *value = getenv(NOTIFY_ENV);
+    const char *why = NULL;
+    struct sockaddr_un addr;
+    socklen_t len;
+    if (value == NULL || *value == '\0') {
+        return 0;
+    }
+    if (parse_address(value, &addr, &len, &why) < 0) {
+        char message[200];
+        snprintf(message, sizeof message,
+                 "environment variable " NOTIFY_ENV "='%.60s' %s: "
+                 "no notifications are sent", value, why);
+        return aiorun_log(run->state, LOG_WARNING, message);
+    }
+    double interval = ping_interval();
+    if (interval < 0) {
+        interval = 0;
+        if (aiorun_log(run->state, LOG_WARNING,
+                       "environment variables WATCHDOG_USEC/WATCHDOG_PID are not "
+                       "positive integers: no watchdog pings are sent") < 0) {
+            return -1;
+        }
+    }
+    aiorun_notifier *nt = PyMem_RawMalloc(sizeof *nt);
+    if (nt == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    nt->fd = open_socket();
+    if (nt->fd < 0) {
+        PyMem_RawFree(nt);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    nt->addr = addr;
+    nt->addrlen = len;
+    nt->ping_interval = interval;
+    /* A phase may wait for tasks up to the task timeout; give it that
+     * much and 5 s more (60 s when the timeout is None). */
+    nt->extend_usec = (long long)(((task_timeout >= 0 ? task_timeout : 60) + 5) * 1e6);
+    nt->stopping_sent = 0;
+    run->notifier = nt;
+    say(run, "STATUS=starting");
+    return 0;
+}
+
+/* Schedules `method` of run on its loop after `delay` seconds (call_soon
+ * when delay is 0); returns the handle. */
+static PyObject *
+schedule(RunObject *run, const char *method, double delay)
+{
+    PyObject *callback = aiorun_run_method(run, method);
+    if (callback == NULL) {
+        return NULL;
+    }
+    PyObject *handle = delay > 0
+        ? PyObject_CallMethod(run->loop, "call_later", "dO", delay, callback)
+        : PyObject_CallMethod(run->loop, "call_soon", "O", callback);
+    Py_DECREF(callback);
+    return handle;
+}
+
+int
+aiorun_notify_loop_ready(RunObject *run, int ready_on_start)
+{
+    aiorun_notifier *nt = run->notifier;
+    if (nt == NULL) {
+        return 0;
+    }
+    if (ready_on_start) {
+        /* Queued behind the main task's first step: READY=1 goes out once
+         * the main coroutine has started. */
+        PyObject *handle = schedule(run, "_notify_ready", 0);
+        if (handle == NULL) {
+            return -1;
+        }
+        Py_DECREF(handle);
+    }
+    if (nt->ping_interval > 0) {
+        Py_XSETREF(run->ping_timer, schedule(run, "_notify_watchdog", 0));
+        if (run->ping_timer == NULL) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+PyObject *
+aiorun_run_notify_ready(PyObject *self, PyObject *unused)
+{
+    RunObject *run = (RunObject *)self;
+    (void)unused;
+    if (run->notifier != NULL && !run->notifier->stopping_sent) {
+        say(run, "READY=1\nSTATUS=running");
+    }
+    Py_RETURN_NONE;
+}
+
+PyObject *
+aiorun_run_notify_watchdog(PyObject *self, PyObject *unused)
+{
+    RunObject *run = (RunObject *)self;
+    (void)unused;
+    if (run->notifier == NULL || run->phase == PHASE_DONE) {
+        Py_CLEAR(run->ping_timer);
+        Py_RETURN_NONE;
+    }
+    say(run, "WATCHDOG=1");
+    double interval = run->notifier ? run->notifier->ping_interval : 0;
+    Py_XSETREF(run->ping_timer,
+               interval > 0 ? schedule(run, "_notify_watchdog", interval) : NULL);
+    if (run->ping_timer == NULL && PyErr_Occurred()) {
+        return NULL;   /* the loop logs it; the pings stop, so systemd acts */
+    }
+    Py_RETURN_NONE;
+}
+
+void
+aiorun_notify_stopping(RunObject *run, int signum)
+{
+    aiorun_notifier *nt = run->notifier;
+    if (nt == NULL || nt->stopping_sent) {
+        return;
+    }
+    nt->stopping_sent = 1;
+    char message[120];
+    if (signum > 0) {
+        const char *name = signum == SIGINT ? "SIGINT"
+                         : signum == SIGTERM ? "SIGTERM" : "a signal";
+        snprintf(message, sizeof message, "STOPPING=1\nSTATUS=stopping: %s received",
+                 name);
+    }
+    else {
+        snprintf(message, sizeof message, "STOPPING=1\nSTATUS=stopping: the loop stopped");
+    }
+    say(run, message);
+}
+
+void
+aiorun_notify_stage(RunObject *run, aiorun_stage stage)
+{
+    if (run->notifier == NULL || stage < 0 || stage > STAGE_LEAVING) {
+        return;
+    }
+    if (stage == STAGE_LEAVING) {
+        say(run, "STATUS=stopped");
+        return;
+    }
+    const char *status = phase_status[stage];
+    if (status == NULL) {
+        return;
+    }
+    aiorun_notify_stopping(run, 0);   /* a phase of the shutdown: it began */
+    if (run->notifier == NULL) {
+        return;
+    }
+    char message[160];
+    snprintf(message, sizeof message, "STATUS=shutdown: %s\nEXTEND_TIMEOUT_USEC=%lld",
+             status, run->notifier->extend_usec);
+    say(run, message);
+}
+
+void
+aiorun_notify_stop(RunObject *run)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (run->ping_timer != NULL) {
+        /* A loop that outlives run() (the caller's own) pings no more. */
+        PyObject *res = PyObject_CallMethod(run->ping_timer, "cancel", NULL);
+        if (res == NULL) {
+            PyErr_WriteUnraisable(run->ping_timer);
+        }
+        Py_XDECREF(res);
+        Py_CLEAR(run->ping_timer);
+    }
+    if (run->notifier != NULL) {
+        close(run->notifier->fd);
+        PyMem_RawFree(run->notifier);
+        run->notifier = NULL;
+    }
+    PyErr_Restore(type, value, tb);
+}
+
+/* aiorun.notify_ready(status=None): READY=1 (and STATUS=status) for apps
+ * that are ready later than their start; True if sent, False without
+ * NOTIFY_SOCKET.  A socket of its own, so it works from any thread. */
+PyObject *
+aiorun_notify_ready(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"status", NULL};
+    PyObject *status = Py_None;
+    (void)module;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:notify_ready", kwlist, &status)) {
+        return NULL;
+    }
+    const char *text = "running";
+    if (status != Py_None) {
+        if (!PyUnicode_Check(status)) {
+            PyErr_Format(PyExc_TypeError,
+                         "notify_ready() argument 'status' must be str or None, not %.200s",
+                         Py_TYPE(status)->tp_name);
+            return NULL;
+        }
+        Py_ssize_t size;
+        text = PyUnicode_AsUTF8AndSize(status, &size);
+        if (text == NULL) {
+            return NULL;
+        }
+        if (strlen(text) != (size_t)size || strchr(text, '\n') != NULL) {
+            PyErr_SetString(PyExc_ValueError,
+                            "notify_ready() argument 'status' must be one line");
+            return NULL;
+        }
+    }
+    const char *value = getenv(NOTIFY_ENV);
+    const char *why;
+    struct sockaddr_un addr;
+    socklen_t len;
+    if (value == NULL || *value == '\0') {
+        Py_RETURN_FALSE;
+    }
+    if (parse_address(value, &addr, &len, &why) < 0) {
+        PyErr_Format(PyExc_ValueError, "environment variable " NOTIFY_ENV "='%.60s' %s",
+                     value, why);
+        return NULL;
+    }
+    PyObject *message = PyUnicode_FromFormat("READY=1\nSTATUS=%s", text);
+    const char *bytes = message ? PyUnicode_AsUTF8(message) : NULL;
+    if (bytes == NULL) {
+        Py_XDECREF(message);
+        return NULL;
+    }
+    int rc = -1, fd = open_socket();
+    if (fd >= 0) {
+        rc = send_to(fd, &addr, len, bytes);
+        int saved = errno;
+        close(fd);
+        errno = saved;
+    }
+    Py_DECREF(message);
+    if (rc < 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_TRUE;
+}
+
+#else /* MS_WINDOWS: systemd does not exist there */
+
+int
+aiorun_notify_start(RunObject *run, double task_timeout)
+{
+    (void)run;
+    (void)task_timeout;
+    return 0;
+}
+
+int
+aiorun_notify_loop_ready(RunObject *run, int ready_on_start)
+{
+    (void)run;
+    (void)ready_on_start;
+    return 0;
+}
+
+PyObject *
+aiorun_run_notify_ready(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    Py_RETURN_NONE;
+}
+
+PyObject *
+aiorun_run_notify_watchdog(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    Py_RETURN_NONE;
+}
+
+void
+aiorun_notify_stopping(RunObject *run, int signum)
+{
+    (void)run;
+    (void)signum;
+}
+
+void
+aiorun_notify_stage(RunObject *run, aiorun_stage stage)
+{
+    (void)run;
+    (void)stage;
+}
+
+void
+aiorun_notify_stop(RunObject *run)
+{
+    (void)run;
+}
+
+PyObject *
+aiorun_notify_ready(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"status", NULL};
+    PyObject *status = Py_None;
+    (void)module;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:notify_ready", kwlist, &status)) {
+        return NULL;
+    }
+    Py_RETURN_FALSE;
+}
+
+#endif /* MS_WINDOWS */

@@ -1,0 +1,286 @@
+"""systemd notifications: a real datagram socket bound where NOTIFY_SOCKET
+points (a path, or an abstract name), a child app under run(), and the exact
+messages it sends, in order.  Watchdog pings are counted between markers the
+app itself sends, so no assertion depends on how fast the machine is.
+"""
+import os
+import signal
+import socket
+import sys
+import threading
+import uuid
+
+import pytest
+
+import aiorun
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="systemd is POSIX only")
+
+EXTEND = "EXTEND_TIMEOUT_USEC=65000000"   # the default timeout_task_shutdown (60 s) + 5 s
+
+
+class Receiver:
+    """What systemd does with NOTIFY_SOCKET: read every datagram at once (the
+    kernel's queue holds only a few) and keep them in order."""
+
+    def __init__(self, address):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address)
+        self.messages = []
+        self.arrived = threading.Condition()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except OSError:
+                return
+            with self.arrived:
+                self.messages.append(data.decode())
+                self.arrived.notify_all()
+
+    def wait_for(self, message, timeout=30):
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: message in self.messages, timeout), \
+                (message, self.messages)
+
+    def close(self):
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(10)
+
+    def without_pings(self):
+        """Every message but the pings, once run() has said it stopped (the
+        datagrams may still be on their way when the process has exited)."""
+        self.wait_for("STATUS=stopped")
+        return [m for m in self.messages if m != "WATCHDOG=1"]
+
+
+@pytest.fixture(params=["path", "abstract"])
+def receiver(request, tmp_path):
+    if request.param == "path":
+        env_value = str(tmp_path / "notify.sock")
+        bind_to = env_value
+    else:
+        env_value = f"@aiorun-test-{uuid.uuid4().hex}"
+        bind_to = "\0" + env_value[1:]
+    r = Receiver(bind_to)
+    r.env = {"NOTIFY_SOCKET": env_value, "WATCHDOG_USEC": None, "WATCHDOG_PID": None}
+    yield r
+    r.close()
+
+
+PHASES = [
+    "STATUS=shutdown: the loop stopped\n" + EXTEND,
+    "STATUS=shutdown: cancelling tasks\n" + EXTEND,
+    "STATUS=shutdown: waiting for tasks\n" + EXTEND,
+    "STATUS=shutdown: shutting down the executor\n" + EXTEND,
+    "STATUS=shutdown: closing async generators\n" + EXTEND,
+    "STATUS=shutdown: closing the loop\n" + EXTEND,
+    "STATUS=stopped",
+]
+
+SLEEPER = """
+    async def main():
+        asyncio.get_running_loop().create_task(asyncio.sleep(3600))
+        say("READY")
+        await asyncio.sleep(3600)
+    run(main())
+"""
+
+
+def test_signal_shutdown_sends_every_message_in_order(app, receiver):
+    a = app(SLEEPER, env=receiver.env)
+    a.wait_line("READY")
+    receiver.wait_for("READY=1\nSTATUS=running")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert receiver.without_pings() == [
+        "STATUS=starting",
+        "READY=1\nSTATUS=running",
+        "STOPPING=1\nSTATUS=stopping: SIGTERM received",
+        "STATUS=shutdown: calling shutdown_handler\n" + EXTEND,
+        *PHASES,
+    ]
+    assert "WATCHDOG=1" not in receiver.messages   # not asked for
+
+
+def test_loop_stop_and_shutdown_callback_are_named(app, receiver):
+    a = app("""
+        async def main():
+            say("READY")
+            asyncio.get_running_loop().stop()
+        async def callback(loop):
+            say("callback")
+        run(main(), shutdown_callback=callback, timeout_task_shutdown=7)
+    """, env=receiver.env)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["READY", "callback"]
+    extend = "EXTEND_TIMEOUT_USEC=12000000"   # 7 s + 5 s
+    phases = [p.replace(EXTEND, extend) for p in PHASES if "tasks" not in p]
+    assert receiver.without_pings() == [   # no task left: none to cancel or wait for
+        "STATUS=starting",
+        "READY=1\nSTATUS=running",
+        "STOPPING=1\nSTATUS=stopping: the loop stopped",
+        phases[0],
+        "STATUS=shutdown: running shutdown_callback\n" + extend,
+        *phases[1:],
+    ]
+
+
+def test_sigint_is_named(app, receiver):
+    a = app(SLEEPER, env=receiver.env)
+    a.wait_line("READY")
+    a.send(signal.SIGINT)
+    assert a.finish().returncode == 0
+    assert "STOPPING=1\nSTATUS=stopping: SIGINT received" in receiver.without_pings()
+
+
+def test_ready_waits_for_the_app_when_asked(app, receiver):
+    a = app("""
+        async def main():
+            say("STARTED")
+            sys.stdin.readline()                      # the test has looked
+            say("SENT", aiorun.notify_ready("serving on :8080"))
+            await asyncio.sleep(3600)
+        run(main(), notify_ready_on_start=False)
+    """, env=receiver.env, stdin=True)
+    a.wait_line("STARTED")
+    receiver.wait_for("STATUS=starting")
+    a.write("go\n")
+    a.wait_line("SENT True")
+    a.send(signal.SIGTERM)
+    assert a.finish().returncode == 0
+    msgs = receiver.without_pings()
+    assert msgs[:3] == ["STATUS=starting", "READY=1\nSTATUS=serving on :8080",
+                        "STOPPING=1\nSTATUS=stopping: SIGTERM received"], msgs
+    assert sum(m.startswith("READY=1") for m in msgs) == 1
+
+
+def test_ready_is_sent_only_once_the_main_coroutine_has_started(app, receiver):
+    # The main coroutine sends a marker of its own on its first step; READY
+    # must come after it.
+    a = app(f"""
+        import socket
+        async def main():
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            addr = os.environ["NOTIFY_SOCKET"]
+            s.sendto(b"MAIN=started", "\\0" + addr[1:] if addr[0] == "@" else addr)
+            say("READY")
+            await asyncio.sleep(3600)
+        run(main())
+    """, env=receiver.env)
+    a.wait_line("READY")
+    receiver.wait_for("READY=1\nSTATUS=running")
+    a.send(signal.SIGTERM)
+    assert a.finish().returncode == 0
+    msgs = receiver.without_pings()
+    assert msgs.index("MAIN=started") < msgs.index("READY=1\nSTATUS=running"), msgs
+
+
+def test_watchdog_pings_come_from_the_loop_and_stop_while_it_is_blocked(app, receiver):
+    # WATCHDOG_USEC=100 ms: a ping every 50 ms while the loop runs.  The app
+    # marks a window in which it lets the loop run, then one in which it
+    # blocks the loop for as long; pings come in the first and none in the
+    # second.
+    env = dict(receiver.env, WATCHDOG_USEC="100000", WATCHDOG_PID=None)
+    a = app("""
+        import socket
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        addr = os.environ["NOTIFY_SOCKET"]
+        addr = "\\0" + addr[1:] if addr[0] == "@" else addr
+        async def main():
+            s.sendto(b"MARK=free", addr)
+            await asyncio.sleep(1.0)
+            s.sendto(b"MARK=blocked", addr)
+            time.sleep(1.0)
+            s.sendto(b"MARK=end", addr)
+            say("READY")
+            await asyncio.sleep(3600)
+        run(main())
+    """, env=env)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    assert a.finish().returncode == 0
+    receiver.wait_for("STATUS=stopped")
+    msgs = receiver.messages
+    free, blocked, end = (msgs.index(f"MARK={m}") for m in ("free", "blocked", "end"))
+    pings_free = msgs[free:blocked].count("WATCHDOG=1")
+    pings_blocked = msgs[blocked:end].count("WATCHDOG=1")
+    # 1 s at one ping per 50 ms is 20; a busy machine delays timers, so
+    # only "several" is asserted.
+    assert pings_free >= 5, msgs
+    assert pings_blocked == 0, msgs
+
+
+def test_watchdog_pid_of_another_process_means_no_pings(app, receiver):
+    env = dict(receiver.env, WATCHDOG_USEC="20000", WATCHDOG_PID=str(os.getpid()))
+    a = app("""
+        async def main():
+            await asyncio.sleep(0.3)
+            say("READY")
+            await asyncio.sleep(3600)
+        run(main())
+    """, env=env)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    assert a.finish().returncode == 0
+    assert "READY=1\nSTATUS=running" in receiver.without_pings()
+    assert "WATCHDOG=1" not in receiver.messages
+
+
+def test_no_notify_socket_means_nothing_sent_and_notify_ready_says_false(app):
+    a = app("""
+        async def main():
+            say("SENT", aiorun.notify_ready())
+            asyncio.get_running_loop().stop()
+        run(main())
+    """, env={"NOTIFY_SOCKET": None})
+    r = a.finish()
+    assert r.returncode == 0
+    assert r.stdout == ["SENT False"]
+
+
+@pytest.mark.parametrize("value", ["vsock:2:1234", "relative/path", "@"])
+def test_an_unusable_notify_socket_is_a_warning_not_a_failure(app, value):
+    a = app("""
+        async def main():
+            asyncio.get_running_loop().stop()
+        run(main())
+        try:
+            aiorun.notify_ready()
+        except ValueError as e:
+            say("ValueError", e)
+    """, env={"NOTIFY_SOCKET": value})
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert any(m.startswith(f"environment variable NOTIFY_SOCKET='{value}'")
+               and m.endswith("no notifications are sent") for m in r.messages), r
+    assert r.stdout and r.stdout[0].startswith(f"ValueError environment variable "
+                                               f"NOTIFY_SOCKET='{value}'"), r
+
+
+def test_a_receiver_that_went_away_does_not_disturb_the_run(app, tmp_path):
+    a = app(SLEEPER, env={"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert "Traceback" not in r.stderr_text
+
+
+@pytest.mark.parametrize("value, error", [
+    (5, TypeError), (b"x", TypeError), ("two\nlines", ValueError), ("nul\0", ValueError)])
+def test_notify_ready_status_is_checked(value, error):
+    with pytest.raises(error, match="notify_ready\\(\\) argument 'status'"):
+        aiorun.notify_ready(value)
+
+
+@pytest.mark.parametrize("value", [None, "yes", 1.0])
+def test_notify_ready_on_start_must_be_a_flag(value):
+    with pytest.raises(TypeError, match="'notify_ready_on_start' must be bool"):
+        aiorun.run(notify_ready_on_start=value)
