@@ -130,6 +130,27 @@ def scenario_waiters_10k():
             await shutdown_waits_for(work(i))
     asyncio.run(main())
 
+def scenario_notify():
+    # systemd notifications (notify.c): READY, pings on the loop,
+    # notify_ready(), STOPPING and the phases, and drops once the
+    # receiver's queue (never read here) is full.
+    import socket
+    name = f"aiorun-refleak-{os.getpid()}"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        receiver.bind("\0" + name)
+        os.environ.update(NOTIFY_SOCKET="@" + name, WATCHDOG_USEC="20000")
+        async def main():
+            aiorun.notify_ready("warm")
+            await asyncio.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(10)
+        run(main(), timeout_task_shutdown=2, shutdown_deadline=5)
+    finally:
+        os.environ.pop("NOTIFY_SOCKET", None)
+        os.environ.pop("WATCHDOG_USEC", None)
+        receiver.close()
+
 def scenario_thread_and_nested():
     # run() off the main thread (no signal handling), and run() refused
     # inside a running loop.
@@ -154,7 +175,7 @@ def scenario_bad_args():
                   dict(executor=1), dict(use_uvloop="x"), dict(timeout_task_shutdown=-1),
                   dict(stop_on_unhandled_errors=None), dict(bogus=1),
                   dict(shutdown_deadline=0), dict(shutdown_deadline="1"),
-                  dict(exit_on_repeated_signal="1")]
+                  dict(exit_on_repeated_signal="1"), dict(notify_ready_on_start=None)]
     for kw in bad_kwargs:
         try:
             run(**kw)
@@ -168,6 +189,11 @@ def scenario_bad_args():
         try:
             shutdown_waits_for(*args)
         except TypeError:
+            pass
+    for status in [5, "two\nlines"]:
+        try:
+            aiorun.notify_ready(status)
+        except (TypeError, ValueError):
             pass
     loop = asyncio.new_event_loop()
     try:
@@ -221,7 +247,7 @@ def measure(fn, warm=5, reps=30, report=True):
 
 SCENARIOS = ["scenario_cancel_awaiter", "scenario_run_stop", "scenario_unhandled",
              "scenario_stuck", "scenario_watchdog", "scenario_waiters", "scenario_waiters_10k",
-             "scenario_thread_and_nested", "scenario_bad_args"]
+             "scenario_thread_and_nested", "scenario_bad_args", "scenario_notify"]
 _kept = []
 
 def canary_leaks_one_object_per_rep():

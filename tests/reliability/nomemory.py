@@ -36,6 +36,8 @@ SCENARIOS = {
     "thread_and_nested": refleak.scenario_thread_and_nested,
     # every argument error path
     "bad_arguments": refleak.scenario_bad_args,
+    # systemd notifications: READY, watchdog pings, STOPPING, the phases
+    "notify": refleak.scenario_notify,
 }
 NOT_REACHED_TO_STOP = 5
 
@@ -45,11 +47,11 @@ def probe_reached(budget):
     of `budget` more allocations (one per bytes(), none for the loop) fails.
     The sweep's n never runs ahead of the scenario by more than the budget.
     """
-    for _ in itertools.repeat(None, budget):
-        try:
+    try:
+        for _ in itertools.repeat(None, budget):
             bytes(100)
-        except MemoryError:
-            return False
+    except MemoryError:   # also when the failure hit the probe's own set-up
+        return False
     return True
 
 
@@ -71,20 +73,26 @@ FAILALLOC = load_failalloc()
 
 
 def child(scenario, n, log_fd, hang_seconds, budget):
-    os.dup2(log_fd, 1)
-    os.dup2(log_fd, 2)
-    faulthandler.dump_traceback_later(hang_seconds, exit=True)
-    outcome = "success"
-    FAILALLOC.failalloc_set(n, 2)         # fails allocation number n only
+    """Never returns: a forked child that went back into the sweep's loop
+    would fork children of its own."""
+    status = 3                            # no RESULT line: a harness error
     try:
-        scenario()
-    except BaseException as e:            # noqa: B902  whatever came out of it
-        outcome = type(e).__name__
-    reached = probe_reached(budget)
-    FAILALLOC.failalloc_remove()
-    faulthandler.cancel_dump_traceback_later()
-    os.write(1, f"\nRESULT {outcome} {int(reached)}\n".encode())
-    os._exit(0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        faulthandler.dump_traceback_later(hang_seconds, exit=True)
+        outcome = "success"
+        FAILALLOC.failalloc_set(n, 2)     # fails allocation number n only
+        try:
+            scenario()
+        except BaseException as e:        # noqa: B902  whatever came out of it
+            outcome = type(e).__name__
+        reached = probe_reached(budget)
+        FAILALLOC.failalloc_remove()
+        faulthandler.cancel_dump_traceback_later()
+        os.write(1, f"\nRESULT {outcome} {int(reached)}\n".encode())
+        status = 0
+    finally:
+        os._exit(status)
 
 
 def wait_nudging(children, nudge_seconds):
