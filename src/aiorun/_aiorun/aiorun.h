@@ -11,6 +11,7 @@
  *   watchdog.c  the thread that bounds the shutdown: deadline, forced exit
  *   sigwake.c   the C-level signal handler that wakes the watchdog
  *   notify.c    systemd notifications: ready, stopping, phases, pings
+ *   cli.c       python -m aiorun: options, target, run()
  *   stacks.c    Python stacks formatted the way tracebacks show them
  *   log.c       calls into the "aiorun" logger
  */
@@ -249,6 +250,11 @@ void aiorun_notify_stop(RunObject *run);
 PyObject *aiorun_run_notify_ready(PyObject *self, PyObject *unused);
 PyObject *aiorun_run_notify_watchdog(PyObject *self, PyObject *unused);
 PyObject *aiorun_notify_ready(PyObject *module, PyObject *args, PyObject *kwargs);
+
+/* ---- cli.c ---- */
+/* _main(argv): python -m aiorun; returns 0 or raises (SystemExit(2) for a
+ * usage error). */
+PyObject *aiorun_cli_main(PyObject *module, PyObject *argv);
 
 /* ---- sigwake.c (POSIX only) ---- */
 #ifndef MS_WINDOWS

@@ -47,6 +47,8 @@ static PyMethodDef aiorun_methods[] = {
      shutdown_handler_doc},
     {"notify_ready", (PyCFunction)(void (*)(void))aiorun_notify_ready,
      METH_VARARGS | METH_KEYWORDS, notify_ready_doc},
+    {"_main", aiorun_cli_main, METH_O,
+     "_main(argv)\n--\n\nThe command line behind python -m aiorun."},
     {NULL, NULL, 0, NULL},
 };
 

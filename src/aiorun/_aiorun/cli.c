@@ -1,0 +1,353 @@
+/* The command line: python -m aiorun [options] package.module:function [args]
+ *
+ * Builds an argparse parser (the standard --help, usage errors and exit
+ * code 2), resolves the target, and calls run() with the options given.
+ * The app's own failure propagates out of python -m as any exception does
+ * (traceback, exit 1; SystemExit keeps its code). */
+#include "aiorun.h"
+
+#include <stdarg.h>
+#include <string.h>
+
+#define PROG "python -m aiorun"
+
+typedef enum { OPT_FLAG, OPT_SECONDS, OPT_COUNT } option_kind;
+
+/* One option: its flag, the run() keyword it sets, and how it is read. */
+typedef struct {
+    const char *flag;
+    const char *keyword;
+    option_kind kind;
+    const char *help;
+} cli_option;
+
+static const cli_option options[] = {
+    {"--uvloop", "use_uvloop", OPT_FLAG, "run on a new uvloop event loop"},
+    {"--stop-on-unhandled-errors", "stop_on_unhandled_errors", OPT_FLAG,
+     "an unhandled error stops the loop; it is raised after the shutdown (exit 1)"},
+    {"--timeout-task-shutdown", "timeout_task_shutdown", OPT_SECONDS,
+     "seconds to wait for cancelled tasks (default 60)"},
+    {"--executor-workers", "executor_workers", OPT_COUNT,
+     "max_workers of the default ThreadPoolExecutor"},
+    {"--shutdown-deadline", "shutdown_deadline", OPT_SECONDS,
+     "seconds the whole shutdown may take; past it, exit code 124"},
+    {"--exit-on-repeated-signal", "exit_on_repeated_signal", OPT_FLAG,
+     "a second SIGINT/SIGTERM during the shutdown exits at once (code 124)"},
+};
+#define N_OPTIONS (sizeof options / sizeof options[0])
+
+#define DESCRIPTION                                                            \
+    "Run an async main function under aiorun.run(): the loop runs until "      \
+    "SIGINT or SIGTERM (or loop.stop()), then shuts down gracefully."
+#define EPILOG                                                                 \
+    "TARGET is module:function (an async function, or a function returning an " \
+    "awaitable, called with no arguments) or module:attribute (an awaitable). " \
+    "Options come before TARGET; everything after it is the app's own."
+
+/* callable(*args, **kwargs-from-format); steals args. */
+static PyObject *
+call_with(PyObject *callable, PyObject *args, const char *format, ...)
+{
+    va_list va;
+    va_start(va, format);
+    PyObject *kwargs = args ? Py_VaBuildValue(format, va) : NULL;
+    va_end(va);
+    PyObject *res = kwargs ? PyObject_Call(callable, args, kwargs) : NULL;
+    Py_XDECREF(args);
+    Py_XDECREF(kwargs);
+    return res;
+}
+
+static PyObject *
+make_parser(void)
+{
+    PyObject *argparse = PyImport_ImportModule("argparse");
+    if (argparse == NULL) {
+        return NULL;
+    }
+    PyObject *cls = PyObject_GetAttrString(argparse, "ArgumentParser");
+    PyObject *remainder = cls ? PyObject_GetAttrString(argparse, "REMAINDER") : NULL;
+    Py_DECREF(argparse);
+    PyObject *parser = remainder ? call_with(cls, PyTuple_New(0), "{ssssss}",
+                                             "prog", PROG, "description", DESCRIPTION,
+                                             "epilog", EPILOG) : NULL;
+    Py_XDECREF(cls);
+    PyObject *add = parser ? PyObject_GetAttrString(parser, "add_argument") : NULL;
+    if (add == NULL) {
+        goto fail;
+    }
+    PyObject *res = call_with(add, Py_BuildValue("(s)", "target"), "{ssss}",
+                              "metavar", "TARGET", "help", "module:function to run");
+    if (res == NULL) {
+        goto fail;
+    }
+    Py_DECREF(res);
+    res = call_with(add, Py_BuildValue("(s)", "args"), "{sOssss}", "nargs", remainder,
+                    "metavar", "ARGS", "help", "the app's own arguments (sys.argv[1:])");
+    if (res == NULL) {
+        goto fail;
+    }
+    Py_DECREF(res);
+    res = call_with(add, Py_BuildValue("(s)", "--no-ready-on-start"), "{ssssss}",
+                    "action", "store_false", "dest", "notify_ready_on_start", "help",
+                    "under systemd, leave READY=1 to the app's aiorun.notify_ready()");
+    if (res == NULL) {
+        goto fail;
+    }
+    Py_DECREF(res);
+    for (size_t i = 0; i < N_OPTIONS; i++) {
+        const cli_option *o = &options[i];
+        if (o->kind == OPT_FLAG) {
+            res = call_with(add, Py_BuildValue("(s)", o->flag), "{ssssss}", "action",
+                            "store_true", "dest", o->keyword, "help", o->help);
+        }
+        else {
+            PyObject *type = (PyObject *)(o->kind == OPT_COUNT ? &PyLong_Type
+                                                                : &PyFloat_Type);
+            res = call_with(add, Py_BuildValue("(s)", o->flag), "{sOsssssssO}", "type",
+                            type, "dest", o->keyword, "help", o->help, "metavar",
+                            o->kind == OPT_COUNT ? "N" : "SECONDS", "default", Py_None);
+        }
+        if (res == NULL) {
+            goto fail;
+        }
+        Py_DECREF(res);
+    }
+    Py_DECREF(add);
+    Py_DECREF(remainder);
+    return parser;
+fail:
+    Py_XDECREF(add);
+    Py_XDECREF(remainder);
+    Py_XDECREF(parser);
+    return NULL;
+}
+
+/* parser.error(message): prints the usage and exits with code 2. */
+static PyObject *
+usage_error(PyObject *parser, PyObject *message)
+{
+    if (message != NULL) {
+        PyObject *res = PyObject_CallMethod(parser, "error", "O", message);
+        Py_XDECREF(res);
+        Py_DECREF(message);
+    }
+    return NULL;   /* SystemExit(2) is set, or the error that stopped it */
+}
+
+/* 1 if the ImportError `value` says the module `name` (or a package on
+ * its way) is not there, as opposed to an import failing inside it. */
+static int
+names_target(PyObject *value, PyObject *name)
+{
+    PyObject *missing = PyObject_GetAttrString(value, "name");
+    if (missing == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    int found = 0;
+    if (PyUnicode_Check(missing)) {
+        PyObject *prefix = PyUnicode_FromFormat("%U.", missing);
+        found = PyUnicode_Compare(missing, name) == 0
+            || (prefix != NULL
+                && PyUnicode_Tailmatch(name, prefix, 0, PY_SSIZE_T_MAX, -1) == 1);
+        Py_XDECREF(prefix);
+        PyErr_Clear();
+    }
+    Py_DECREF(missing);
+    return found;
+}
+
+/* import name; a module that is not there is a usage error. */
+static PyObject *
+import_target(PyObject *parser, PyObject *name)
+{
+    PyObject *module = PyImport_Import(name);
+    if (module != NULL || !PyErr_ExceptionMatches(PyExc_ModuleNotFoundError)) {
+        return module;   /* an error inside the app's imports keeps its traceback */
+    }
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value == NULL || !names_target(value, name)) {
+        PyErr_Restore(type, value, tb);
+        return NULL;
+    }
+    PyObject *message = PyUnicode_FromFormat("cannot import module '%U': %S", name, value);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return usage_error(parser, message);
+}
+
+/* module:attr.path -> the object; usage errors for what cannot be found. */
+static PyObject *
+resolve_target(PyObject *parser, PyObject *target)
+{
+    Py_ssize_t len = PyUnicode_GET_LENGTH(target);
+    Py_ssize_t colon = PyUnicode_FindChar(target, ':', 0, len, 1);
+    if (colon == -2) {
+        return NULL;
+    }
+    if (colon <= 0 || colon == len - 1) {
+        return usage_error(parser, PyUnicode_FromFormat(
+            "TARGET must be module:function, not %R", target));
+    }
+    PyObject *name = PyUnicode_Substring(target, 0, colon);
+    PyObject *path = name ? PyUnicode_Substring(target, colon + 1, len) : NULL;
+    PyObject *dot = path ? PyUnicode_FromString(".") : NULL;
+    PyObject *parts = dot ? PyUnicode_Split(path, dot, -1) : NULL;
+    PyObject *obj = parts ? import_target(parser, name) : NULL;
+    for (Py_ssize_t i = 0; obj != NULL && i < PyList_GET_SIZE(parts); i++) {
+        PyObject *next = PyObject_GetAttr(obj, PyList_GET_ITEM(parts, i));
+        Py_SETREF(obj, next);
+        if (obj == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            obj = usage_error(parser, PyUnicode_FromFormat(
+                "module '%U' has no attribute '%U'", name, path));
+        }
+    }
+    Py_XDECREF(name);
+    Py_XDECREF(path);
+    Py_XDECREF(dot);
+    Py_XDECREF(parts);
+    return obj;
+}
+
+/* What run() is given: the target called (it must give an awaitable), or
+ * the target itself when it is an awaitable already. */
+static PyObject *
+main_awaitable(aiorun_state *st, PyObject *parser, PyObject *target, PyObject *obj)
+{
+    PyObject *aw = PyCallable_Check(obj) ? PyObject_CallNoArgs(obj) : Py_NewRef(obj);
+    if (aw == NULL) {
+        return NULL;
+    }
+    PyObject *check = PyObject_CallOneArg(st->isawaitable, aw);
+    int ok = check ? PyObject_IsTrue(check) : -1;
+    Py_XDECREF(check);
+    if (ok != 0) {
+        if (ok < 0) {
+            Py_CLEAR(aw);
+        }
+        return aw;
+    }
+    PyObject *message = PyUnicode_FromFormat(
+        "TARGET %R must be an async function or an awaitable; %s %.100s",
+        target, PyCallable_Check(obj) ? "calling it gave" : "it is",
+        Py_TYPE(aw)->tp_name);
+    Py_DECREF(aw);
+    return usage_error(parser, message);
+}
+
+/* The options given, as run()'s keyword arguments; a usage error for a
+ * value run() would refuse, so the shell gets exit code 2 and the usage. */
+static PyObject *
+run_kwargs(PyObject *parser, PyObject *ns)
+{
+    PyObject *kwargs = PyDict_New();
+    if (kwargs == NULL) {
+        return NULL;
+    }
+    const char *keywords[N_OPTIONS + 1];
+    for (size_t i = 0; i < N_OPTIONS; i++) {
+        keywords[i] = options[i].keyword;
+    }
+    keywords[N_OPTIONS] = "notify_ready_on_start";
+    for (size_t i = 0; i <= N_OPTIONS; i++) {
+        PyObject *value = PyObject_GetAttrString(ns, keywords[i]);
+        if (value == NULL) {
+            Py_DECREF(kwargs);
+            return NULL;
+        }
+        int bad = 0;
+        if (i < N_OPTIONS && options[i].kind != OPT_FLAG && value != Py_None) {
+            double x = PyFloat_AsDouble(value);
+            if (x == -1.0 && PyErr_Occurred()) {
+                Py_DECREF(value);
+                Py_DECREF(kwargs);
+                return NULL;
+            }
+            /* The task timeout may be 0; the others must be above it. */
+            bad = !(x >= 0) || (x == 0 && strcmp(options[i].keyword,
+                                                  "timeout_task_shutdown") != 0)
+                  || (options[i].kind == OPT_SECONDS && x == Py_HUGE_VAL);
+        }
+        /* Flags left off and options not given keep run()'s defaults. */
+        int given = value != Py_None && value != Py_False;
+        if (i == N_OPTIONS) {
+            given = value == Py_False;
+        }
+        int rc = bad || !given ? 0 : PyDict_SetItemString(kwargs, keywords[i], value);
+        if (bad) {
+            Py_DECREF(kwargs);
+            PyObject *message = PyUnicode_FromFormat(
+                "argument %s: must be %s, not %R", options[i].flag,
+                strcmp(options[i].keyword, "timeout_task_shutdown") == 0
+                    ? ">= 0 and finite" : "> 0 and finite", value);
+            Py_DECREF(value);
+            return usage_error(parser, message);
+        }
+        Py_DECREF(value);
+        if (rc < 0) {
+            Py_DECREF(kwargs);
+            return NULL;
+        }
+    }
+    return kwargs;
+}
+
+PyObject *
+aiorun_cli_main(PyObject *module, PyObject *argv)
+{
+    aiorun_state *st = aiorun_get_state(module);
+    PyObject *parser = make_parser();
+    if (parser == NULL) {
+        return NULL;
+    }
+    PyObject *result = NULL, *obj = NULL, *aw = NULL, *kwargs = NULL, *run = NULL;
+    PyObject *ns = PyObject_CallMethod(parser, "parse_args", "O", argv);
+    PyObject *target = ns ? PyObject_GetAttrString(ns, "target") : NULL;
+    PyObject *rest = target ? PyObject_GetAttrString(ns, "args") : NULL;
+    if (rest == NULL) {
+        goto done;
+    }
+    /* The app sees its own command line: the target, then what follows. */
+    PyObject *app_argv = PyList_New(1);
+    if (app_argv == NULL) {
+        goto done;
+    }
+    PyList_SET_ITEM(app_argv, 0, Py_NewRef(target));
+    Py_ssize_t skip = PyList_GET_SIZE(rest) > 0
+        && PyUnicode_Check(PyList_GET_ITEM(rest, 0))
+        && PyUnicode_CompareWithASCIIString(PyList_GET_ITEM(rest, 0), "--") == 0;
+    PyObject *tail = PyList_GetSlice(rest, skip, PY_SSIZE_T_MAX);
+    int rc = tail ? PyList_SetSlice(app_argv, 1, 1, tail) : -1;
+    Py_XDECREF(tail);
+    rc = rc == 0 ? PySys_SetObject("argv", app_argv) : -1;
+    Py_DECREF(app_argv);
+    if (rc < 0
+        || (kwargs = run_kwargs(parser, ns)) == NULL
+        || (obj = resolve_target(parser, target)) == NULL
+        || (aw = main_awaitable(st, parser, target, obj)) == NULL
+        || (run = PyObject_GetAttrString(module, "run")) == NULL) {
+        goto done;
+    }
+    PyObject *args = PyTuple_Pack(1, aw);
+    PyObject *res = args ? PyObject_Call(run, args, kwargs) : NULL;
+    Py_XDECREF(args);
+    if (res != NULL) {
+        Py_DECREF(res);
+        result = PyLong_FromLong(0);
+    }
+done:
+    Py_XDECREF(run);
+    Py_XDECREF(aw);
+    Py_XDECREF(obj);
+    Py_XDECREF(kwargs);
+    Py_XDECREF(rest);
+    Py_XDECREF(target);
+    Py_XDECREF(ns);
+    Py_DECREF(parser);
+    return result;
+}
