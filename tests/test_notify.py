@@ -284,3 +284,22 @@ def test_notify_ready_status_is_checked(value, error):
 def test_notify_ready_on_start_must_be_a_flag(value):
     with pytest.raises(TypeError, match="'notify_ready_on_start' must be bool"):
         aiorun.run(notify_ready_on_start=value)
+
+
+def test_a_loop_that_outlives_run_pings_no_more(app, receiver):
+    env = dict(receiver.env, WATCHDOG_USEC="40000")
+    a = app("""
+        loop = asyncio.new_event_loop()
+        async def main():
+            await asyncio.sleep(0.2)
+            asyncio.get_running_loop().stop()
+        run(main(), loop=loop)
+        loop.run_until_complete(asyncio.sleep(0.5))   # 25 ping intervals
+        say("DONE")
+    """, env=env)
+    r = a.finish()
+    assert r.stdout == ["DONE"], r
+    receiver.wait_for("STATUS=stopped")
+    msgs = receiver.messages
+    assert "WATCHDOG=1" in msgs[:msgs.index("STATUS=stopped")]
+    assert msgs[-1] == "STATUS=stopped", msgs

@@ -261,17 +261,26 @@ run_kwargs(PyObject *parser, PyObject *ns)
             return NULL;
         }
         int bad = 0;
-        if (i < N_OPTIONS && options[i].kind != OPT_FLAG && value != Py_None) {
+        if (i < N_OPTIONS && options[i].kind == OPT_COUNT && value != Py_None) {
+            int overflow;   /* a count beyond a C long is still a count */
+            long n = PyLong_AsLongAndOverflow(value, &overflow);
+            if (n == -1 && PyErr_Occurred()) {
+                Py_DECREF(value);
+                Py_DECREF(kwargs);
+                return NULL;
+            }
+            bad = overflow < 0 || (overflow == 0 && n <= 0);
+        }
+        else if (i < N_OPTIONS && options[i].kind == OPT_SECONDS && value != Py_None) {
             double x = PyFloat_AsDouble(value);
             if (x == -1.0 && PyErr_Occurred()) {
                 Py_DECREF(value);
                 Py_DECREF(kwargs);
                 return NULL;
             }
-            /* The task timeout may be 0; the others must be above it. */
-            bad = !(x >= 0) || (x == 0 && strcmp(options[i].keyword,
-                                                  "timeout_task_shutdown") != 0)
-                  || (options[i].kind == OPT_SECONDS && x == Py_HUGE_VAL);
+            /* The task timeout may be 0; the deadline must be above it. */
+            bad = !(x >= 0) || x == Py_HUGE_VAL
+                  || (x == 0 && strcmp(options[i].keyword, "timeout_task_shutdown") != 0);
         }
         /* Flags left off and options not given keep run()'s defaults. */
         int given = value != Py_None && value != Py_False;
@@ -283,7 +292,8 @@ run_kwargs(PyObject *parser, PyObject *ns)
             Py_DECREF(kwargs);
             PyObject *message = PyUnicode_FromFormat(
                 "argument %s: must be %s, not %R", options[i].flag,
-                strcmp(options[i].keyword, "timeout_task_shutdown") == 0
+                options[i].kind == OPT_COUNT ? "> 0"
+                : strcmp(options[i].keyword, "timeout_task_shutdown") == 0
                     ? ">= 0 and finite" : "> 0 and finite", value);
             Py_DECREF(value);
             return usage_error(parser, message);
