@@ -12,9 +12,12 @@
  * and WATCHDOG=1 every WATCHDOG_USEC / 2, sent by a timer on the event loop
  * itself, so a blocked loop stops the pings and systemd acts on it.
  *
- * Sends never block (a full socket drops the message, as sd_notify does)
- * and never fail run(): a notification is advice to the supervisor. */
+ * Sends never block (a full socket drops the message, where sd_notify would
+ * block the loop) and never fail run(): a notification is advice to the
+ * supervisor, and a receiver that went away ends the sending. */
 #include "aiorun.h"
+
+#include <string.h>
 
 #ifndef MS_WINDOWS
 
@@ -22,7 +25,6 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -322,54 +324,29 @@ aiorun_notify_stop(RunObject *run)
     PyErr_Restore(type, value, tb);
 }
 
-/* aiorun.notify_ready(status=None): READY=1 (and STATUS=status) for apps
- * that are ready later than their start; True if sent, False without
- * NOTIFY_SOCKET.  A socket of its own, so it works from any thread. */
-PyObject *
-aiorun_notify_ready(PyObject *module, PyObject *args, PyObject *kwargs)
+/* READY=1 and STATUS=text on a socket of its own (so it works from any
+ * thread and outside run()): 1 if sent, 0 without NOTIFY_SOCKET, -1 with an
+ * exception. */
+static int
+send_ready(const char *text)
 {
-    static char *kwlist[] = {"status", NULL};
-    PyObject *status = Py_None;
-    (void)module;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:notify_ready", kwlist, &status)) {
-        return NULL;
-    }
-    const char *text = "running";
-    if (status != Py_None) {
-        if (!PyUnicode_Check(status)) {
-            PyErr_Format(PyExc_TypeError,
-                         "notify_ready() argument 'status' must be str or None, not %.200s",
-                         Py_TYPE(status)->tp_name);
-            return NULL;
-        }
-        Py_ssize_t size;
-        text = PyUnicode_AsUTF8AndSize(status, &size);
-        if (text == NULL) {
-            return NULL;
-        }
-        if (strlen(text) != (size_t)size || strchr(text, '\n') != NULL) {
-            PyErr_SetString(PyExc_ValueError,
-                            "notify_ready() argument 'status' must be one line");
-            return NULL;
-        }
-    }
     const char *value = getenv(NOTIFY_ENV);
     const char *why;
     struct sockaddr_un addr;
     socklen_t len;
     if (value == NULL || *value == '\0') {
-        Py_RETURN_FALSE;
+        return 0;
     }
     if (parse_address(value, &addr, &len, &why) < 0) {
         PyErr_Format(PyExc_ValueError, "environment variable " NOTIFY_ENV "='%.60s' %s",
                      value, why);
-        return NULL;
+        return -1;
     }
     PyObject *message = PyUnicode_FromFormat("READY=1\nSTATUS=%s", text);
     const char *bytes = message ? PyUnicode_AsUTF8(message) : NULL;
     if (bytes == NULL) {
         Py_XDECREF(message);
-        return NULL;
+        return -1;
     }
     int rc = -1, fd = open_socket();
     if (fd >= 0) {
@@ -380,9 +357,10 @@ aiorun_notify_ready(PyObject *module, PyObject *args, PyObject *kwargs)
     }
     Py_DECREF(message);
     if (rc < 0) {
-        return PyErr_SetFromErrno(PyExc_OSError);
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
     }
-    Py_RETURN_TRUE;
+    return 1;
 }
 
 #else /* MS_WINDOWS: systemd does not exist there */
@@ -439,6 +417,18 @@ aiorun_notify_stop(RunObject *run)
     (void)run;
 }
 
+static int
+send_ready(const char *text)
+{
+    (void)text;
+    return 0;
+}
+
+#endif /* MS_WINDOWS */
+
+/* aiorun.notify_ready(status=None): READY=1 (and STATUS=status) for apps
+ * that are ready later than their start; True if sent, False without
+ * NOTIFY_SOCKET. */
 PyObject *
 aiorun_notify_ready(PyObject *module, PyObject *args, PyObject *kwargs)
 {
@@ -448,7 +438,28 @@ aiorun_notify_ready(PyObject *module, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:notify_ready", kwlist, &status)) {
         return NULL;
     }
-    Py_RETURN_FALSE;
+    const char *text = "running";
+    if (status != Py_None) {
+        if (!PyUnicode_Check(status)) {
+            PyErr_Format(PyExc_TypeError,
+                         "notify_ready() argument 'status' must be str or None, not %.200s",
+                         Py_TYPE(status)->tp_name);
+            return NULL;
+        }
+        Py_ssize_t size;
+        text = PyUnicode_AsUTF8AndSize(status, &size);
+        if (text == NULL) {
+            return NULL;
+        }
+        if (strlen(text) != (size_t)size || strchr(text, '\n') != NULL) {
+            PyErr_SetString(PyExc_ValueError,
+                            "notify_ready() argument 'status' must be one line");
+            return NULL;
+        }
+    }
+    int sent = send_ready(text);
+    if (sent < 0) {
+        return NULL;
+    }
+    return PyBool_FromLong(sent);
 }
-
-#endif /* MS_WINDOWS */
