@@ -1,5 +1,6 @@
 # make demo            the echo server and client of the seeds, stopped by SIGINT
 # make test            build and test on every CPython 3.9-3.13 (see scripts/test)
+# make test-newest     the same on 3.14 and 3.15 from Debian unstable (debootstrap, cached)
 # make reliability     the quick reliability set CI runs (RELIABILITY.md)
 # make sanitize | memcheck | refleak | nomemory | storm | startup-window
 #                      one each; long versions: make storm TRIALS=500,
@@ -10,7 +11,7 @@ TRIALS ?= 100
 REPS ?= 30
 STEP ?= 1
 
-.PHONY: demo test clean reliability sanitize memcheck refleak nomemory storm startup-window
+.PHONY: demo test test-newest clean reliability sanitize memcheck refleak nomemory storm startup-window
 
 demo:
 	@[ -x .venvs/demo/bin/python ] || $(PYTHON) -m venv .venvs/demo
@@ -19,6 +20,9 @@ demo:
 
 test:
 	scripts/test
+
+test-newest:
+	scripts/test-newest
 
 $(PY311):
 	scripts/test 3.11
