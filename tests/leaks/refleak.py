@@ -151,6 +151,29 @@ def scenario_notify():
         os.environ.pop("WATCHDOG_USEC", None)
         receiver.close()
 
+async def cli_target():
+    asyncio.get_running_loop().stop()
+
+def scenario_cli():
+    # python -m aiorun's logic (cli.c): a good command line and every kind
+    # of usage error, which argparse reports on stderr with SystemExit(2).
+    import contextlib, io
+    argv = sys.argv
+    bad = [[], ["nosuch_module_x:main"], ["refleak:nosuch"], ["refleak"],
+           ["refleak:SCENARIOS"], ["--shutdown-deadline", "0", "refleak:cli_target"],
+           ["--executor-workers", "x", "refleak:cli_target"]]
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            for args in bad:
+                try:
+                    aiorun._aiorun._main(args)
+                except SystemExit:
+                    pass
+        aiorun._aiorun._main(["--timeout-task-shutdown", "1", "--executor-workers", "2",
+                              "refleak:cli_target", "--app-flag"])
+    finally:
+        sys.argv = argv
+
 def scenario_thread_and_nested():
     # run() off the main thread (no signal handling), and run() refused
     # inside a running loop.
@@ -247,7 +270,7 @@ def measure(fn, warm=5, reps=30, report=True):
 
 SCENARIOS = ["scenario_cancel_awaiter", "scenario_run_stop", "scenario_unhandled",
              "scenario_stuck", "scenario_watchdog", "scenario_waiters", "scenario_waiters_10k",
-             "scenario_thread_and_nested", "scenario_bad_args", "scenario_notify"]
+             "scenario_thread_and_nested", "scenario_bad_args", "scenario_notify", "scenario_cli"]
 _kept = []
 
 def canary_leaks_one_object_per_rep():

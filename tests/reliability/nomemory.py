@@ -38,6 +38,8 @@ SCENARIOS = {
     "bad_arguments": refleak.scenario_bad_args,
     # systemd notifications: READY, watchdog pings, STOPPING, the phases
     "notify": refleak.scenario_notify,
+    # python -m aiorun: a good command line and every usage error
+    "cli": refleak.scenario_cli,
 }
 NOT_REACHED_TO_STOP = 5
 
@@ -203,6 +205,20 @@ def symbolize(text, header):
         for i, (name, address, _) in enumerate(frames))
 
 
+def python_function_lost_its_error(crash):
+    """True when the crash is the debug build's check that a call returned
+    NULL with no exception set, and the callable was a Python function (a
+    bound method or a function object): only the interpreter can make one
+    do that, whoever called it (the frame.c take_ownership bug)."""
+    lines = crash.splitlines()
+    for i, line in enumerate(lines):
+        if " _Py_CheckFunctionResult " in line:
+            callers = [l for l in lines[i + 1:] if " _PyObject_VectorcallTstate " not in l]
+            return bool(callers) and any(f" {name} " in callers[0] for name in
+                                         ("method_vectorcall", "_PyFunction_Vectorcall"))
+    return False
+
+
 def explain(log_path):
     """Appends the C stacks of the failed allocation and of the crash (both
     as they happened, written by failalloc.c) to the log, and says whose
@@ -219,6 +235,8 @@ def explain(log_path):
         # function is the eval loop losing its exception; a built-in one
         # is counted as ours, to be looked at.
         return "CPython" if culprit.group(1) == "function" else "aiorun"
+    if python_function_lost_its_error(crash):
+        return "CPython"
     if crash:
         # The crash's stack decides.  A frame entered with an exception
         # already set (ceval.c's entry assertion) is the caller's fault:
