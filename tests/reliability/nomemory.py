@@ -155,13 +155,12 @@ def first_owner(backtrace, skip_eval_frames=0):
     return None
 
 
-def is_position_dependent(path, cache={}):
+@functools.lru_cache(maxsize=None)
+def is_position_dependent(path):
     """True for an ELF executable linked at a fixed address (ET_EXEC): its
     frames are looked up by address, those of everything else by offset."""
-    if path not in cache:
-        with open(path, "rb") as f:
-            cache[path] = f.read(18)[16:18] == b"\x02\x00"
-    return cache[path]
+    with open(path, "rb") as f:
+        return f.read(18)[16:18] == b"\x02\x00"
 
 
 def object_file(name):

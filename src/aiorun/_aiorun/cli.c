@@ -7,31 +7,39 @@
 #include "aiorun.h"
 
 #include <stdarg.h>
-#include <string.h>
 
 #define PROG "python -m aiorun"
 
-typedef enum { OPT_FLAG, OPT_SECONDS, OPT_COUNT } option_kind;
+typedef enum {
+    OPT_FLAG,       /* given: keyword=True */
+    OPT_FLAG_OFF,   /* given: keyword=False */
+    OPT_SECONDS,    /* a float, finite, >= 0 (or > 0 unless zero_ok) */
+    OPT_COUNT       /* an int > 0 */
+} option_kind;
 
-/* One option: its flag, the run() keyword it sets, and how it is read. */
+/* One option: its flag, the run() keyword it sets, and how it is read.
+ * Flags left off and options not given keep run()'s defaults. */
 typedef struct {
     const char *flag;
     const char *keyword;
     option_kind kind;
+    int zero_ok;
     const char *help;
 } cli_option;
 
 static const cli_option options[] = {
-    {"--uvloop", "use_uvloop", OPT_FLAG, "run on a new uvloop event loop"},
-    {"--stop-on-unhandled-errors", "stop_on_unhandled_errors", OPT_FLAG,
+    {"--no-ready-on-start", "notify_ready_on_start", OPT_FLAG_OFF, 0,
+     "under systemd, leave READY=1 to the app's aiorun.notify_ready()"},
+    {"--uvloop", "use_uvloop", OPT_FLAG, 0, "run on a new uvloop event loop"},
+    {"--stop-on-unhandled-errors", "stop_on_unhandled_errors", OPT_FLAG, 0,
      "an unhandled error stops the loop; it is raised after the shutdown (exit 1)"},
-    {"--timeout-task-shutdown", "timeout_task_shutdown", OPT_SECONDS,
+    {"--timeout-task-shutdown", "timeout_task_shutdown", OPT_SECONDS, 1,
      "seconds to wait for cancelled tasks (default 60)"},
-    {"--executor-workers", "executor_workers", OPT_COUNT,
+    {"--executor-workers", "executor_workers", OPT_COUNT, 0,
      "max_workers of the default ThreadPoolExecutor"},
-    {"--shutdown-deadline", "shutdown_deadline", OPT_SECONDS,
+    {"--shutdown-deadline", "shutdown_deadline", OPT_SECONDS, 0,
      "seconds the whole shutdown may take; past it, exit code 124"},
-    {"--exit-on-repeated-signal", "exit_on_repeated_signal", OPT_FLAG,
+    {"--exit-on-repeated-signal", "exit_on_repeated_signal", OPT_FLAG, 0,
      "a second SIGINT/SIGTERM during the shutdown exits at once (code 124)"},
 };
 #define N_OPTIONS (sizeof options / sizeof options[0])
@@ -88,18 +96,12 @@ make_parser(void)
         goto fail;
     }
     Py_DECREF(res);
-    res = call_with(add, Py_BuildValue("(s)", "--no-ready-on-start"), "{ssssss}",
-                    "action", "store_false", "dest", "notify_ready_on_start", "help",
-                    "under systemd, leave READY=1 to the app's aiorun.notify_ready()");
-    if (res == NULL) {
-        goto fail;
-    }
-    Py_DECREF(res);
     for (size_t i = 0; i < N_OPTIONS; i++) {
         const cli_option *o = &options[i];
-        if (o->kind == OPT_FLAG) {
+        if (o->kind == OPT_FLAG || o->kind == OPT_FLAG_OFF) {
             res = call_with(add, Py_BuildValue("(s)", o->flag), "{ssssss}", "action",
-                            "store_true", "dest", o->keyword, "help", o->help);
+                            o->kind == OPT_FLAG ? "store_true" : "store_false",
+                            "dest", o->keyword, "help", o->help);
         }
         else {
             PyObject *type = (PyObject *)(o->kind == OPT_COUNT ? &PyLong_Type
@@ -226,10 +228,11 @@ main_awaitable(aiorun_state *st, PyObject *parser, PyObject *target, PyObject *o
     PyObject *check = PyObject_CallOneArg(st->isawaitable, aw);
     int ok = check ? PyObject_IsTrue(check) : -1;
     Py_XDECREF(check);
-    if (ok != 0) {
-        if (ok < 0) {
-            Py_CLEAR(aw);
-        }
+    if (ok < 0) {
+        Py_DECREF(aw);
+        return NULL;
+    }
+    if (ok) {
         return aw;
     }
     PyObject *message = PyUnicode_FromFormat(
@@ -240,69 +243,56 @@ main_awaitable(aiorun_state *st, PyObject *parser, PyObject *target, PyObject *o
     return usage_error(parser, message);
 }
 
+/* 1 if value breaks the bound of option o, 0 if not, -1 on error. */
+static int
+refused(const cli_option *o, PyObject *value)
+{
+    if (o->kind == OPT_COUNT) {
+        int overflow;   /* a count beyond a C long is still a count */
+        long n = PyLong_AsLongAndOverflow(value, &overflow);
+        if (n == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        return overflow < 0 || (overflow == 0 && n <= 0);
+    }
+    double x = PyFloat_AsDouble(value);
+    if (x == -1.0 && PyErr_Occurred()) {
+        return -1;
+    }
+    return !(x >= 0) || x == Py_HUGE_VAL || (x == 0 && !o->zero_ok);
+}
+
 /* The options given, as run()'s keyword arguments; a usage error for a
  * value run() would refuse, so the shell gets exit code 2 and the usage. */
 static PyObject *
 run_kwargs(PyObject *parser, PyObject *ns)
 {
     PyObject *kwargs = PyDict_New();
-    if (kwargs == NULL) {
-        return NULL;
-    }
-    const char *keywords[N_OPTIONS + 1];
-    for (size_t i = 0; i < N_OPTIONS; i++) {
-        keywords[i] = options[i].keyword;
-    }
-    keywords[N_OPTIONS] = "notify_ready_on_start";
-    for (size_t i = 0; i <= N_OPTIONS; i++) {
-        PyObject *value = PyObject_GetAttrString(ns, keywords[i]);
+    for (size_t i = 0; kwargs != NULL && i < N_OPTIONS; i++) {
+        const cli_option *o = &options[i];
+        PyObject *value = PyObject_GetAttrString(ns, o->keyword);
         if (value == NULL) {
-            Py_DECREF(kwargs);
-            return NULL;
+            Py_CLEAR(kwargs);
+            break;
         }
-        int bad = 0;
-        if (i < N_OPTIONS && options[i].kind == OPT_COUNT && value != Py_None) {
-            int overflow;   /* a count beyond a C long is still a count */
-            long n = PyLong_AsLongAndOverflow(value, &overflow);
-            if (n == -1 && PyErr_Occurred()) {
-                Py_DECREF(value);
-                Py_DECREF(kwargs);
-                return NULL;
-            }
-            bad = overflow < 0 || (overflow == 0 && n <= 0);
-        }
-        else if (i < N_OPTIONS && options[i].kind == OPT_SECONDS && value != Py_None) {
-            double x = PyFloat_AsDouble(value);
-            if (x == -1.0 && PyErr_Occurred()) {
-                Py_DECREF(value);
-                Py_DECREF(kwargs);
-                return NULL;
-            }
-            /* The task timeout may be 0; the deadline must be above it. */
-            bad = !(x >= 0) || x == Py_HUGE_VAL
-                  || (x == 0 && strcmp(options[i].keyword, "timeout_task_shutdown") != 0);
-        }
-        /* Flags left off and options not given keep run()'s defaults. */
-        int given = value != Py_None && value != Py_False;
-        if (i == N_OPTIONS) {
-            given = value == Py_False;
-        }
-        int rc = bad || !given ? 0 : PyDict_SetItemString(kwargs, keywords[i], value);
-        if (bad) {
-            Py_DECREF(kwargs);
+        int given = o->kind == OPT_FLAG ? value == Py_True
+                  : o->kind == OPT_FLAG_OFF ? value == Py_False
+                  : value != Py_None;
+        int bad = given && (o->kind == OPT_SECONDS || o->kind == OPT_COUNT)
+            ? refused(o, value) : 0;
+        if (bad > 0) {
             PyObject *message = PyUnicode_FromFormat(
-                "argument %s: must be %s, not %R", options[i].flag,
-                options[i].kind == OPT_COUNT ? "> 0"
-                : strcmp(options[i].keyword, "timeout_task_shutdown") == 0
-                    ? ">= 0 and finite" : "> 0 and finite", value);
+                "argument %s: must be %s, not %R", o->flag,
+                o->kind == OPT_COUNT ? "> 0" : o->zero_ok ? ">= 0 and finite"
+                                                          : "> 0 and finite", value);
             Py_DECREF(value);
+            Py_DECREF(kwargs);
             return usage_error(parser, message);
         }
-        Py_DECREF(value);
-        if (rc < 0) {
-            Py_DECREF(kwargs);
-            return NULL;
+        if (bad < 0 || (given && PyDict_SetItemString(kwargs, o->keyword, value) < 0)) {
+            Py_CLEAR(kwargs);
         }
+        Py_DECREF(value);
     }
     return kwargs;
 }
