@@ -279,10 +279,9 @@ def test_waiter_throw_and_close():
             return 1
         w = shutdown_waits_for(work())
         fut = w.send(None)
-        assert isinstance(fut, asyncio.Future)
+        assert asyncio.isfuture(fut) and fut.get_loop() is asyncio.get_running_loop()
         with pytest.raises(ValueError, match="thrown"):
             w.throw(ValueError("thrown"))
-        assert fut.cancelled()
         w2 = shutdown_waits_for(work())
         w2.send(None)
         with pytest.raises(KeyError):
@@ -337,3 +336,96 @@ def test_throw_does_not_leak_the_traceback():
         await asyncio.sleep(0.05)
 
     asyncio.run(main())
+
+
+def _cancel_races(task_factory):
+    """The awaiting task is cancelled (1) while the protected task runs, with
+    a message, and (2) in the turn in which the protected task ends, after
+    it has ended; each time it must get CancelledError exactly once, then
+    be able to go on awaiting other things."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        if task_factory is not None:
+            loop.set_task_factory(task_factory)
+        seen = []
+
+        async def waiter(work):
+            try:
+                await shutdown_waits_for(work())
+                seen.append("woken with the result")
+            except asyncio.CancelledError as e:
+                seen.append(("cancelled", e.args))
+            await asyncio.sleep(0.02)   # a second wake-up would cut this short
+            seen.append("slept")
+            return "went on"
+
+        async def long_work():
+            await asyncio.sleep(0.05)
+            seen.append("long work finished")
+
+        t = loop.create_task(waiter(long_work))
+        await asyncio.sleep(0.01)
+        t.cancel("bye")
+        assert await t == "went on"
+        while "long work finished" not in seen:
+            await asyncio.sleep(0.01)
+
+        async def ending_work():
+            # Queued before the task ends, so it runs after the task ended
+            # and before the awaiting task's wake-up.
+            loop.call_soon(t2.cancel)
+            return 1
+
+        t2 = loop.create_task(waiter(ending_work))
+        assert await t2 == "went on"
+        await asyncio.sleep(0.05)
+        return seen
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("tasks", ["C", "pure Python"])
+def test_cancel_races_of_the_awaiting_task(tasks):
+    factory = None
+    if tasks == "pure Python":
+        # asyncio's Python Task calls cancel(msg=...) by keyword and looks
+        # the wait up through futures._get_loop(): the other spelling.
+        def factory(loop, coro, **kwargs):
+            return asyncio.tasks._PyTask(coro, loop=loop, **kwargs)
+    seen = _cancel_races(factory)
+    assert seen == [
+        ("cancelled", ("bye",)), "slept", "long work finished",
+        ("cancelled", ()), "slept",
+    ]
+
+
+def test_the_awaiting_task_waits_on_the_protected_task_directly():
+    # No future in between: the awaiting task resumes in the turn after the
+    # protected task ends, as after `await task` (aiorun's own version
+    # needed one turn more).
+    async def main():
+        loop = asyncio.get_running_loop()
+        turns = 0
+
+        async def ticker():
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        async def work():
+            await asyncio.sleep(0)
+
+        tick = loop.create_task(ticker())
+        await asyncio.sleep(0)
+        start = turns
+        await shutdown_waits_for(work())
+        shielded = turns - start
+        start = turns
+        await loop.create_task(work())
+        plain = turns - start
+        tick.cancel()
+        return shielded, plain
+
+    shielded, plain = asyncio.run(main())
+    assert shielded == plain

@@ -8,6 +8,7 @@
  *   unhandled.c stop_on_unhandled_errors: the exception handler, main-task watch
  *   shutdown.c  the shutdown phase after the loop stops
  *   shield.c    shutdown_waits_for() and the awaitable it returns
+ *   waitfuture.c  what a task awaiting shutdown_waits_for() waits on
  *   watchdog.c  the thread that bounds the shutdown: deadline, forced exit
  *   sigwake.c   the C-level signal handler that wakes the watchdog
  *   notify.c    systemd notifications: ready, stopping, phases, pings
@@ -27,17 +28,19 @@
 #define AIORUN_STATE_OBJECTS(X)                                             \
     X(RunType)                  /* type of the per-call Run object */       \
     X(WaiterType)               /* type returned by shutdown_waits_for */   \
+    X(WaitFutureType)           /* what its awaiting task waits on */       \
     X(logger)                   /* logging.getLogger("aiorun") */           \
     X(do_not_cancel)            /* weakref.WeakSet of protected coros */    \
     X(AbstractEventLoop)                                                    \
     X(Executor)                 /* concurrent.futures.Executor */           \
-    X(ThreadPoolExecutor)                                                   \
+    X(ThreadPoolExecutor)       /* imported by the first run() needing it */\
     X(all_tasks)                /* asyncio.all_tasks */                     \
     X(ensure_future)                                                        \
     X(new_event_loop)                                                       \
     X(set_event_loop)                                                       \
     X(get_event_loop)                                                       \
     X(get_running_loop)         /* asyncio._get_running_loop */             \
+    X(CancelledError)           /* asyncio.CancelledError */                \
     X(isawaitable)              /* inspect.isawaitable */                   \
     X(signal_signal)            /* signal.signal */                         \
     X(set_wakeup_fd)            /* signal.set_wakeup_fd */                  \
@@ -59,6 +62,9 @@
     X(s_blocking)               /* "_asyncio_future_blocking" */            \
     X(s_loop)                   /* "loop" keyword */                        \
     X(s_call_soon_threadsafe)                                               \
+    X(s_call_soon)                                                          \
+    X(s_create_task)                                                        \
+    X(kw_context)               /* ("context",): vectorcall keyword names */\
     X(s_run_until_complete)
 
 typedef struct {
@@ -204,6 +210,14 @@ PyObject *aiorun_shutdown_waits_for(PyObject *module, PyObject *args,
                                     PyObject *kwargs);
 /* 1 if task is protected by shutdown_waits_for, 0 if not, -1 on error. */
 int aiorun_is_protected(aiorun_state *st, PyObject *task);
+
+/* ---- waitfuture.c ---- */
+extern PyType_Spec aiorun_waitfuture_type_spec;
+PyObject *aiorun_waitfuture_new(aiorun_state *st, PyObject *task, PyObject *loop);
+/* Ready it to be yielded again: 1, or 0 if it was cancelled and is spent. */
+int aiorun_waitfuture_arm(PyObject *wait);
+/* Take back the wake-ups passed on to the task; keeps any exception set. */
+void aiorun_waitfuture_detach(PyObject *wait);
 
 /* ---- watchdog.c ---- */
 /* Where the shutdown is; the watchdog names it when it ends the process. */

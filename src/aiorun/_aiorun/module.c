@@ -129,8 +129,8 @@ load_imports(aiorun_state *st)
         IMPORT(set_event_loop, "asyncio", "set_event_loop"),
         IMPORT(get_event_loop, "asyncio", "get_event_loop"),
         IMPORT(get_running_loop, "asyncio", "_get_running_loop"),
+        IMPORT(CancelledError, "asyncio", "CancelledError"),
         IMPORT(Executor, "concurrent.futures", "Executor"),
-        IMPORT(ThreadPoolExecutor, "concurrent.futures", "ThreadPoolExecutor"),
         IMPORT(isawaitable, "inspect", "isawaitable"),
         IMPORT(signal_signal, "signal", "signal"),
         IMPORT(set_wakeup_fd, "signal", "set_wakeup_fd"),
@@ -171,7 +171,12 @@ intern_strings(aiorun_state *st)
     INTERN(s_loop, "loop");
     INTERN(s_call_soon_threadsafe, "call_soon_threadsafe");
     INTERN(s_run_until_complete, "run_until_complete");
+    INTERN(s_call_soon, "call_soon");
+    INTERN(s_create_task, "create_task");
 #undef INTERN
+    if ((st->kw_context = Py_BuildValue("(s)", "context")) == NULL) {
+        return -1;
+    }
     return 0;
 }
 
@@ -193,10 +198,16 @@ aiorun_exec(PyObject *module)
     if (st->WaiterType == NULL) {
         return -1;
     }
-    /* Only run() and shutdown_waits_for() create these objects: a Run or a
-     * waiter made from Python would have no state behind it. */
+    st->WaitFutureType = PyType_FromModuleAndSpec(module, &aiorun_waitfuture_type_spec,
+                                                  NULL);
+    if (st->WaitFutureType == NULL) {
+        return -1;
+    }
+    /* Only run() and shutdown_waits_for() create these objects: one made
+     * from Python would have no state behind it. */
     ((PyTypeObject *)st->RunType)->tp_new = NULL;
     ((PyTypeObject *)st->WaiterType)->tp_new = NULL;
+    ((PyTypeObject *)st->WaitFutureType)->tp_new = NULL;
 
     PyObject *get_logger = import_attr("logging", "getLogger");
     if (get_logger == NULL) {

@@ -315,6 +315,18 @@ set_up_executor(RunObject *run, run_args *a)
         if (aiorun_log(st, LOG_DEBUG, "Creating default executor") < 0) {
             return NULL;
         }
+        /* Imported here, not with aiorun: it costs `import aiorun` more
+         * than the rest of the module, and many runs pass an executor. */
+        if (st->ThreadPoolExecutor == NULL) {
+            PyObject *module = PyImport_ImportModule("concurrent.futures.thread");
+            st->ThreadPoolExecutor = module ? PyObject_GetAttrString(module,
+                                                                     "ThreadPoolExecutor")
+                                            : NULL;
+            Py_XDECREF(module);
+            if (st->ThreadPoolExecutor == NULL) {
+                return NULL;
+            }
+        }
         PyObject *args = PyTuple_New(0);
         PyObject *kwargs = args ? Py_BuildValue("{sO}", "max_workers",
                                                 a->executor_workers) : NULL;

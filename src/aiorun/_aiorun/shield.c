@@ -2,11 +2,11 @@
  * does not cancel, and hand back an awaitable for its outcome.
  *
  * The awaitable (ShutdownWaiter) never lets the awaiting task reach the
- * protected task: it waits on a future of its own, which the protected
- * task completes when it ends.  Cancelling the awaiting task cancels only
- * that future, so the awaiting side gets CancelledError at once while the
- * protected work runs on.  Cancelling the protected task itself reaches the
- * awaiting side through task.result().
+ * protected task: it yields a ShutdownWaitFuture (waitfuture.c), which
+ * wakes the awaiting task when the protected one ends but, cancelled, ends
+ * only the wait.  So cancelling the awaiting task gives it CancelledError
+ * at once while the protected work runs on.  Cancelling the protected task
+ * itself reaches the awaiting side through task.result().
  *
  * It has __await__, send, throw and close, so it is a
  * collections.abc.Coroutine: await, create_task() and ensure_future() all
@@ -17,7 +17,7 @@
 
 typedef enum {
     WAITER_FRESH,    /* not yet awaited */
-    WAITER_WAITING,  /* yielded `fut` to the awaiting task */
+    WAITER_WAITING,  /* yielded `wait` to the awaiting task */
     WAITER_DONE      /* finished: returned, raised or closed */
 } waiter_phase;
 
@@ -25,8 +25,7 @@ typedef struct {
     PyObject_HEAD
     PyObject *task;     /* the protected task (or future) */
     PyObject *loop;
-    PyObject *fut;      /* what the awaiting task waits on, while WAITING */
-    PyObject *wake;     /* our _wake, registered on task while WAITING */
+    PyObject *wait;     /* the ShutdownWaitFuture yielded, once WAITING */
     PyObject *weakreflist;
     waiter_phase phase;
 } WaiterObject;
@@ -39,61 +38,33 @@ waiter_state(WaiterObject *self)
     return aiorun_get_state_by_type(Py_TYPE(self));
 }
 
-/* Stop listening to the protected task; cancel our future if it is still
- * pending.  Keeps any exception that is set. */
+/* Stop listening to the protected task.  Keeps any exception that is set. */
 static void
 waiter_detach(WaiterObject *self)
 {
-    aiorun_state *st = waiter_state(self);
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    if (self->wake != NULL) {
-        PyObject *res = PyObject_CallMethodOneArg(self->task, st->s_remove_done_callback,
-                                                  self->wake);
-        if (res == NULL) {
-            PyErr_WriteUnraisable((PyObject *)self);
-        }
-        Py_XDECREF(res);
+    if (self->wait != NULL) {
+        aiorun_waitfuture_detach(self->wait);
+        Py_CLEAR(self->wait);
     }
-    if (self->fut != NULL) {
-        PyObject *res = PyObject_CallMethodNoArgs(self->fut, st->s_cancel);
-        if (res == NULL) {
-            PyErr_WriteUnraisable((PyObject *)self);
-        }
-        Py_XDECREF(res);
-    }
-    Py_CLEAR(self->wake);
-    Py_CLEAR(self->fut);
     self->phase = WAITER_DONE;
-    PyErr_Restore(type, value, tb);
 }
 
-/* Yield a future to the awaiting task, as Future.__await__ does. */
+/* Yield to the awaiting task what it must wait on, as Future.__await__
+ * yields the future itself. */
 static step_result
 waiter_yield(WaiterObject *self, PyObject **result)
 {
     aiorun_state *st = waiter_state(self);
-    if (self->fut == NULL) {
-        self->fut = PyObject_CallMethodNoArgs(self->loop, st->s_create_future);
-        if (self->fut == NULL) {
+    int armed = self->wait ? aiorun_waitfuture_arm(self->wait) : 0;
+    if (!armed) {
+        Py_XSETREF(self->wait, aiorun_waitfuture_new(st, self->task, self->loop));
+        if (self->wait == NULL) {
             return STEP_ERROR;
         }
-        self->wake = PyObject_GetAttrString((PyObject *)self, "_wake");
-        PyObject *res = self->wake
-            ? PyObject_CallMethodOneArg(self->task, st->s_add_done_callback, self->wake)
-            : NULL;
-        if (res == NULL) {
-            Py_CLEAR(self->wake);
-            Py_CLEAR(self->fut);
-            return STEP_ERROR;
-        }
-        Py_DECREF(res);
-    }
-    if (PyObject_SetAttr(self->fut, st->s_blocking, Py_True) < 0) {
-        return STEP_ERROR;
+        (void)aiorun_waitfuture_arm(self->wait);
     }
     self->phase = WAITER_WAITING;
-    *result = Py_NewRef(self->fut);
+    *result = Py_NewRef(self->wait);
     return STEP_YIELD;
 }
 
@@ -231,22 +202,6 @@ waiter_close(WaiterObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* Done callback on the protected task: wake the awaiting task. */
-static PyObject *
-waiter_wake(WaiterObject *self, PyObject *task)
-{
-    aiorun_state *st = waiter_state(self);
-    (void)task;
-    if (self->fut == NULL) {
-        Py_RETURN_NONE;
-    }
-    int done = aiorun_call_predicate(self->fut, st->s_done);
-    if (done != 0) {
-        return done < 0 ? NULL : Py_NewRef(Py_None);
-    }
-    return PyObject_CallMethodOneArg(self->fut, st->s_set_result, Py_None);
-}
-
 static PyObject *
 waiter_await(WaiterObject *self)
 {
@@ -273,7 +228,7 @@ static PyObject *
 waiter_get_await(WaiterObject *self, void *closure)
 {
     (void)closure;
-    return Py_NewRef(self->fut ? self->fut : Py_None);
+    return Py_NewRef(self->wait ? self->wait : Py_None);
 }
 
 static PyObject *
@@ -295,8 +250,7 @@ waiter_traverse(WaiterObject *self, visitproc visit, void *arg)
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->task);
     Py_VISIT(self->loop);
-    Py_VISIT(self->fut);
-    Py_VISIT(self->wake);
+    Py_VISIT(self->wait);
     return 0;
 }
 
@@ -305,8 +259,7 @@ waiter_clear(WaiterObject *self)
 {
     Py_CLEAR(self->task);
     Py_CLEAR(self->loop);
-    Py_CLEAR(self->fut);
-    Py_CLEAR(self->wake);
+    Py_CLEAR(self->wait);
     return 0;
 }
 
@@ -328,8 +281,6 @@ static PyMethodDef waiter_methods[] = {
     {"throw", (PyCFunction)waiter_throw, METH_VARARGS,
      "throw(exc) -> raise exc at the await"},
     {"close", (PyCFunction)waiter_close, METH_NOARGS, "close() -> None"},
-    {"_wake", (PyCFunction)waiter_wake, METH_O,
-     "Done callback on the protected task."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -425,7 +376,9 @@ aiorun_shutdown_waits_for(PyObject *module, PyObject *args, PyObject *kwargs)
                                      &coro, &loop)) {
         return NULL;
     }
-    PyObject *check = PyObject_CallOneArg(st->isawaitable, coro);
+    /* A coroutine, the usual case, needs no inspect.isawaitable(). */
+    int is_coro = PyCoro_CheckExact(coro);
+    PyObject *check = is_coro ? Py_NewRef(Py_True) : PyObject_CallOneArg(st->isawaitable, coro);
     int ok = check ? PyObject_IsTrue(check) : -1;
     Py_XDECREF(check);
     if (ok <= 0) {
@@ -455,9 +408,16 @@ aiorun_shutdown_waits_for(PyObject *module, PyObject *args, PyObject *kwargs)
         Py_INCREF(loop);
     }
 
-    call_args = PyTuple_Pack(1, coro);
-    call_kwargs = call_args ? Py_BuildValue("{OO}", st->s_loop, loop) : NULL;
-    task = call_kwargs ? PyObject_Call(st->ensure_future, call_args, call_kwargs) : NULL;
+    if (is_coro) {
+        /* What ensure_future(coro, loop=loop) does for a coroutine. */
+        task = PyObject_CallMethodOneArg(loop, st->s_create_task, coro);
+    }
+    else {
+        call_args = PyTuple_Pack(1, coro);
+        call_kwargs = call_args ? Py_BuildValue("{OO}", st->s_loop, loop) : NULL;
+        task = call_kwargs ? PyObject_Call(st->ensure_future, call_args, call_kwargs)
+                           : NULL;
+    }
     if (task == NULL) {
         goto done;
     }
@@ -480,8 +440,7 @@ aiorun_shutdown_waits_for(PyObject *module, PyObject *args, PyObject *kwargs)
     }
     waiter->task = Py_NewRef(task);
     waiter->loop = Py_NewRef(loop);
-    waiter->fut = NULL;
-    waiter->wake = NULL;
+    waiter->wait = NULL;
     waiter->weakreflist = NULL;
     waiter->phase = WAITER_FRESH;
     PyObject_GC_Track(waiter);

@@ -1,0 +1,427 @@
+/* The future-like object a task awaiting shutdown_waits_for() waits on.
+ *
+ * It stands for "the protected task has ended", with one difference from
+ * the task itself: cancelling it cancels only the wait, never the task.
+ * An asyncio Task that awaits it registers its wake-up through
+ * add_done_callback(); we pass that straight on to the protected task, so
+ * the awaiting task resumes in the same turn of the loop in which the
+ * protected one ends, as `await task` would, with no future in between.
+ * cancel() takes the wake-up back from the protected task and schedules it
+ * on the loop with this object cancelled, as a cancelled Future does.
+ *
+ * It speaks the protocol asyncio's Task (C or Python) expects of a future:
+ * _asyncio_future_blocking, get_loop(), add_done_callback(fn, context=),
+ * remove_done_callback(), cancel(msg=None), cancelled(), done(), result()
+ * and exception(). */
+#include "aiorun.h"
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *task;        /* the protected task */
+    PyObject *loop;
+    PyObject *callbacks;   /* list of (fn, context) passed on to task, or NULL */
+    PyObject *cancel_msg;  /* once cancelled: the message, or None */
+    int blocking;          /* _asyncio_future_blocking */
+    int cancelled;
+} WaitFutureObject;
+
+static aiorun_state *
+wait_state(WaitFutureObject *self)
+{
+    return aiorun_get_state_by_type(Py_TYPE(self));
+}
+
+/* task.add_done_callback(fn, context=context), or without context. */
+static int
+task_add_callback(aiorun_state *st, PyObject *task, PyObject *fn, PyObject *context)
+{
+    PyObject *args[3] = {task, fn, context};
+    PyObject *res = context == Py_None
+        ? PyObject_VectorcallMethod(st->s_add_done_callback, args,
+                                    2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)
+        : PyObject_VectorcallMethod(st->s_add_done_callback, args,
+                                    2 | PY_VECTORCALL_ARGUMENTS_OFFSET, st->kw_context);
+    Py_XDECREF(res);
+    return res ? 0 : -1;
+}
+
+/* Take every wake-up we passed on back from the protected task; hand the
+ * records to the caller in *taken (or NULL if there were none). */
+static int
+take_back_callbacks(WaitFutureObject *self, PyObject **taken)
+{
+    aiorun_state *st = wait_state(self);
+    PyObject *callbacks = self->callbacks;
+    self->callbacks = NULL;
+    *taken = callbacks;
+    if (callbacks == NULL) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(callbacks); i++) {
+        PyObject *fn = PyTuple_GET_ITEM(PyList_GET_ITEM(callbacks, i), 0);
+        PyObject *res = PyObject_CallMethodOneArg(self->task, st->s_remove_done_callback,
+                                                  fn);
+        if (res == NULL) {
+            return -1;
+        }
+        Py_DECREF(res);
+    }
+    return 0;
+}
+
+void
+aiorun_waitfuture_detach(PyObject *wait)
+{
+    WaitFutureObject *self = (WaitFutureObject *)wait;
+    PyObject *type, *value, *tb, *taken;
+    PyErr_Fetch(&type, &value, &tb);
+    if (take_back_callbacks(self, &taken) < 0) {
+        PyErr_WriteUnraisable(wait);
+    }
+    Py_XDECREF(taken);
+    PyErr_Restore(type, value, tb);
+}
+
+int
+aiorun_waitfuture_arm(PyObject *wait)
+{
+    WaitFutureObject *self = (WaitFutureObject *)wait;
+    if (self->cancelled) {
+        return 0;   /* spent: the waiter needs a new one */
+    }
+    self->blocking = 1;
+    return 1;
+}
+
+PyObject *
+aiorun_waitfuture_new(aiorun_state *st, PyObject *task, PyObject *loop)
+{
+    WaitFutureObject *self = PyObject_GC_New(WaitFutureObject,
+                                             (PyTypeObject *)st->WaitFutureType);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->task = Py_NewRef(task);
+    self->loop = Py_NewRef(loop);
+    self->callbacks = NULL;
+    self->cancel_msg = NULL;
+    self->blocking = 0;
+    self->cancelled = 0;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static PyObject *
+wait_add_done_callback(WaitFutureObject *self, PyObject *const *args, Py_ssize_t nargs,
+                       PyObject *kwnames)
+{
+    aiorun_state *st = wait_state(self);
+    PyObject *fn = NULL, *context = Py_None;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+
+    if (nargs != 1) {
+        PyErr_Format(PyExc_TypeError,
+                     "add_done_callback() takes 1 positional argument (%zd given)", nargs);
+        return NULL;
+    }
+    fn = args[0];
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, i);
+        if (!PyUnicode_Check(key) || PyUnicode_CompareWithASCIIString(key, "context") != 0) {
+            PyErr_Format(PyExc_TypeError,
+                         "add_done_callback() got an unexpected keyword argument '%S'",
+                         key);
+            return NULL;
+        }
+        context = args[nargs + i];
+    }
+    if (self->cancelled) {
+        /* Like a Future that is done: schedule the call now. */
+        PyObject *call_args[4] = {self->loop, fn, (PyObject *)self, context};
+        PyObject *handle = context == Py_None
+            ? PyObject_VectorcallMethod(st->s_call_soon, call_args,
+                                        3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)
+            : PyObject_VectorcallMethod(st->s_call_soon, call_args,
+                                        3 | PY_VECTORCALL_ARGUMENTS_OFFSET, st->kw_context);
+        if (handle == NULL) {
+            return NULL;
+        }
+        Py_DECREF(handle);
+        Py_RETURN_NONE;
+    }
+    PyObject *record = PyTuple_Pack(2, fn, context);
+    if (record == NULL) {
+        return NULL;
+    }
+    if (self->callbacks == NULL && (self->callbacks = PyList_New(0)) == NULL) {
+        Py_DECREF(record);
+        return NULL;
+    }
+    int rc = PyList_Append(self->callbacks, record);
+    Py_DECREF(record);
+    if (rc < 0) {
+        return NULL;
+    }
+    if (task_add_callback(st, self->task, fn, context) < 0) {
+        /* Not passed on, so not ours to take back. */
+        (void)PyList_SetSlice(self->callbacks, PyList_GET_SIZE(self->callbacks) - 1,
+                              PyList_GET_SIZE(self->callbacks), NULL);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+wait_remove_done_callback(WaitFutureObject *self, PyObject *fn)
+{
+    aiorun_state *st = wait_state(self);
+    Py_ssize_t removed = 0;
+    PyObject *records = self->callbacks, *kept = NULL;
+    if (records == NULL) {
+        return PyLong_FromSsize_t(0);
+    }
+    /* Walk our own reference: a comparison may run Python code. */
+    Py_INCREF(records);
+    if ((kept = PyList_New(0)) == NULL) {
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(records); i++) {
+        PyObject *record = PyList_GET_ITEM(records, i);
+        PyObject *callback = PyTuple_GET_ITEM(record, 0);
+        Py_INCREF(record);
+        int same = PyObject_RichCompareBool(callback, fn, Py_EQ);
+        if (same > 0) {
+            PyObject *res = PyObject_CallMethodOneArg(
+                self->task, st->s_remove_done_callback, callback);
+            Py_XDECREF(res);
+            same = res ? 1 : -1;
+            removed++;
+        }
+        else if (same == 0) {
+            same = PyList_Append(kept, record) < 0 ? -1 : 0;
+        }
+        Py_DECREF(record);
+        if (same < 0) {
+            goto error;
+        }
+    }
+    Py_SETREF(self->callbacks, kept);
+    Py_DECREF(records);
+    return PyLong_FromSsize_t(removed);
+error:
+    Py_DECREF(records);
+    Py_XDECREF(kept);
+    return NULL;
+}
+
+/* 1 if the wait is over: cancelled, or the protected task has ended. */
+static int
+wait_is_done(WaitFutureObject *self)
+{
+    return self->cancelled ? 1 : aiorun_call_predicate(self->task, wait_state(self)->s_done);
+}
+
+static PyObject *
+wait_cancel(WaitFutureObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"msg", NULL};
+    aiorun_state *st = wait_state(self);
+    PyObject *msg = Py_None, *taken = NULL;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:cancel", kwlist, &msg)) {
+        return NULL;
+    }
+    int done = wait_is_done(self);
+    if (done != 0) {
+        return done < 0 ? NULL : Py_NewRef(Py_False);
+    }
+    self->cancelled = 1;
+    self->cancel_msg = Py_NewRef(msg);
+    if (take_back_callbacks(self, &taken) < 0) {
+        Py_XDECREF(taken);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; taken != NULL && i < PyList_GET_SIZE(taken); i++) {
+        PyObject *record = PyList_GET_ITEM(taken, i);
+        PyObject *context = PyTuple_GET_ITEM(record, 1);
+        PyObject *call_args[4] = {self->loop, PyTuple_GET_ITEM(record, 0),
+                                  (PyObject *)self, context};
+        PyObject *handle = context == Py_None
+            ? PyObject_VectorcallMethod(st->s_call_soon, call_args,
+                                        3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)
+            : PyObject_VectorcallMethod(st->s_call_soon, call_args,
+                                        3 | PY_VECTORCALL_ARGUMENTS_OFFSET, st->kw_context);
+        if (handle == NULL) {
+            Py_DECREF(taken);
+            return NULL;
+        }
+        Py_DECREF(handle);
+    }
+    Py_XDECREF(taken);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+raise_cancelled(WaitFutureObject *self)
+{
+    aiorun_state *st = wait_state(self);
+    PyObject *exc = self->cancel_msg == Py_None
+        ? PyObject_CallNoArgs(st->CancelledError)
+        : PyObject_CallOneArg(st->CancelledError, self->cancel_msg);
+    if (exc != NULL) {
+        PyErr_SetObject(st->CancelledError, exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+static PyObject *
+wait_result(WaitFutureObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (self->cancelled) {
+        return raise_cancelled(self);
+    }
+    return PyObject_CallMethodNoArgs(self->task, wait_state(self)->s_result);
+}
+
+static PyObject *
+wait_exception(WaitFutureObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (self->cancelled) {
+        return raise_cancelled(self);
+    }
+    return PyObject_CallMethodNoArgs(self->task, wait_state(self)->s_exception);
+}
+
+static PyObject *
+wait_done(WaitFutureObject *self, PyObject *unused)
+{
+    (void)unused;
+    int done = wait_is_done(self);
+    return done < 0 ? NULL : PyBool_FromLong(done);
+}
+
+static PyObject *
+wait_cancelled(WaitFutureObject *self, PyObject *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(self->cancelled);
+}
+
+static PyObject *
+wait_get_loop(WaitFutureObject *self, PyObject *unused)
+{
+    (void)unused;
+    return Py_NewRef(self->loop);
+}
+
+static PyObject *
+wait_get_blocking(WaitFutureObject *self, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(self->blocking);
+}
+
+static int
+wait_set_blocking(WaitFutureObject *self, PyObject *value, void *closure)
+{
+    (void)closure;
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete _asyncio_future_blocking");
+        return -1;
+    }
+    int truth = PyObject_IsTrue(value);
+    if (truth < 0) {
+        return -1;
+    }
+    self->blocking = truth;
+    return 0;
+}
+
+static PyObject *
+wait_get_task(WaitFutureObject *self, void *closure)
+{
+    (void)closure;
+    return Py_NewRef(self->task);
+}
+
+static PyObject *
+wait_repr(WaitFutureObject *self)
+{
+    return PyUnicode_FromFormat("<shutdown_waits_for wait%s on %R>",
+                                self->cancelled ? " (cancelled)" : "", self->task);
+}
+
+static int
+wait_traverse(WaitFutureObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->task);
+    Py_VISIT(self->loop);
+    Py_VISIT(self->callbacks);
+    Py_VISIT(self->cancel_msg);
+    return 0;
+}
+
+static int
+wait_clear(WaitFutureObject *self)
+{
+    Py_CLEAR(self->task);
+    Py_CLEAR(self->loop);
+    Py_CLEAR(self->callbacks);
+    Py_CLEAR(self->cancel_msg);
+    return 0;
+}
+
+static void
+wait_dealloc(WaitFutureObject *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    (void)wait_clear(self);
+    PyObject_GC_Del(self);
+    Py_DECREF(type);
+}
+
+static PyMethodDef wait_methods[] = {
+    {"add_done_callback", (PyCFunction)(void (*)(void))wait_add_done_callback,
+     METH_FASTCALL | METH_KEYWORDS,
+     "add_done_callback(fn, *, context=None): call fn(self) when the wait is over."},
+    {"remove_done_callback", (PyCFunction)wait_remove_done_callback, METH_O,
+     "remove_done_callback(fn) -> number of callbacks removed"},
+    {"cancel", (PyCFunction)(void (*)(void))wait_cancel, METH_VARARGS | METH_KEYWORDS,
+     "cancel(msg=None): end the wait only; the protected task runs on."},
+    {"cancelled", (PyCFunction)wait_cancelled, METH_NOARGS, NULL},
+    {"done", (PyCFunction)wait_done, METH_NOARGS, NULL},
+    {"result", (PyCFunction)wait_result, METH_NOARGS,
+     "The protected task's result, or CancelledError if the wait was cancelled."},
+    {"exception", (PyCFunction)wait_exception, METH_NOARGS, NULL},
+    {"get_loop", (PyCFunction)wait_get_loop, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef wait_getset[] = {
+    {"_asyncio_future_blocking", (getter)wait_get_blocking, (setter)wait_set_blocking,
+     "Set while a task is yielding this object, as on asyncio futures.", NULL},
+    {"task", (getter)wait_get_task, NULL, "The protected task.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot wait_slots[] = {
+    {Py_tp_dealloc, wait_dealloc},
+    {Py_tp_traverse, wait_traverse},
+    {Py_tp_clear, wait_clear},
+    {Py_tp_repr, wait_repr},
+    {Py_tp_methods, wait_methods},
+    {Py_tp_getset, wait_getset},
+    {0, NULL},
+};
+
+PyType_Spec aiorun_waitfuture_type_spec = {
+    .name = "aiorun._aiorun.ShutdownWaitFuture",
+    .basicsize = sizeof(WaitFutureObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = wait_slots,
+};
