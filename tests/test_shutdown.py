@@ -369,3 +369,35 @@ def test_tasks_that_finish_in_time_produce_no_warning(app):
     assert r.returncode == 0, r
     assert r.stdout == ["READY", "cleanup done"]
     assert not any("refused to exit" in l for l in r.log)
+
+
+@pytest.mark.parametrize("before", ["enabled", "disabled"])
+def test_the_collector_is_paused_only_while_the_tasks_drain(app, before):
+    r = run_app(app, f"""
+        import gc
+        if "{before}" == "disabled":
+            gc.disable()
+
+        async def worker():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                say("while draining:", gc.isenabled())
+                raise
+
+        def callback(loop):
+            say("in shutdown_callback:", gc.isenabled())
+
+        async def main():
+            asyncio.get_running_loop().create_task(worker())
+            await asyncio.sleep(0)
+            say("while running:", gc.isenabled())
+            asyncio.get_running_loop().stop()
+
+        run(main(), shutdown_callback=callback)
+        say("after run:", gc.isenabled())
+    """)
+    assert r.returncode == 0, r
+    on = str(before == "enabled")
+    assert r.stdout == [f"while running: {on}", f"in shutdown_callback: {on}",
+                        "while draining: False", f"after run: {on}"]

@@ -39,6 +39,30 @@ PyModule_AddObjectRef(PyObject *module, const char *name, PyObject *value)
     return 0;
 }
 
+/* PyGC_Disable()/PyGC_Enable() came in 3.10: the gc module's functions do
+ * the same.  Both return whether the collector was enabled before; on an
+ * error (the gc module unavailable) they leave it as it is. */
+static inline int
+aiorun_gc_call(const char *name)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *gc = PyImport_ImportModule("gc");
+    PyObject *was = gc ? PyObject_CallMethod(gc, "isenabled", NULL) : NULL;
+    PyObject *res = was ? PyObject_CallMethod(gc, name, NULL) : NULL;
+    int enabled = res ? PyObject_IsTrue(was) : 0;
+    Py_XDECREF(gc);
+    Py_XDECREF(was);
+    Py_XDECREF(res);
+    if (PyErr_Occurred()) {
+        PyErr_WriteUnraisable(NULL);
+    }
+    PyErr_Restore(type, value, tb);
+    return enabled > 0;
+}
+#define PyGC_Disable() aiorun_gc_call("disable")
+#define PyGC_Enable() aiorun_gc_call("enable")
+
 /* 3.9 has no immutable-type flag; the types are still not subclassable. */
 #define Py_TPFLAGS_IMMUTABLETYPE 0
 #endif
