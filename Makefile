@@ -2,6 +2,9 @@
 # make test            build and test on every CPython 3.9-3.13 (see scripts/test)
 # make test-newest     the same on 3.14 and 3.15 from Debian unstable (debootstrap, cached)
 # make reliability     the quick reliability set CI runs (RELIABILITY.md)
+# make bench           this aiorun against aiorun 2025.1.1 and bare asyncio:
+#                      writes bench/RESULTS.md and bench/shutdown.png (~30 min)
+# make bench-smoke     the same at tiny sizes, one run, writes nothing (CI)
 # make sanitize | memcheck | refleak | nomemory | storm | startup-window
 #                      one each; long versions: make storm TRIALS=500,
 #                      make refleak REPS=100, make nomemory STEP=1, ...
@@ -11,7 +14,7 @@ TRIALS ?= 100
 REPS ?= 30
 STEP ?= 1
 
-.PHONY: demo test test-newest clean reliability sanitize memcheck refleak nomemory storm startup-window
+.PHONY: demo test test-newest bench bench-smoke clean reliability sanitize memcheck refleak nomemory storm startup-window
 
 demo:
 	@[ -x .venvs/demo/bin/python ] || $(PYTHON) -m venv .venvs/demo
@@ -47,6 +50,12 @@ storm: $(PY311)
 
 startup-window: $(PY311)
 	$(PY311) tests/reliability/startup_window.py --trials $$(( $(TRIALS) * 4 ))
+
+bench:
+	scripts/bench
+
+bench-smoke:
+	scripts/bench --smoke
 
 reliability:
 	$(MAKE) sanitize

@@ -109,6 +109,15 @@ def scenario_cancel_awaiter(rounds=50):
                 await t
             except asyncio.CancelledError:
                 pass
+        loop = asyncio.get_running_loop()
+        for _ in range(rounds):   # cancelled in the turn in which the work ends
+            async def ending():
+                loop.call_soon(t.cancel)
+            t = loop.create_task(shutdown_waits_for(ending()))
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
         for _ in range(rounds):   # an exception that was raised has a traceback
             try:
                 raise KeyError("raised")

@@ -1,0 +1,360 @@
+"""The benchmark of issue 7: this aiorun against the original aiorun 2025.1.1
+and against the bare-asyncio floor.  `make bench` sets up the two virtual
+environments and runs this with the first one's interpreter.
+
+    python bench/run.py [--runs 5] [--sizes 1e3,1e4,1e5,1e6] [--out bench]
+    python bench/run.py --smoke        # tiny sizes, one run, no files
+
+Every figure comes from child processes started one after the other, the
+sides taking turns (the first side rotates each round), and is quoted as a
+median with its min-max; the tables give ratios, since only those survive
+a shared, noisy machine.  Writes OUT/RESULTS.md and OUT/shutdown.png.
+"""
+import argparse
+import datetime
+import os
+import platform
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+VENVS = os.path.join(ROOT, ".venvs")
+PYTHON = {
+    "ours": os.path.join(VENVS, "bench-ours", "bin", "python"),
+    "original": os.path.join(VENVS, "bench-original", "bin", "python"),
+    # The floor imports no aiorun; any of the two interpreters will do.
+    "floor": os.path.join(VENVS, "bench-ours", "bin", "python"),
+}
+SIDES = ["ours", "original", "floor"]
+LOOPS = ["asyncio", "uvloop"]
+CHILD_TIMEOUT = 900  # seconds; a 1e6-task run takes well under a minute
+
+
+def now():
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+def rounds(runs, sides):
+    """Yield (round, side), the sides taking turns, the first one rotating."""
+    for r in range(runs):
+        for i in range(len(sides)):
+            yield r, sides[(r + i) % len(sides)]
+
+
+def summary(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+# ---- 1. shutdown latency and peak RSS ----
+
+def one_shutdown(side, loop, kind, n):
+    """Start the app, wait for "ready", SIGTERM it; seconds to the end of
+    run() and to the process exit, and the child's peak RSS in MiB."""
+    cmd = [PYTHON[side], os.path.join(HERE, "shutdown_app.py"), side, loop, kind, str(n)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().strip()
+    if line != "ready":
+        proc.kill()
+        raise SystemExit(f"{side}/{loop}/{kind}/{n}: no ready line: {line!r} "
+                         f"{proc.stderr.read()[-2000:]}")
+    sent = now()
+    proc.send_signal(signal.SIGTERM)
+    ended = proc.stdout.readline().split()
+    _, status, usage = os.wait4(proc.pid, 0)
+    exited = now()
+    errors = proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    # Both aiorun log "Stopping the loop" at the signal; anything else on
+    # stderr means the run was not the clean shutdown being timed.
+    noise = [l for l in errors.splitlines() if l.strip() and l != "Stopping the loop"]
+    if proc.returncode != 0 or len(ended) != 2 or noise:
+        raise SystemExit(f"{side}/{loop}/{kind}/{n}: exit {proc.returncode}, "
+                         f"output {ended!r}, stderr {errors[-2000:]!r}")
+    return float(ended[1]) - sent, exited - sent, usage.ru_maxrss / 1024
+
+
+def bench_shutdown(configs, runs, log):
+    """configs: list of (kind, n, loop).  Returns {(kind, n, loop, side):
+    {"end": [...], "exit": [...], "rss": [...]}}."""
+    results = {}
+    for kind, n, loop in configs:
+        for r, side in rounds(runs, SIDES):
+            to_end, to_exit, rss = one_shutdown(side, loop, kind, n)
+            slot = results.setdefault((kind, n, loop, side),
+                                      {"end": [], "exit": [], "rss": []})
+            slot["end"].append(to_end)
+            slot["exit"].append(to_exit)
+            slot["rss"].append(rss)
+            log(f"  {kind:7} N={n:<8} {loop:7} {side:8} round {r + 1}: "
+                f"end {to_end:8.4f} s  exit {to_exit:8.4f} s  rss {rss:7.0f} MiB")
+    return results
+
+
+# ---- 2. shutdown_waits_for per call ----
+
+def bench_waits_for(runs, calls, log):
+    samples = {}
+    for r, side in rounds(runs, ["ours", "original"]):
+        out = subprocess.run([PYTHON[side], os.path.join(HERE, "waits_for.py"), str(calls)],
+                             capture_output=True, text=True, check=True,
+                             timeout=CHILD_TIMEOUT).stdout
+        for line in out.splitlines():
+            way, micros = line.split()
+            samples.setdefault((side, way), []).append(float(micros))
+        log(f"  waits_for {side:8} round {r + 1}: {' '.join(out.split())}")
+    return samples
+
+
+# ---- 3. import time ----
+
+IMPORTS = {
+    "import asyncio": ("ours", "import asyncio"),
+    "import aiorun (ours)": ("ours", "import aiorun"),
+    "import aiorun (original)": ("original", "import aiorun"),
+}
+
+
+def bench_import(runs, log):
+    samples = {name: [] for name in IMPORTS}
+    names = list(IMPORTS)
+    for r, name in rounds(runs, names):
+        side, statement = IMPORTS[name]
+        start = time.perf_counter()
+        subprocess.run([PYTHON[side], "-c", statement], check=True, timeout=CHILD_TIMEOUT)
+        samples[name].append(time.perf_counter() - start)
+    for name in names:
+        log(f"  {name:26} median {statistics.median(samples[name]) * 1e3:7.2f} ms")
+    return samples
+
+
+# ---- report ----
+
+def fmt_s(s, digits=None):
+    if digits is None:
+        digits = 4 if s["median"] < 10 else 2
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+
+
+def ratio(a, b):
+    return statistics.median(a) / statistics.median(b)
+
+
+def machine():
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions = {}
+    for side in ("ours", "original"):
+        versions[side] = subprocess.run(
+            [PYTHON[side], "-c",
+             "import platform, uvloop, aiorun; "
+             "print(platform.python_version(), uvloop.__version__, aiorun.__version__)"],
+            capture_output=True, text=True, check=True).stdout.split()
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "kernel": platform.release(),
+        "python": versions["ours"][0],
+        "uvloop": versions["ours"][1],
+        "original": versions["original"][2],
+    }
+
+
+def targets(shutdown, sizes, waits, imports):
+    """(target, figure, met) for each target of issue 7."""
+    rows = []
+    big = max(sizes)
+    for loop in LOOPS:
+        key = ("idle", big, loop)
+        ours = shutdown[key + ("ours",)]["end"]
+        rows.append((f"shutdown, {big:,} idle tasks, {loop}: ≤ 0.70× the original",
+                     f"{ratio(ours, shutdown[key + ('original',)]['end']):.2f}×",
+                     ratio(ours, shutdown[key + ("original",)]["end"]) <= 0.70))
+        rows.append((f"shutdown, {big:,} idle tasks, {loop}: ≤ 1.00× the floor",
+                     f"{ratio(ours, shutdown[key + ('floor',)]['end']):.2f}×",
+                     ratio(ours, shutdown[key + ("floor",)]["end"]) <= 1.0))
+    worst = max(ratio(shutdown[k[:3] + ("ours",)]["end"], shutdown[k[:3] + ("original",)]["end"])
+                for k in shutdown if k[3] == "ours")
+    rows.append(("shutdown, every N, kind and loop: no slower than the original",
+                 f"worst {worst:.2f}×", worst <= 1.0))
+    w = ratio(waits[("ours", "waits_for")], waits[("ours", "bare")])
+    rows.append(("`await shutdown_waits_for(coro)`: ≤ 2.0× a bare await", f"{w:.2f}×",
+                 w <= 2.0))
+    i = ratio(imports["import aiorun (ours)"], imports["import asyncio"])
+    rows.append(("`import aiorun`: ≤ 1.02× `import asyncio`", f"{i:.3f}×", i <= 1.02))
+    for loop in LOOPS:
+        key = ("idle", big, loop)
+        m = ratio(shutdown[key + ("ours",)]["rss"], shutdown[key + ("original",)]["rss"])
+        rows.append((f"peak RSS, {big:,} tasks, {loop}: ≤ the original's", f"{m:.3f}×",
+                     m <= 1.0))
+    return rows
+
+
+def report(args, facts, shutdown, configs, waits, imports, command):
+    out = []
+    w = out.append
+    w("# Benchmark results\n")
+    w(f"Made {datetime.date.today().isoformat()} by `{command}` on {facts['cores']} cores "
+      f"({facts['cpu']}), Linux {facts['kernel']}, CPython {facts['python']}, "
+      f"uvloop {facts['uvloop']}; the original is aiorun {facts['original']} from PyPI. "
+      f"{args.runs} runs of each side, the sides taking turns; medians, min–max in "
+      f"brackets. Regenerate with `make bench` (see bench/run.py).\n")
+    w("## Targets (issue 7)\n")
+    w("| target | this run | met |\n|---|---|---|")
+    sizes = sorted({n for kind, n, _ in configs if kind == "idle"})
+    for name, figure, met in targets(shutdown, sizes, waits, imports):
+        w(f"| {name} | {figure} | {'yes' if met else '**no**'} |")
+    w("")
+    w("## 1. Shutdown latency\n")
+    w("From SIGTERM (sent once the app printed that every task is waiting) to the "
+      "end of `run()` and to the exit of the process. *idle*: N tasks, a third each "
+      "in `asyncio.sleep`, on a bare future and in `Queue.get` on a queue of their own. "
+      "*streams*: N tasks each reading a stream on a socket pair of its own, up to the "
+      "file-descriptor limit. The floor is the least a correct shutdown does by hand "
+      "(bench/shutdown_app.py): stop on the signal, cancel every task, gather them, "
+      "close the loop.\n")
+    w("| tasks | N | loop | ours, to end of run() s | original s | floor s "
+      "| ours/original | ours/floor | to exit: ours/original | ours/floor |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
+    for kind, n, loop in configs:
+        s = {side: shutdown[(kind, n, loop, side)] for side in SIDES}
+        w(f"| {kind} | {n:,} | {loop} | {fmt_s(summary(s['ours']['end']))} "
+          f"| {fmt_s(summary(s['original']['end']))} | {fmt_s(summary(s['floor']['end']))} "
+          f"| {ratio(s['ours']['end'], s['original']['end']):.2f} "
+          f"| {ratio(s['ours']['end'], s['floor']['end']):.2f} "
+          f"| {ratio(s['ours']['exit'], s['original']['exit']):.2f} "
+          f"| {ratio(s['ours']['exit'], s['floor']['exit']):.2f} |")
+    w("\n![shutdown latency against N](shutdown.png)\n")
+    w("## 2. `shutdown_waits_for` per call\n")
+    w("`await X` of a coroutine that yields to the loop once (`asyncio.sleep(0)`), "
+      "microseconds per call, each side in its own interpreter. *task* is "
+      "`await loop.create_task(coro)`: the least any protection costs, since the "
+      "protected work must run as a task of its own that outlives its caller.\n")
+    w("| way | ours µs | original µs | ours ÷ bare await | original ÷ bare await |")
+    w("|---|---|---|---|---|")
+    for way in ("bare", "task", "shield", "waits_for"):
+        o, g = waits[("ours", way)], waits[("original", way)]
+        name = {"bare": "bare `await coro`", "task": "`await create_task(coro)`",
+                "shield": "`await asyncio.shield(coro)`",
+                "waits_for": "`await shutdown_waits_for(coro)`"}[way]
+        w(f"| {name} | {fmt_s(summary(o), 2)} | {fmt_s(summary(g), 2)} "
+          f"| {ratio(o, waits[('ours', 'bare')]):.2f} "
+          f"| {ratio(g, waits[('original', 'bare')]):.2f} |")
+    w("")
+    w("## 3. Import\n")
+    w("Wall time of `python -c \"...\"`, the whole process.\n")
+    w("| command | ms | ÷ `import asyncio` |\n|---|---|---|")
+    for name, values in imports.items():
+        s = summary([v * 1e3 for v in values])
+        w(f"| `{name}` | {s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f}) "
+          f"| {ratio(values, imports['import asyncio']):.3f} |")
+    w("")
+    w("## 4. Peak RSS\n")
+    w("| N | loop | ours MiB | original MiB | floor MiB | ours/original |")
+    w("|---|---|---|---|---|---|")
+    for kind, n, loop in configs:
+        if kind != "idle" or n != max(sizes):
+            continue
+        s = {side: shutdown[(kind, n, loop, side)]["rss"] for side in SIDES}
+        w(f"| {n:,} | {loop} | {statistics.median(s['ours']):.0f} "
+          f"| {statistics.median(s['original']):.0f} | {statistics.median(s['floor']):.0f} "
+          f"| {ratio(s['ours'], s['original']):.3f} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(shutdown, configs, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    colours = {"ours": "tab:blue", "original": "tab:orange", "floor": "tab:grey"}
+    for loop in LOOPS:
+        ns = sorted(n for kind, n, l in configs if kind == "idle" and l == loop)
+        for side in SIDES:
+            s = [summary(shutdown[("idle", n, loop, side)]["end"]) for n in ns]
+            med = [x["median"] for x in s]
+            err = [[m - x["min"] for m, x in zip(med, s)], [x["max"] - m for m, x in zip(med, s)]]
+            ax.errorbar(ns, med, yerr=err, marker="o", capsize=3, color=colours[side],
+                        linestyle="-" if loop == "asyncio" else "--",
+                        label=f"{side}, {loop}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("idle tasks (N)")
+    ax.set_ylabel("SIGTERM to end of run(), seconds (median, min–max)")
+    ax.set_title("Shutdown latency: this aiorun, aiorun 2025.1.1, bare asyncio")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--sizes", default="1e3,1e4,1e5,1e6",
+                        help="task counts of the idle runs (comma-separated)")
+    parser.add_argument("--calls", type=int, default=20000,
+                        help="shutdown_waits_for calls per round")
+    parser.add_argument("--out", default=HERE, help="where RESULTS.md and the plot go")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes and one run, to check that it works; no files")
+    args = parser.parse_args()
+    if args.smoke:
+        args.runs, args.sizes, args.calls = 1, "100,300", 500
+
+    # Stream runs need two descriptors a task: take the hard limit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    sizes = [int(float(x)) for x in args.sizes.split(",")]
+    stream_max = (hard - 100) // 2
+    stream_sizes = sorted({min(n, stream_max) for n in (min(sizes), 10 ** 6)})
+    if args.smoke:
+        stream_sizes = [50]
+    configs = ([("idle", n, loop) for n in sizes for loop in LOOPS]
+               + [("streams", n, loop) for n in stream_sizes for loop in LOOPS])
+
+    def log(text):
+        print(text, flush=True)
+
+    started = time.monotonic()
+    facts = machine()
+    log(f"CPython {facts['python']}, uvloop {facts['uvloop']}, {facts['cores']} cores, "
+        f"{args.runs} runs per side")
+    log("1. shutdown latency")
+    shutdown = bench_shutdown(configs, args.runs, log)
+    log("2. shutdown_waits_for")
+    waits = bench_waits_for(args.runs, args.calls, log)
+    log("3. import")
+    imports = bench_import(max(args.runs * 8, 3), log)
+    command = "make bench" if not args.smoke else "python bench/run.py --smoke"
+    text = report(args, facts, shutdown, configs, waits, imports, command)
+    log("")
+    log(text)
+    if not args.smoke:
+        with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
+            f.write(text)
+        plot(shutdown, configs, os.path.join(args.out, "shutdown.png"))
+        log(f"wrote {args.out}/RESULTS.md and {args.out}/shutdown.png")
+    else:
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            plot(shutdown, configs, os.path.join(tmp, "shutdown.png"))
+    log(f"took {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
