@@ -19,7 +19,10 @@ typedef struct {
     PyObject_HEAD
     PyObject *task;        /* the protected task */
     PyObject *loop;
-    PyObject *callbacks;   /* list of (fn, context) passed on to task, or NULL */
+    PyObject *fn;          /* the wake-up passed on to task, or NULL; its */
+    PyObject *context;     /* context: kept inline, so that the usual single
+                            * wake-up allocates nothing of ours */
+    PyObject *more;        /* list of (fn, context) for any further ones */
     PyObject *cancel_msg;  /* once cancelled: the message, or None */
     int blocking;          /* _asyncio_future_blocking */
     int cancelled;
@@ -45,40 +48,56 @@ task_add_callback(aiorun_state *st, PyObject *task, PyObject *fn, PyObject *cont
     return res ? 0 : -1;
 }
 
-/* Take every wake-up we passed on back from the protected task; hand the
- * records to the caller in *taken (or NULL if there were none). */
+/* loop.call_soon(fn, self, context=context): what a done future does. */
 static int
-take_back_callbacks(WaitFutureObject *self, PyObject **taken)
+call_soon_with_self(WaitFutureObject *self, PyObject *fn, PyObject *context)
 {
     aiorun_state *st = wait_state(self);
-    PyObject *callbacks = self->callbacks;
-    self->callbacks = NULL;
-    *taken = callbacks;
-    if (callbacks == NULL) {
-        return 0;
+    PyObject *args[4] = {self->loop, fn, (PyObject *)self, context};
+    PyObject *handle = context == Py_None
+        ? PyObject_VectorcallMethod(st->s_call_soon, args,
+                                    3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)
+        : PyObject_VectorcallMethod(st->s_call_soon, args,
+                                    3 | PY_VECTORCALL_ARGUMENTS_OFFSET, st->kw_context);
+    Py_XDECREF(handle);
+    return handle ? 0 : -1;
+}
+
+static int
+take_back(WaitFutureObject *self, PyObject *fn)
+{
+    PyObject *res = PyObject_CallMethodOneArg(self->task,
+                                              wait_state(self)->s_remove_done_callback, fn);
+    Py_XDECREF(res);
+    return res ? 0 : -1;
+}
+
+/* Take every wake-up passed on back from the task and forget it.  Reports
+ * a failure as unraisable: the caller has no way back by then. */
+static void
+take_back_all(WaitFutureObject *self)
+{
+    PyObject *fn = self->fn, *context = self->context, *more = self->more;
+    self->fn = self->context = self->more = NULL;
+    if (fn != NULL && take_back(self, fn) < 0) {
+        PyErr_WriteUnraisable((PyObject *)self);
     }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(callbacks); i++) {
-        PyObject *fn = PyTuple_GET_ITEM(PyList_GET_ITEM(callbacks, i), 0);
-        PyObject *res = PyObject_CallMethodOneArg(self->task, st->s_remove_done_callback,
-                                                  fn);
-        if (res == NULL) {
-            return -1;
+    for (Py_ssize_t i = 0; more != NULL && i < PyList_GET_SIZE(more); i++) {
+        if (take_back(self, PyTuple_GET_ITEM(PyList_GET_ITEM(more, i), 0)) < 0) {
+            PyErr_WriteUnraisable((PyObject *)self);
         }
-        Py_DECREF(res);
     }
-    return 0;
+    Py_XDECREF(fn);
+    Py_XDECREF(context);
+    Py_XDECREF(more);
 }
 
 void
 aiorun_waitfuture_detach(PyObject *wait)
 {
-    WaitFutureObject *self = (WaitFutureObject *)wait;
-    PyObject *type, *value, *tb, *taken;
+    PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    if (take_back_callbacks(self, &taken) < 0) {
-        PyErr_WriteUnraisable(wait);
-    }
-    Py_XDECREF(taken);
+    take_back_all((WaitFutureObject *)wait);
     PyErr_Restore(type, value, tb);
 }
 
@@ -103,7 +122,9 @@ aiorun_waitfuture_new(aiorun_state *st, PyObject *task, PyObject *loop)
     }
     self->task = Py_NewRef(task);
     self->loop = Py_NewRef(loop);
-    self->callbacks = NULL;
+    self->fn = NULL;
+    self->context = NULL;
+    self->more = NULL;
     self->cancel_msg = NULL;
     self->blocking = 0;
     self->cancelled = 0;
@@ -137,35 +158,38 @@ wait_add_done_callback(WaitFutureObject *self, PyObject *const *args, Py_ssize_t
     }
     if (self->cancelled) {
         /* Like a Future that is done: schedule the call now. */
-        PyObject *call_args[4] = {self->loop, fn, (PyObject *)self, context};
-        PyObject *handle = context == Py_None
-            ? PyObject_VectorcallMethod(st->s_call_soon, call_args,
-                                        3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)
-            : PyObject_VectorcallMethod(st->s_call_soon, call_args,
-                                        3 | PY_VECTORCALL_ARGUMENTS_OFFSET, st->kw_context);
-        if (handle == NULL) {
+        if (call_soon_with_self(self, fn, context) < 0) {
             return NULL;
         }
-        Py_DECREF(handle);
+        Py_RETURN_NONE;
+    }
+    if (self->fn == NULL) {
+        /* The usual case, one awaiting task: nothing to allocate here, so
+         * nothing of ours can fail between asyncio and its wake-up. */
+        if (task_add_callback(st, self->task, fn, context) < 0) {
+            return NULL;
+        }
+        self->fn = Py_NewRef(fn);
+        self->context = Py_NewRef(context);
         Py_RETURN_NONE;
     }
     PyObject *record = PyTuple_Pack(2, fn, context);
     if (record == NULL) {
         return NULL;
     }
-    if (self->callbacks == NULL && (self->callbacks = PyList_New(0)) == NULL) {
+    if (self->more == NULL && (self->more = PyList_New(0)) == NULL) {
         Py_DECREF(record);
         return NULL;
     }
-    int rc = PyList_Append(self->callbacks, record);
+    int rc = PyList_Append(self->more, record);
     Py_DECREF(record);
     if (rc < 0) {
         return NULL;
     }
     if (task_add_callback(st, self->task, fn, context) < 0) {
         /* Not passed on, so not ours to take back. */
-        (void)PyList_SetSlice(self->callbacks, PyList_GET_SIZE(self->callbacks) - 1,
-                              PyList_GET_SIZE(self->callbacks), NULL);
+        (void)PyList_SetSlice(self->more, PyList_GET_SIZE(self->more) - 1,
+                              PyList_GET_SIZE(self->more), NULL);
         return NULL;
     }
     Py_RETURN_NONE;
@@ -174,11 +198,24 @@ wait_add_done_callback(WaitFutureObject *self, PyObject *const *args, Py_ssize_t
 static PyObject *
 wait_remove_done_callback(WaitFutureObject *self, PyObject *fn)
 {
-    aiorun_state *st = wait_state(self);
     Py_ssize_t removed = 0;
-    PyObject *records = self->callbacks, *kept = NULL;
+    PyObject *records = self->more, *kept = NULL;
+    if (self->fn != NULL) {
+        PyObject *ours = Py_NewRef(self->fn);
+        int same = PyObject_RichCompareBool(ours, fn, Py_EQ);
+        if (same > 0 && self->fn == ours) {
+            same = take_back(self, ours);
+            Py_CLEAR(self->fn);
+            Py_CLEAR(self->context);
+            removed++;
+        }
+        Py_DECREF(ours);
+        if (same < 0) {
+            return NULL;
+        }
+    }
     if (records == NULL) {
-        return PyLong_FromSsize_t(0);
+        return PyLong_FromSsize_t(removed);
     }
     /* Walk our own reference: a comparison may run Python code. */
     Py_INCREF(records);
@@ -191,10 +228,7 @@ wait_remove_done_callback(WaitFutureObject *self, PyObject *fn)
         Py_INCREF(record);
         int same = PyObject_RichCompareBool(callback, fn, Py_EQ);
         if (same > 0) {
-            PyObject *res = PyObject_CallMethodOneArg(
-                self->task, st->s_remove_done_callback, callback);
-            Py_XDECREF(res);
-            same = res ? 1 : -1;
+            same = take_back(self, callback) < 0 ? -1 : 1;
             removed++;
         }
         else if (same == 0) {
@@ -205,7 +239,7 @@ wait_remove_done_callback(WaitFutureObject *self, PyObject *fn)
             goto error;
         }
     }
-    Py_SETREF(self->callbacks, kept);
+    Py_XSETREF(self->more, kept);
     Py_DECREF(records);
     return PyLong_FromSsize_t(removed);
 error:
@@ -225,8 +259,7 @@ static PyObject *
 wait_cancel(WaitFutureObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"msg", NULL};
-    aiorun_state *st = wait_state(self);
-    PyObject *msg = Py_None, *taken = NULL;
+    PyObject *msg = Py_None;
 
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:cancel", kwlist, &msg)) {
         return NULL;
@@ -235,29 +268,21 @@ wait_cancel(WaitFutureObject *self, PyObject *args, PyObject *kwargs)
     if (done != 0) {
         return done < 0 ? NULL : Py_NewRef(Py_False);
     }
-    self->cancelled = 1;
-    self->cancel_msg = Py_NewRef(msg);
-    if (take_back_callbacks(self, &taken) < 0) {
-        Py_XDECREF(taken);
+    /* Schedule the wake-ups first: if that fails, nothing has changed and
+     * the task still wakes them when it ends; no wake-up is ever lost. */
+    if (self->fn != NULL && call_soon_with_self(self, self->fn, self->context) < 0) {
         return NULL;
     }
-    for (Py_ssize_t i = 0; taken != NULL && i < PyList_GET_SIZE(taken); i++) {
-        PyObject *record = PyList_GET_ITEM(taken, i);
-        PyObject *context = PyTuple_GET_ITEM(record, 1);
-        PyObject *call_args[4] = {self->loop, PyTuple_GET_ITEM(record, 0),
-                                  (PyObject *)self, context};
-        PyObject *handle = context == Py_None
-            ? PyObject_VectorcallMethod(st->s_call_soon, call_args,
-                                        3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)
-            : PyObject_VectorcallMethod(st->s_call_soon, call_args,
-                                        3 | PY_VECTORCALL_ARGUMENTS_OFFSET, st->kw_context);
-        if (handle == NULL) {
-            Py_DECREF(taken);
+    for (Py_ssize_t i = 0; self->more != NULL && i < PyList_GET_SIZE(self->more); i++) {
+        PyObject *record = PyList_GET_ITEM(self->more, i);
+        if (call_soon_with_self(self, PyTuple_GET_ITEM(record, 0),
+                                PyTuple_GET_ITEM(record, 1)) < 0) {
             return NULL;
         }
-        Py_DECREF(handle);
     }
-    Py_XDECREF(taken);
+    self->cancelled = 1;
+    self->cancel_msg = Py_NewRef(msg);
+    take_back_all(self);
     Py_RETURN_TRUE;
 }
 
@@ -360,7 +385,9 @@ wait_traverse(WaitFutureObject *self, visitproc visit, void *arg)
     Py_VISIT(Py_TYPE(self));
     Py_VISIT(self->task);
     Py_VISIT(self->loop);
-    Py_VISIT(self->callbacks);
+    Py_VISIT(self->fn);
+    Py_VISIT(self->context);
+    Py_VISIT(self->more);
     Py_VISIT(self->cancel_msg);
     return 0;
 }
@@ -370,7 +397,9 @@ wait_clear(WaitFutureObject *self)
 {
     Py_CLEAR(self->task);
     Py_CLEAR(self->loop);
-    Py_CLEAR(self->callbacks);
+    Py_CLEAR(self->fn);
+    Py_CLEAR(self->context);
+    Py_CLEAR(self->more);
     Py_CLEAR(self->cancel_msg);
     return 0;
 }
