@@ -163,7 +163,13 @@ def machine():
              "import platform, uvloop, aiorun; "
              "print(platform.python_version(), uvloop.__version__, aiorun.__version__)"],
             capture_output=True, text=True, check=True).stdout.split()
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
     return {
+        "commit": commit or "unknown",
         "cores": os.cpu_count(),
         "cpu": cpu,
         "kernel": platform.release(),
@@ -207,7 +213,8 @@ def report(args, facts, shutdown, configs, waits, imports, command):
     out = []
     w = out.append
     w("# Benchmark results\n")
-    w(f"Made {datetime.date.today().isoformat()} by `{command}` on {facts['cores']} cores "
+    w(f"Made {datetime.date.today().isoformat()} by `{command}` at commit {facts['commit']} "
+      f"on {facts['cores']} cores "
       f"({facts['cpu']}), Linux {facts['kernel']}, CPython {facts['python']}, "
       f"uvloop {facts['uvloop']}; the original is aiorun {facts['original']} from PyPI. "
       f"{args.runs} runs of each side, the sides taking turns; medians, min–max in "
