@@ -429,3 +429,49 @@ def test_the_awaiting_task_waits_on_the_protected_task_directly():
 
     shielded, plain = asyncio.run(main())
     assert shielded == plain
+
+
+def test_the_wait_answers_like_a_future():
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        async def work():
+            await asyncio.sleep(0.01)
+            return 7
+
+        w = shutdown_waits_for(work())
+        wait = w.send(None)
+        assert wait._asyncio_future_blocking and not wait.done() and not wait.cancelled()
+        with pytest.raises(asyncio.InvalidStateError):
+            wait.result()
+        woken = loop.create_future()
+        wait.add_done_callback(woken.set_result)
+        # Passed on to the task, so it is the task that the callback gets.
+        assert await woken is wait.task
+        assert wait.done() and wait.result() == 7 and wait.exception() is None
+        assert wait.cancel() is False          # over: nothing to cancel
+        w.close()
+
+        w = shutdown_waits_for(work())
+        wait = w.send(None)
+        calls = []
+        wait.add_done_callback(calls.append)
+        wait.add_done_callback(calls.append)   # a second one, kept apart
+        assert wait.remove_done_callback(calls.append) == 2
+        wait.add_done_callback(calls.append)
+        assert wait.cancel("why") is True and wait.cancelled() and wait.done()
+        for ask in (wait.result, wait.exception):
+            with pytest.raises(asyncio.CancelledError, match="why"):
+                ask()
+        await asyncio.sleep(0)
+        assert calls == [wait]                 # scheduled once, by cancel()
+        late = loop.create_future()
+        wait.add_done_callback(late.set_result)  # a cancelled wait calls at once
+        assert await late is wait
+        with pytest.raises(TypeError, match="unexpected keyword argument 'ctx'"):
+            wait.add_done_callback(print, ctx=None)
+        w.close()
+        await asyncio.sleep(0.02)              # the protected work still ended
+        assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+
+    asyncio.run(main())

@@ -7,7 +7,9 @@
  * the awaiting task resumes in the same turn of the loop in which the
  * protected one ends, as `await task` would, with no future in between.
  * cancel() takes the wake-up back from the protected task and schedules it
- * on the loop with this object cancelled, as a cancelled Future does.
+ * on the loop with this object cancelled, as a cancelled Future does.  So a
+ * callback gets the protected task when it ends, or this object when the
+ * wait was cancelled; asyncio's wake-up takes either.
  *
  * It speaks the protocol asyncio's Task (C or Python) expects of a future:
  * _asyncio_future_blocking, get_loop(), add_done_callback(fn, context=),
@@ -286,10 +288,15 @@ wait_cancel(WaitFutureObject *self, PyObject *args, PyObject *kwargs)
     Py_RETURN_TRUE;
 }
 
+/* The protected task's answer to result() or exception(), or the
+ * CancelledError (with its message) of a cancelled wait. */
 static PyObject *
-raise_cancelled(WaitFutureObject *self)
+ask_task(WaitFutureObject *self, PyObject *method)
 {
     aiorun_state *st = wait_state(self);
+    if (!self->cancelled) {
+        return PyObject_CallMethodNoArgs(self->task, method);
+    }
     PyObject *exc = self->cancel_msg == Py_None
         ? PyObject_CallNoArgs(st->CancelledError)
         : PyObject_CallOneArg(st->CancelledError, self->cancel_msg);
@@ -304,20 +311,14 @@ static PyObject *
 wait_result(WaitFutureObject *self, PyObject *unused)
 {
     (void)unused;
-    if (self->cancelled) {
-        return raise_cancelled(self);
-    }
-    return PyObject_CallMethodNoArgs(self->task, wait_state(self)->s_result);
+    return ask_task(self, wait_state(self)->s_result);
 }
 
 static PyObject *
 wait_exception(WaitFutureObject *self, PyObject *unused)
 {
     (void)unused;
-    if (self->cancelled) {
-        return raise_cancelled(self);
-    }
-    return PyObject_CallMethodNoArgs(self->task, wait_state(self)->s_exception);
+    return ask_task(self, wait_state(self)->s_exception);
 }
 
 static PyObject *
