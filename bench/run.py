@@ -8,10 +8,12 @@ environments and runs this with the first one's interpreter.
 Every figure comes from child processes started one after the other, the
 sides taking turns (the first side rotates each round), and is quoted as a
 median with its min-max; the tables give ratios, since only those survive
-a shared, noisy machine.  Writes OUT/RESULTS.md and OUT/shutdown.png.
+a shared, noisy machine.  Writes OUT/RESULTS.md, OUT/results.json (every
+sample) and OUT/shutdown.png.
 """
 import argparse
 import datetime
+import json
 import os
 import platform
 import resource
@@ -355,7 +357,13 @@ def main():
         with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
             f.write(text)
         plot(shutdown, configs, os.path.join(args.out, "shutdown.png"))
-        log(f"wrote {args.out}/RESULTS.md and {args.out}/shutdown.png")
+        raw = {"machine": facts,
+               "shutdown": {"/".join(map(str, k)): v for k, v in shutdown.items()},
+               "shutdown_waits_for_us": {"/".join(k): v for k, v in waits.items()},
+               "import_s": imports}
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(raw, f, indent=1)
+        log(f"wrote {args.out}/RESULTS.md, results.json (every sample) and shutdown.png")
     else:
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
