@@ -124,15 +124,24 @@ IMPORTS = {
 
 
 def bench_import(runs, log):
-    samples = {name: [] for name in IMPORTS}
+    """{name: {"wall": [...], "cpu": [...]}}: the process's wall time, and
+    its CPU time (user + system, from wait4), which a throttled or busy
+    machine stretches far less than the wall time."""
+    samples = {name: {"wall": [], "cpu": []} for name in IMPORTS}
     names = list(IMPORTS)
     for r, name in rounds(runs, names):
         side, statement = IMPORTS[name]
         start = time.perf_counter()
-        subprocess.run([PYTHON[side], "-c", statement], check=True, timeout=CHILD_TIMEOUT)
-        samples[name].append(time.perf_counter() - start)
+        proc = subprocess.Popen([PYTHON[side], "-c", statement])
+        _, status, usage = os.wait4(proc.pid, 0)
+        samples[name]["wall"].append(time.perf_counter() - start)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise SystemExit(f"{name}: exit {proc.returncode}")
+        samples[name]["cpu"].append(usage.ru_utime + usage.ru_stime)
     for name in names:
-        log(f"  {name:26} median {statistics.median(samples[name]) * 1e3:7.2f} ms")
+        log(f"  {name:26} median wall {statistics.median(samples[name]['wall']) * 1e3:7.2f} ms"
+            f"  cpu {statistics.median(samples[name]['cpu']) * 1e3:7.2f} ms")
     return samples
 
 
@@ -201,8 +210,9 @@ def targets(shutdown, sizes, waits, imports):
     w = ratio(waits[("ours", "waits_for")], waits[("ours", "bare")])
     rows.append(("`await shutdown_waits_for(coro)`: ≤ 2.0× a bare await", f"{w:.2f}×",
                  w <= 2.0))
-    i = ratio(imports["import aiorun (ours)"], imports["import asyncio"])
-    rows.append(("`import aiorun`: ≤ 1.02× `import asyncio`", f"{i:.3f}×", i <= 1.02))
+    i = ratio(imports["import aiorun (ours)"]["cpu"], imports["import asyncio"]["cpu"])
+    rows.append(("`import aiorun`: ≤ 1.02× `import asyncio` (CPU time)", f"{i:.3f}×",
+                 i <= 1.02))
     for loop in LOOPS:
         key = ("idle", big, loop)
         m = ratio(shutdown[key + ("ours",)]["rss"], shutdown[key + ("original",)]["rss"])
@@ -264,12 +274,17 @@ def report(args, facts, shutdown, configs, waits, imports, command):
           f"| {ratio(g, waits[('original', 'bare')]):.2f} |")
     w("")
     w("## 3. Import\n")
-    w("Wall time of `python -c \"...\"`, the whole process.\n")
-    w("| command | ms | ÷ `import asyncio` |\n|---|---|---|")
+    w("`python -c \"...\"`, the whole process: its CPU time (user + system), which "
+      "the target uses, and its wall time, which a busy or throttled machine "
+      "stretches.\n")
+    w("| command | CPU ms | ÷ `import asyncio` | wall ms | ÷ `import asyncio` |")
+    w("|---|---|---|---|---|")
+    base = imports["import asyncio"]
     for name, values in imports.items():
-        s = summary([v * 1e3 for v in values])
-        w(f"| `{name}` | {s['median']:.1f} ({s['min']:.1f}–{s['max']:.1f}) "
-          f"| {ratio(values, imports['import asyncio']):.3f} |")
+        cpu = summary([v * 1e3 for v in values["cpu"]])
+        wall = summary([v * 1e3 for v in values["wall"]])
+        w(f"| `{name}` | {fmt_s(cpu, 1)} | {ratio(values['cpu'], base['cpu']):.3f} "
+          f"| {fmt_s(wall, 1)} | {ratio(values['wall'], base['wall']):.3f} |")
     w("")
     w("## 4. Peak RSS\n")
     w("| N | loop | ours MiB | original MiB | floor MiB | ours/original |")
@@ -319,6 +334,9 @@ def main():
     parser.add_argument("--calls", type=int, default=20000,
                         help="shutdown_waits_for calls per round")
     parser.add_argument("--out", default=HERE, help="where RESULTS.md and the plot go")
+    parser.add_argument("--sections", default="shutdown,waits_for,import",
+                        help="which to measure; the others are read back from "
+                             "OUT/results.json of an earlier run")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes and one run, to check that it works; no files")
     args = parser.parse_args()
@@ -343,12 +361,30 @@ def main():
     facts = machine()
     log(f"CPython {facts['python']}, uvloop {facts['uvloop']}, {facts['cores']} cores, "
         f"{args.runs} runs per side")
-    log("1. shutdown latency")
-    shutdown = bench_shutdown(configs, args.runs, log)
-    log("2. shutdown_waits_for")
-    waits = bench_waits_for(args.runs, args.calls, log)
-    log("3. import")
-    imports = bench_import(max(args.runs * 8, 3), log)
+    sections = set(args.sections.split(","))
+    earlier = {}
+    if sections != {"shutdown", "waits_for", "import"}:
+        with open(os.path.join(args.out, "results.json")) as f:
+            earlier = json.load(f)
+        facts["commit"] += f" ({', '.join(sorted(sections))}; the rest at " \
+                           f"{earlier['machine']['commit']})"
+    if "shutdown" in sections:
+        log("1. shutdown latency")
+        shutdown = bench_shutdown(configs, args.runs, log)
+    else:
+        shutdown = {(k.split("/")[0], int(k.split("/")[1]), *k.split("/")[2:]): v
+                    for k, v in earlier["shutdown"].items()}
+        configs = list(dict.fromkeys(k[:3] for k in shutdown))
+    if "waits_for" in sections:
+        log("2. shutdown_waits_for")
+        waits = bench_waits_for(args.runs, args.calls, log)
+    else:
+        waits = {tuple(k.split("/")): v for k, v in earlier["shutdown_waits_for_us"].items()}
+    if "import" in sections:
+        log("3. import")
+        imports = bench_import(max(args.runs * 8, 3), log)
+    else:
+        imports = earlier["import_s"]
     command = "make bench" if not args.smoke else "python bench/run.py --smoke"
     text = report(args, facts, shutdown, configs, waits, imports, command)
     log("")
