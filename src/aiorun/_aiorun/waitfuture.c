@@ -36,33 +36,33 @@ wait_state(WaitFutureObject *self)
     return aiorun_get_state_by_type(Py_TYPE(self));
 }
 
-/* task.add_done_callback(fn, context=context), or without context. */
+/* args[0].name(*args[1:nargs], context=args[nargs]), or without the
+ * keyword when the context is None: how asyncio hands callbacks on. */
+static int
+call_with_context(aiorun_state *st, PyObject *name, PyObject *const *args, size_t nargs)
+{
+    PyObject *kwnames = args[nargs] == Py_None ? NULL : st->kw_context;
+    PyObject *res = PyObject_VectorcallMethod(name, args,
+                                              nargs | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                              kwnames);
+    Py_XDECREF(res);
+    return res ? 0 : -1;
+}
+
+/* task.add_done_callback(fn, context=context) */
 static int
 task_add_callback(aiorun_state *st, PyObject *task, PyObject *fn, PyObject *context)
 {
     PyObject *args[3] = {task, fn, context};
-    PyObject *res = context == Py_None
-        ? PyObject_VectorcallMethod(st->s_add_done_callback, args,
-                                    2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)
-        : PyObject_VectorcallMethod(st->s_add_done_callback, args,
-                                    2 | PY_VECTORCALL_ARGUMENTS_OFFSET, st->kw_context);
-    Py_XDECREF(res);
-    return res ? 0 : -1;
+    return call_with_context(st, st->s_add_done_callback, args, 2);
 }
 
 /* loop.call_soon(fn, self, context=context): what a done future does. */
 static int
 call_soon_with_self(WaitFutureObject *self, PyObject *fn, PyObject *context)
 {
-    aiorun_state *st = wait_state(self);
     PyObject *args[4] = {self->loop, fn, (PyObject *)self, context};
-    PyObject *handle = context == Py_None
-        ? PyObject_VectorcallMethod(st->s_call_soon, args,
-                                    3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL)
-        : PyObject_VectorcallMethod(st->s_call_soon, args,
-                                    3 | PY_VECTORCALL_ARGUMENTS_OFFSET, st->kw_context);
-    Py_XDECREF(handle);
-    return handle ? 0 : -1;
+    return call_with_context(wait_state(self), wait_state(self)->s_call_soon, args, 3);
 }
 
 static int
