@@ -59,7 +59,6 @@
     X(s_set_result)                                                         \
     X(s_get_coro)                                                           \
     X(s_coro)                   /* "_coro", for task-likes w/o get_coro */  \
-    X(s_blocking)               /* "_asyncio_future_blocking" */            \
     X(s_loop)                   /* "loop" keyword */                        \
     X(s_call_soon_threadsafe)                                               \
     X(s_call_soon)                                                          \
@@ -213,6 +212,7 @@ int aiorun_is_protected(aiorun_state *st, PyObject *task);
 
 /* ---- waitfuture.c ---- */
 extern PyType_Spec aiorun_waitfuture_type_spec;
+/* A new wait on task, ready to be yielded (_asyncio_future_blocking set). */
 PyObject *aiorun_waitfuture_new(aiorun_state *st, PyObject *task, PyObject *loop);
 /* Ready it to be yielded again: 1, or 0 if it was cancelled and is spent. */
 int aiorun_waitfuture_arm(PyObject *wait);

@@ -167,7 +167,6 @@ intern_strings(aiorun_state *st)
     INTERN(s_set_result, "set_result");
     INTERN(s_get_coro, "get_coro");
     INTERN(s_coro, "_coro");
-    INTERN(s_blocking, "_asyncio_future_blocking");
     INTERN(s_loop, "loop");
     INTERN(s_call_soon_threadsafe, "call_soon_threadsafe");
     INTERN(s_run_until_complete, "run_until_complete");

@@ -38,15 +38,23 @@ waiter_state(WaiterObject *self)
     return aiorun_get_state_by_type(Py_TYPE(self));
 }
 
-/* Stop listening to the protected task.  Keeps any exception that is set. */
+/* Stop listening to the protected task.  Keeps any exception that is set.
+ * Once the task has ended its callbacks have already run, so there is
+ * nothing to take back from it. */
+static void
+waiter_finish(WaiterObject *self, int task_ended)
+{
+    if (self->wait != NULL && !task_ended) {
+        aiorun_waitfuture_detach(self->wait);
+    }
+    Py_CLEAR(self->wait);
+    self->phase = WAITER_DONE;
+}
+
 static void
 waiter_detach(WaiterObject *self)
 {
-    if (self->wait != NULL) {
-        aiorun_waitfuture_detach(self->wait);
-        Py_CLEAR(self->wait);
-    }
-    self->phase = WAITER_DONE;
+    waiter_finish(self, 0);
 }
 
 /* Yield to the awaiting task what it must wait on, as Future.__await__
@@ -55,13 +63,12 @@ static step_result
 waiter_yield(WaiterObject *self, PyObject **result)
 {
     aiorun_state *st = waiter_state(self);
-    int armed = self->wait ? aiorun_waitfuture_arm(self->wait) : 0;
-    if (!armed) {
+    /* A cancelled wait is spent: the next yield needs a fresh one. */
+    if (self->wait == NULL || !aiorun_waitfuture_arm(self->wait)) {
         Py_XSETREF(self->wait, aiorun_waitfuture_new(st, self->task, self->loop));
         if (self->wait == NULL) {
             return STEP_ERROR;
         }
-        (void)aiorun_waitfuture_arm(self->wait);
     }
     self->phase = WAITER_WAITING;
     *result = Py_NewRef(self->wait);
@@ -86,7 +93,7 @@ waiter_step(WaiterObject *self, PyObject **result)
     if (!done) {
         return waiter_yield(self, result);
     }
-    waiter_detach(self);
+    waiter_finish(self, 1);
     /* The protected task's outcome: its result, its exception, or
      * CancelledError if it was cancelled directly. */
     *result = PyObject_CallMethodNoArgs(self->task, st->s_result);

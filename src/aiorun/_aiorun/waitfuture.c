@@ -108,7 +108,7 @@ aiorun_waitfuture_arm(PyObject *wait)
 {
     WaitFutureObject *self = (WaitFutureObject *)wait;
     if (self->cancelled) {
-        return 0;   /* spent: the waiter needs a new one */
+        return 0;
     }
     self->blocking = 1;
     return 1;
@@ -128,7 +128,7 @@ aiorun_waitfuture_new(aiorun_state *st, PyObject *task, PyObject *loop)
     self->context = NULL;
     self->more = NULL;
     self->cancel_msg = NULL;
-    self->blocking = 0;
+    self->blocking = 1;   /* made to be yielded */
     self->cancelled = 0;
     PyObject_GC_Track(self);
     return (PyObject *)self;
