@@ -271,19 +271,24 @@ wait_cancel(WaitFutureObject *self, PyObject *args, PyObject *kwargs)
         return done < 0 ? NULL : Py_NewRef(Py_False);
     }
     /* Schedule the wake-ups first: if that fails, nothing has changed and
-     * the task still wakes them when it ends; no wake-up is ever lost. */
-    if (self->fn != NULL && call_soon_with_self(self, self->fn, self->context) < 0) {
+     * the task still wakes them when it ends; no wake-up is ever lost.
+     * Our own references: call_soon() may run code that changes ours. */
+    PyObject *fn = Py_XNewRef(self->fn), *context = Py_XNewRef(self->context);
+    PyObject *more = Py_XNewRef(self->more);
+    int rc = fn ? call_soon_with_self(self, fn, context) : 0;
+    for (Py_ssize_t i = 0; rc == 0 && more != NULL && i < PyList_GET_SIZE(more); i++) {
+        PyObject *record = PyList_GET_ITEM(more, i);
+        rc = call_soon_with_self(self, PyTuple_GET_ITEM(record, 0),
+                                 PyTuple_GET_ITEM(record, 1));
+    }
+    Py_XDECREF(fn);
+    Py_XDECREF(context);
+    Py_XDECREF(more);
+    if (rc < 0) {
         return NULL;
     }
-    for (Py_ssize_t i = 0; self->more != NULL && i < PyList_GET_SIZE(self->more); i++) {
-        PyObject *record = PyList_GET_ITEM(self->more, i);
-        if (call_soon_with_self(self, PyTuple_GET_ITEM(record, 0),
-                                PyTuple_GET_ITEM(record, 1)) < 0) {
-            return NULL;
-        }
-    }
     self->cancelled = 1;
-    self->cancel_msg = Py_NewRef(msg);
+    Py_XSETREF(self->cancel_msg, Py_NewRef(msg));
     take_back_all(self);
     Py_RETURN_TRUE;
 }
