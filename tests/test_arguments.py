@@ -45,6 +45,13 @@ BAD_TYPES = [
      "must be a number of seconds or None, not str"),
     ("timeout_task_shutdown", {"timeout_task_shutdown": False},
      "must be a number of seconds or None, not bool"),
+    ("drain_delay", {"drain_delay": "5"}, "must be a number of seconds or None, not str"),
+    ("cancel_main_first", {"cancel_main_first": "yes"}, "must be bool, not str"),
+    ("task_dump_signal", {"task_dump_signal": "SIGUSR1"},
+     "must be a signal number, True or None, not str"),
+    ("task_dump_signal", {"task_dump_signal": 10.0},
+     "must be a signal number, True or None, not float"),
+    ("reap_orphans", {"reap_orphans": "1"}, "must be bool, not str"),
 ]
 
 
@@ -64,6 +71,12 @@ def test_wrong_types_raise_type_error_naming_the_parameter(param, kwargs, messag
     ({"executor_workers": -2**70}, "'executor_workers' must be greater than 0"),
     ({"timeout_task_shutdown": -1}, "'timeout_task_shutdown' must be >= 0"),
     ({"timeout_task_shutdown": float("nan")}, "'timeout_task_shutdown' must be >= 0"),
+    ({"drain_delay": -0.5}, "'drain_delay' must be >= 0"),
+    ({"task_dump_signal": 0}, "'task_dump_signal' must be a signal number from 1 to"),
+    ({"task_dump_signal": 2**70}, "'task_dump_signal' must be a signal number from 1 to"),
+    ({"task_dump_signal": signal.SIGTERM}, "'task_dump_signal' cannot be 15: run\\(\\) stops"),
+    ({"task_dump_signal": signal.SIGINT}, "'task_dump_signal' cannot be 2"),
+    ({"task_dump_signal": signal.SIGKILL}, "'task_dump_signal' cannot be 9"),
 ])
 def test_bad_values_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -126,6 +139,12 @@ def test_accepted_forms():
 
     run(main(), use_uvloop=0, stop_on_unhandled_errors=1, timeout_task_shutdown=None)
     run(main(), executor_workers=1, timeout_task_shutdown=0)
+    # None and False switch the new options off; a Signals member is a number.
+    run(main(), drain_delay=None, cancel_main_first=0, task_dump_signal=False,
+        reap_orphans=False)
+    run(main(), drain_delay=0.01, cancel_main_first=True,
+        task_dump_signal=signal.SIGUSR2, reap_orphans=None)
+    assert signal.getsignal(signal.SIGUSR2) is signal.SIG_DFL
 
 
 def test_a_worker_count_beyond_a_c_long_is_still_a_count():

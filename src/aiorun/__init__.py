@@ -11,7 +11,9 @@ from ._aiorun import _DO_NOT_CANCEL_COROS as _DO_NOT_CANCEL_COROS
 from ._aiorun import __all__ as __all__
 from ._aiorun import __version__ as __version__
 from ._aiorun import _shutdown_handler as _shutdown_handler
+from ._aiorun import cancelled_by_shutdown as cancelled_by_shutdown
 from ._aiorun import logger as logger
 from ._aiorun import notify_ready as notify_ready
 from ._aiorun import run as run
+from ._aiorun import shutdown_event as shutdown_event
 from ._aiorun import shutdown_waits_for as shutdown_waits_for

@@ -32,7 +32,7 @@ class ShutdownWaiter(Coroutine[Any, None, _T]):
     def __await__(self) -> Generator[Any, None, _T]: ...
 
 def run(
-    coro: Optional[Awaitable[Any]] = None,
+    coro: Optional[Awaitable[_T]] = None,
     *,
     loop: Optional[asyncio.AbstractEventLoop] = None,
     shutdown_handler: Optional[Callable[[asyncio.AbstractEventLoop], None]] = None,
@@ -45,7 +45,15 @@ def run(
     shutdown_deadline: Optional[float] = None,
     exit_on_repeated_signal: Optional[bool] = None,
     notify_ready_on_start: bool = True,
-) -> None: ...
+    drain_delay: Optional[float] = 0,
+    cancel_main_first: bool = False,
+    task_dump_signal: Union[int, bool, None] = None,
+    reap_orphans: Optional[bool] = None,
+) -> Optional[_T]: ...
+
+def shutdown_event(loop: Optional[asyncio.AbstractEventLoop] = None) -> asyncio.Event: ...
+
+def cancelled_by_shutdown(exc: BaseException) -> bool: ...
 
 def notify_ready(status: Optional[str] = None) -> bool: ...
 

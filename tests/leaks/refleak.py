@@ -14,6 +14,11 @@ logging.getLogger("asyncio").propagate = False
 import aiorun
 from aiorun import run, shutdown_waits_for
 
+if sys.platform.startswith("linux"):
+    # A child subreaper, so reap_orphans runs its timer (scenario_ordered).
+    import ctypes
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)   # PR_SET_CHILD_SUBREAPER
+
 async def work(x):
     await asyncio.sleep(0)
     return x
@@ -207,7 +212,10 @@ def scenario_bad_args():
                   dict(executor=1), dict(use_uvloop="x"), dict(timeout_task_shutdown=-1),
                   dict(stop_on_unhandled_errors=None), dict(bogus=1),
                   dict(shutdown_deadline=0), dict(shutdown_deadline="1"),
-                  dict(exit_on_repeated_signal="1"), dict(notify_ready_on_start=None)]
+                  dict(exit_on_repeated_signal="1"), dict(notify_ready_on_start=None),
+                  dict(drain_delay=-1), dict(cancel_main_first="x"),
+                  dict(task_dump_signal=signal.SIGKILL), dict(task_dump_signal=32),
+                  dict(task_dump_signal="x"), dict(reap_orphans="x")]
     for kw in bad_kwargs:
         try:
             run(**kw)
@@ -222,6 +230,15 @@ def scenario_bad_args():
             shutdown_waits_for(*args)
         except TypeError:
             pass
+    for exc in [5, ValueError(), asyncio.CancelledError("aiorun shutdown: SIGTERM")]:
+        try:
+            aiorun.cancelled_by_shutdown(exc)
+        except TypeError:
+            pass
+    try:
+        aiorun.shutdown_event()
+    except RuntimeError:
+        pass
     for status in [5, "two\nlines"]:
         try:
             aiorun.notify_ready(status)
@@ -238,6 +255,38 @@ def scenario_bad_args():
     except Exception:
         pass
     loop.close()
+
+def scenario_ordered():
+    # drain_delay, cancel_main_first, shutdown_event(), the cancel messages,
+    # a task dump on SIGUSR1, the main coroutine's result, a reaper timer
+    # (this process is a subreaper, see the top), and a stuck main task.
+    async def worker():
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError as e:
+            assert aiorun.cancelled_by_shutdown(e)
+            raise
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.create_task(worker())
+        event = aiorun.shutdown_event()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        await asyncio.sleep(0.01)
+        loop.call_soon(os.kill, os.getpid(), signal.SIGTERM)
+        await event.wait()
+        return "result"
+    assert run(main(), drain_delay=0.05, cancel_main_first=True, task_dump_signal=True,
+               reap_orphans=True, timeout_task_shutdown=2, shutdown_deadline=5) == "result"
+    async def stuck_main():
+        loop = asyncio.get_running_loop()
+        loop.create_task(worker())
+        loop.call_soon(loop.stop)
+        while True:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass
+    run(stuck_main(), cancel_main_first=True, timeout_task_shutdown=0.01)
 
 _int_pool = {n: n for n in range(-1000, 1000)}
 
@@ -279,7 +328,8 @@ def measure(fn, warm=5, reps=30, report=True):
 
 SCENARIOS = ["scenario_cancel_awaiter", "scenario_run_stop", "scenario_unhandled",
              "scenario_stuck", "scenario_watchdog", "scenario_waiters", "scenario_waiters_10k",
-             "scenario_thread_and_nested", "scenario_bad_args", "scenario_notify", "scenario_cli"]
+             "scenario_thread_and_nested", "scenario_bad_args", "scenario_notify", "scenario_cli",
+             "scenario_ordered"]
 _kept = []
 
 def canary_leaks_one_object_per_rep():

@@ -40,6 +40,9 @@ SCENARIOS = {
     "notify": refleak.scenario_notify,
     # python -m aiorun: a good command line and every usage error
     "cli": refleak.scenario_cli,
+    # drain_delay, cancel_main_first, shutdown_event, messages, task dump,
+    # the reaper timer, the result, a stuck main task
+    "ordered": refleak.scenario_ordered,
 }
 NOT_REACHED_TO_STOP = 5
 

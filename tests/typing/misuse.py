@@ -22,3 +22,7 @@ async def main() -> None:
     asyncio.get_running_loop().stop()
 aiorun.notify_ready(5)  # E: status is a str
 run(notify_ready_on_start="no")  # E: ready flag
+run(drain_delay="5")  # E: drain delay
+run(task_dump_signal="SIGUSR1")  # E: dump signal
+returned: str = run(typed())  # E: result type of run
+aiorun.cancelled_by_shutdown("x")  # E: not an exception

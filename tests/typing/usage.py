@@ -2,7 +2,7 @@
 (checked by tests/test_typing.py; this file is not run)."""
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import List
+from typing import List, Optional
 
 import aiorun
 from aiorun import ShutdownCallback, run, shutdown_waits_for
@@ -45,3 +45,16 @@ run(main(), shutdown_deadline=None, exit_on_repeated_signal=None)
 forced: int = aiorun.FORCED_EXIT_CODE
 run(main(), notify_ready_on_start=False)
 sent: bool = aiorun.notify_ready("serving") or aiorun.notify_ready(None)
+
+
+async def answer() -> int:
+    event: asyncio.Event = aiorun.shutdown_event()
+    await event.wait()
+    return 42
+
+
+result: Optional[int] = run(answer(), drain_delay=5, cancel_main_first=True,
+                             task_dump_signal=True, reap_orphans=None)
+run(main(), drain_delay=None, task_dump_signal=10, reap_orphans=False)
+told: bool = aiorun.cancelled_by_shutdown(asyncio.CancelledError("x"))
+same: asyncio.Event = aiorun.shutdown_event(asyncio.new_event_loop())

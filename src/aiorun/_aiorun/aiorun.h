@@ -14,6 +14,10 @@
  *   notify.c    systemd notifications: ready, stopping, phases, pings
  *   cli.c       python -m aiorun: options, target, run()
  *   stacks.c    Python stacks formatted the way tracebacks show them
+ *   reasons.c   how the app learns of the shutdown: shutdown_event(), the
+ *               cancel message naming the cause, cancelled_by_shutdown()
+ *   taskdump.c  the task dump: on a signal, and for tasks that refuse to exit
+ *   reaper.c    reaping orphaned children as PID 1
  *   log.c       calls into the "aiorun" logger
  */
 #ifndef AIORUN_H
@@ -29,6 +33,9 @@
     X(RunType)                  /* type of the per-call Run object */       \
     X(WaiterType)               /* type returned by shutdown_waits_for */   \
     X(WaitFutureType)           /* what its awaiting task waits on */       \
+    X(ShutdownMessageType)      /* str subclass: the shutdown's cancel msg */\
+    X(runs)                     /* {loop: Run} for the runs under way */    \
+    X(Event)                    /* asyncio.Event */                         \
     X(logger)                   /* logging.getLogger("aiorun") */           \
     X(do_not_cancel)            /* weakref.WeakSet of protected coros */    \
     X(AbstractEventLoop)                                                    \
@@ -127,6 +134,16 @@ typedef enum {
 
 typedef struct aiorun_watchdog aiorun_watchdog;
 typedef struct aiorun_notifier aiorun_notifier;
+typedef struct aiorun_reaper aiorun_reaper;
+
+/* Why the shutdown began (reasons.c). */
+typedef enum {
+    CAUSE_NONE,
+    CAUSE_SIGNAL,
+    CAUSE_LOOP_STOPPED,
+    CAUSE_UNHANDLED_ERROR,
+    CAUSE_KEYBOARD_INTERRUPT
+} aiorun_cause;
 
 typedef struct {
     PyObject_HEAD
@@ -148,6 +165,16 @@ typedef struct {
     aiorun_watchdog *watchdog; /* NULL unless a deadline or forced exit is on */
     aiorun_notifier *notifier; /* NULL unless NOTIFY_SOCKET is set */
     PyObject *ping_timer;      /* the loop's handle of the next WATCHDOG=1 */
+    aiorun_cause cause;        /* why the shutdown began: the first request */
+    int cause_signum;          /* the signal, for CAUSE_SIGNAL */
+    PyObject *cancel_msg;      /* "aiorun shutdown: ...", made as it begins */
+    PyObject *shutdown_event;  /* asyncio.Event from shutdown_event(), or NULL */
+    int shutdown_began;        /* the event is (to be) set */
+    double drain_delay;        /* seconds the tasks get before any cancel */
+    int main_first;            /* cancel the main task first, then the rest */
+    int dump_signum;           /* the signal that dumps the tasks, or 0 */
+    aiorun_reaper *reaper;     /* NULL unless reaping orphans as PID 1 */
+    PyObject *reap_timer;      /* the loop's handle of the next reaping */
 } RunObject;
 
 extern PyType_Spec aiorun_run_type_spec;
@@ -203,6 +230,38 @@ PyObject *aiorun_shutdown(RunObject *run, PyObject *shutdown_callback,
 PyObject *aiorun_run_task_done(PyObject *self, PyObject *task);
 PyObject *aiorun_run_drain_timeout(PyObject *self, PyObject *unused);
 
+/* ---- reasons.c ---- */
+extern PyType_Spec aiorun_message_type_spec;
+/* A shutdown was requested; the first request names the cause.  Also
+ * tells the watchdog. */
+void aiorun_run_request(RunObject *run, aiorun_cause cause, int signum);
+/* "aiorun shutdown: <cause>" as a ShutdownMessage. */
+PyObject *aiorun_shutdown_message(RunObject *run);
+PyObject *aiorun_cancelled_by_shutdown(PyObject *module, PyObject *exc);
+/* shutdown_event(loop=None): the asyncio.Event of the run() driving the
+ * loop (by default the running one). */
+PyObject *aiorun_shutdown_event(PyObject *module, PyObject *args, PyObject *kwargs);
+/* Sets the event if someone asked for it; later askers get it set. */
+int aiorun_run_begin_shutdown(RunObject *run);
+
+/* ---- taskdump.c ---- */
+/* One task and its await chain: asyncio.format_call_graph() on 3.14+,
+ * else its repr and stack. */
+PyObject *aiorun_describe_task(PyObject *task);
+/* Installs the dump signal's handler (run->dump_signum); 0 or -1. */
+int aiorun_taskdump_install(RunObject *run);
+PyObject *aiorun_run_on_dump_signal(PyObject *self, PyObject *const *args,
+                                    Py_ssize_t nargs);
+PyObject *aiorun_run_dump_tasks(PyObject *self, PyObject *unused);
+
+/* ---- reaper.c ---- */
+/* Starts reaping orphans when this process is PID 1 (or a subreaper);
+ * logs and does nothing otherwise.  0 or -1 with an exception. */
+int aiorun_reaper_start(RunObject *run);
+/* Cancels the timer and frees the reaper; keeps any exception set. */
+void aiorun_reaper_stop(RunObject *run);
+PyObject *aiorun_run_reap(PyObject *self, PyObject *unused);
+
 /* ---- shield.c ---- */
 extern PyType_Spec aiorun_waiter_type_spec;
 PyObject *aiorun_shutdown_waits_for(PyObject *module, PyObject *args,
@@ -227,6 +286,7 @@ typedef enum {
     STAGE_HANDLER,
     STAGE_SHUTDOWN,
     STAGE_CALLBACK,
+    STAGE_DRAINING,
     STAGE_CANCELLING,
     STAGE_WAITING_TASKS,
     STAGE_EXECUTOR,
@@ -286,7 +346,8 @@ int aiorun_sigwake_first_signum(double *at);
 /* A sequence of frames, outermost first, as traceback lines ending in a
  * newline each. */
 PyObject *aiorun_format_frames(PyObject *frames);
-/* A task's repr, then its stack (Task.get_stack()) as traceback lines. */
+/* A task's repr, then its await chain (the coroutine, what it awaits, and
+ * so on) as traceback lines. */
 PyObject *aiorun_format_task(PyObject *task);
 /* frame and its callers as a list, outermost first. */
 PyObject *aiorun_frame_chain(PyObject *frame);

@@ -38,7 +38,27 @@ PyDoc_STRVAR(notify_ready_doc,
 "run with notify_ready_on_start=False that are ready later than their\n"
 "start.  True if sent; False when NOTIFY_SOCKET is not set.");
 
+PyDoc_STRVAR(shutdown_event_doc,
+"shutdown_event(loop=None)\n"
+"--\n"
+"\n"
+"The asyncio.Event that run() sets as its shutdown begins, before\n"
+"shutdown_callback, drain_delay and any cancellation.  Call it from code\n"
+"running in run()'s loop, or pass that loop; the same Event comes back\n"
+"every time.");
+
+PyDoc_STRVAR(cancelled_by_shutdown_doc,
+"cancelled_by_shutdown(exc)\n"
+"--\n"
+"\n"
+"True if exc is the CancelledError of a task that run()'s shutdown\n"
+"cancelled (its message is 'aiorun shutdown: <cause>'), else False.");
+
 static PyMethodDef aiorun_methods[] = {
+    {"shutdown_event", (PyCFunction)(void (*)(void))aiorun_shutdown_event,
+     METH_VARARGS | METH_KEYWORDS, shutdown_event_doc},
+    {"cancelled_by_shutdown", aiorun_cancelled_by_shutdown, METH_O,
+     cancelled_by_shutdown_doc},
     {"run", (PyCFunction)(void (*)(void))aiorun_run,
      METH_VARARGS | METH_KEYWORDS, run_doc},
     {"shutdown_waits_for", (PyCFunction)(void (*)(void))aiorun_shutdown_waits_for,
@@ -130,6 +150,7 @@ load_imports(aiorun_state *st)
         IMPORT(get_event_loop, "asyncio", "get_event_loop"),
         IMPORT(get_running_loop, "asyncio", "_get_running_loop"),
         IMPORT(CancelledError, "asyncio", "CancelledError"),
+        IMPORT(Event, "asyncio", "Event"),
         IMPORT(Executor, "concurrent.futures", "Executor"),
         IMPORT(isawaitable, "inspect", "isawaitable"),
         IMPORT(signal_signal, "signal", "signal"),
@@ -200,6 +221,11 @@ aiorun_exec(PyObject *module)
     st->WaitFutureType = PyType_FromModuleAndSpec(module, &aiorun_waitfuture_type_spec,
                                                   NULL);
     if (st->WaitFutureType == NULL) {
+        return -1;
+    }
+    st->ShutdownMessageType = PyType_FromModuleAndSpec(
+        module, &aiorun_message_type_spec, (PyObject *)&PyUnicode_Type);
+    if (st->ShutdownMessageType == NULL || (st->runs = PyDict_New()) == NULL) {
         return -1;
     }
     /* Only run() and shutdown_waits_for() create these objects: one made

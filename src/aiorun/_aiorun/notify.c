@@ -46,6 +46,7 @@ static const char *const phase_status[] = {
     [STAGE_HANDLER] = "calling shutdown_handler",
     [STAGE_SHUTDOWN] = "the loop stopped",
     [STAGE_CALLBACK] = "running shutdown_callback",
+    [STAGE_DRAINING] = "letting tasks finish",
     [STAGE_CANCELLING] = "cancelling tasks",
     [STAGE_WAITING_TASKS] = "waiting for tasks",
     [STAGE_EXECUTOR] = "shutting down the executor",
@@ -296,9 +297,12 @@ aiorun_notify_stage(RunObject *run, aiorun_stage stage)
     if (run->notifier == NULL) {
         return;
     }
+    /* The drain lasts drain_delay, not timeout_task_shutdown. */
+    long long extend = stage == STAGE_DRAINING && run->drain_delay < 1e9
+        ? (long long)((run->drain_delay + 5) * 1e6) : run->notifier->extend_usec;
     char message[160];
     snprintf(message, sizeof message, "STATUS=shutdown: %s\nEXTEND_TIMEOUT_USEC=%lld",
-             status, run->notifier->extend_usec);
+             status, extend);
     say(run, message);
 }
 

@@ -9,6 +9,7 @@
 
 #define DEADLINE_ENV "AIORUN_SHUTDOWN_DEADLINE"
 #define REPEATED_SIGNAL_ENV "AIORUN_EXIT_ON_REPEATED_SIGNAL"
+#define REAP_ORPHANS_ENV "AIORUN_REAP_ORPHANS"
 
 typedef struct {
     PyObject *coro;
@@ -23,6 +24,10 @@ typedef struct {
     PyObject *shutdown_deadline;
     PyObject *exit_on_repeated_signal;
     PyObject *notify_ready_on_start;
+    PyObject *drain_delay;
+    PyObject *cancel_main_first;
+    PyObject *task_dump_signal;
+    PyObject *reap_orphans;
 } run_args;
 
 /* What the arguments say, once checked. */
@@ -31,6 +36,10 @@ typedef struct {
     int stop_on_errors;
     int ready_on_start;        /* READY=1 when the main coroutine starts */
     double task_timeout;       /* seconds, -1 for None */
+    double drain_delay;        /* seconds, 0 for none */
+    int main_first;
+    int dump_signum;           /* 0 for none */
+    int reap_orphans;
 } run_flags;
 
 /* What the watchdog is asked to do, from the arguments or the environment. */
@@ -115,6 +124,80 @@ check_seconds(PyObject *obj, const char *param, double min, int exclusive,
     return 0;
 }
 
+/* A flag that None leaves to the environment variable `env` (unset,
+ * empty or "0": off; "1": on).  The parameter wins over the environment,
+ * so an operator can turn on what a service's code says nothing about. */
+static int
+flag_or_env(PyObject *flag, const char *param, const char *env_name, int *out)
+{
+    if (flag != Py_None) {
+        return check_flag(flag, param, out);
+    }
+    *out = 0;
+    const char *env = getenv(env_name);
+    if (env == NULL || *env == '\0' || strcmp(env, "0") == 0) {
+        return 0;
+    }
+    if (strcmp(env, "1") == 0) {
+        *out = 1;
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "environment variable %s must be 0 or 1, not '%.100s'",
+                 env_name, env);
+    return -1;
+}
+
+/* task_dump_signal: None or False for none, True for SIGUSR1, or a signal
+ * number that run() does not use otherwise and that can be caught. */
+static int
+check_dump_signal(PyObject *obj, int *signum)
+{
+    *signum = 0;
+    if (obj == Py_None || obj == Py_False) {
+        return 0;
+    }
+    if (obj == Py_True) {
+#ifdef SIGUSR1
+        *signum = SIGUSR1;
+        return 0;
+#else
+        PyErr_SetString(PyExc_ValueError, "run() argument 'task_dump_signal': this "
+                        "platform has no SIGUSR1; pass a signal number");
+        return -1;
+#endif
+    }
+    if (!PyLong_Check(obj)) {
+        return type_error("task_dump_signal", "a signal number, True or None", obj);
+    }
+    int overflow;
+    long n = PyLong_AsLongAndOverflow(obj, &overflow);
+    if (n == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (overflow || n < 1 || n >= NSIG) {
+        PyErr_Format(PyExc_ValueError,
+                     "run() argument 'task_dump_signal' must be a signal number "
+                     "from 1 to %d", NSIG - 1);
+        return -1;
+    }
+    if (n == SIGINT || n == SIGTERM
+#ifdef SIGKILL
+        || n == SIGKILL || n == SIGSTOP
+#endif
+#ifdef SIGBREAK
+        || n == SIGBREAK
+#endif
+        ) {
+        PyErr_Format(PyExc_ValueError,
+                     "run() argument 'task_dump_signal' cannot be %ld: run() stops "
+                     "on SIGINT and SIGTERM, and SIGKILL and SIGSTOP cannot be caught",
+                     n);
+        return -1;
+    }
+    *signum = (int)n;
+    return 0;
+}
+
 /* The watchdog settings: the parameters win over the environment, so an
  * operator can bound a service whose code says nothing. */
 static int
@@ -141,22 +224,8 @@ check_watchdog_arguments(run_args *a, watchdog_args *w)
     }
     w->deadline = deadline;
 
-    PyObject *flag = a->exit_on_repeated_signal;
-    if (flag != Py_None) {
-        return check_flag(flag, "exit_on_repeated_signal", &w->exit_on_repeat);
-    }
-    w->exit_on_repeat = 0;
-    const char *env = getenv(REPEATED_SIGNAL_ENV);
-    if (env == NULL || *env == '\0' || strcmp(env, "0") == 0) {
-        return 0;
-    }
-    if (strcmp(env, "1") == 0) {
-        w->exit_on_repeat = 1;
-        return 0;
-    }
-    PyErr_Format(PyExc_ValueError, "environment variable %s must be 0 or 1, not '%.100s'",
-                 REPEATED_SIGNAL_ENV, env);
-    return -1;
+    return flag_or_env(a->exit_on_repeated_signal, "exit_on_repeated_signal",
+                       REPEATED_SIGNAL_ENV, &w->exit_on_repeat);
 }
 
 static int
@@ -217,8 +286,18 @@ check_arguments(aiorun_state *st, run_args *a, run_flags *f)
                       &f->ready_on_start) < 0) {
         return -1;
     }
-    return check_seconds(a->timeout_task_shutdown, "timeout_task_shutdown", 0, 0,
-                         &f->task_timeout);
+    if (check_seconds(a->timeout_task_shutdown, "timeout_task_shutdown", 0, 0,
+                      &f->task_timeout) < 0
+        || check_seconds(a->drain_delay, "drain_delay", 0, 0, &f->drain_delay) < 0
+        || check_flag(a->cancel_main_first, "cancel_main_first", &f->main_first) < 0
+        || check_dump_signal(a->task_dump_signal, &f->dump_signum) < 0) {
+        return -1;
+    }
+    if (f->drain_delay < 0) {
+        f->drain_delay = 0;   /* None: no drain */
+    }
+    return flag_or_env(a->reap_orphans, "reap_orphans", REAP_ORPHANS_ENV,
+                       &f->reap_orphans);
 }
 
 static PyObject *
@@ -357,15 +436,16 @@ run_loop(RunObject *run)
     run->phase = PHASE_RUNNING;
     aiorun_run_stage(run, STAGE_RUNNING);
     PyObject *res = PyObject_CallMethod(run->loop, "run_forever", NULL);
+    int interrupted = res == NULL && PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
     run->phase = PHASE_SHUTDOWN;
     run->shutdown_requested = 1;
-    aiorun_watchdog_request(run, REQUEST_LOOP_STOPPED);
+    aiorun_run_request(run, interrupted ? CAUSE_KEYBOARD_INTERRUPT : CAUSE_LOOP_STOPPED, 0);
     aiorun_run_stage(run, STAGE_SHUTDOWN);
     if (res != NULL) {
         Py_DECREF(res);
         return 0;
     }
-    if (!PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
+    if (!interrupted) {
         return -1;
     }
     PyErr_Clear();
@@ -394,6 +474,35 @@ discard_own_loop(RunObject *run)
         PyErr_WriteUnraisable(run->loop);
     }
     Py_XDECREF(res);
+    PyErr_Restore(type, value, tb);
+}
+
+/* shutdown_event() finds the run() of the running loop here.  A loop some
+ * other run() already drives (from another thread) keeps that one. */
+static int
+register_run(RunObject *run)
+{
+    PyObject *runs = run->state->runs;
+    PyObject *other = PyDict_SetDefault(runs, run->loop, (PyObject *)run);
+    return other == NULL ? -1 : 0;
+}
+
+static void
+unregister_run(RunObject *run)
+{
+    PyObject *runs = run->state->runs;
+    if (run->loop == NULL) {
+        return;
+    }
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *found = PyDict_GetItemWithError(runs, run->loop);
+    if (found == (PyObject *)run && PyDict_DelItem(runs, run->loop) < 0) {
+        found = NULL;
+    }
+    if (found == NULL && PyErr_Occurred()) {
+        PyErr_WriteUnraisable((PyObject *)run);
+    }
     PyErr_Restore(type, value, tb);
 }
 
@@ -426,10 +535,19 @@ run_with_signals(RunObject *run, run_args *a, run_flags *f)
         run->loop = Py_NewRef(a->loop);
     }
     aiorun_signals_loop_ready(run);
-    if (install_exception_handler(run, f->stop_on_errors) < 0) {
+    if (register_run(run) < 0 || install_exception_handler(run, f->stop_on_errors) < 0) {
+        goto fail;
+    }
+    run->drain_delay = f->drain_delay;
+    run->main_first = f->main_first;
+    run->dump_signum = f->dump_signum;
+    if (aiorun_taskdump_install(run) < 0) {
         goto fail;
     }
     if (a->coro != Py_None && start_main_task(run, a->coro) < 0) {
+        goto fail;
+    }
+    if (f->reap_orphans && aiorun_reaper_start(run) < 0) {
         goto fail;
     }
     if (aiorun_notify_loop_ready(run, f->ready_on_start) < 0) {
@@ -525,7 +643,9 @@ check_watchdog_thread(RunObject *run, run_args *a, watchdog_args *w)
     }
     const char *asked = a->shutdown_deadline != Py_None ? "shutdown_deadline"
         : a->exit_on_repeated_signal != Py_None && w->exit_on_repeat
-            ? "exit_on_repeated_signal" : NULL;
+            ? "exit_on_repeated_signal"
+        : a->task_dump_signal != Py_None && a->task_dump_signal != Py_False
+            ? "task_dump_signal" : NULL;
     if (asked != NULL) {
         PyErr_Format(PyExc_ValueError,
                      "run() argument '%s' needs run() in the main thread", asked);
@@ -543,23 +663,27 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
     static char *kwlist[] = {
         "coro", "loop", "shutdown_handler", "shutdown_callback", "executor_workers",
         "executor", "use_uvloop", "stop_on_unhandled_errors", "timeout_task_shutdown",
-        "shutdown_deadline", "exit_on_repeated_signal", "notify_ready_on_start", NULL,
+        "shutdown_deadline", "exit_on_repeated_signal", "notify_ready_on_start",
+        "drain_delay", "cancel_main_first", "task_dump_signal", "reap_orphans", NULL,
     };
     aiorun_state *st = aiorun_get_state(module);
     run_args a = {Py_None, Py_None, Py_None, Py_None, Py_None, Py_None,
-                  Py_False, Py_False, NULL, Py_None, Py_None, Py_True};
+                  Py_False, Py_False, NULL, Py_None, Py_None, Py_True,
+                  Py_None, Py_False, Py_None, Py_None};
     watchdog_args w = {0, 0};
-    run_flags f = {0, 0, 1, -1};
+    run_flags f = {0, 0, 1, -1, 0, 0, 0, 0};
     PyObject *result = NULL;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O$OOOOOOOOOOO:run", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O$OOOOOOOOOOOOOOO:run", kwlist,
                                      &a.coro, &a.loop, &a.shutdown_handler,
                                      &a.shutdown_callback, &a.executor_workers,
                                      &a.executor, &a.use_uvloop,
                                      &a.stop_on_unhandled_errors,
                                      &a.timeout_task_shutdown, &a.shutdown_deadline,
                                      &a.exit_on_repeated_signal,
-                                     &a.notify_ready_on_start)) {
+                                     &a.notify_ready_on_start, &a.drain_delay,
+                                     &a.cancel_main_first, &a.task_dump_signal,
+                                     &a.reap_orphans)) {
         return NULL;
     }
     PyObject *default_timeout = NULL;
@@ -600,8 +724,10 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
         && aiorun_notify_start(run, f.task_timeout) == 0) {
         result = run_with_signals(run, &a, &f);
     }
+    aiorun_reaper_stop(run);
     aiorun_notify_stop(run);
     aiorun_watchdog_stop(run);
+    unregister_run(run);
     aiorun_signals_unwake_loop(run);
     remove_exception_handler(run);
     run->phase = PHASE_DONE;

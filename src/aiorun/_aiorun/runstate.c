@@ -30,6 +30,16 @@ aiorun_run_new(aiorun_state *st)
     run->watchdog = NULL;
     run->notifier = NULL;
     run->ping_timer = NULL;
+    run->cause = CAUSE_NONE;
+    run->cause_signum = 0;
+    run->cancel_msg = NULL;
+    run->shutdown_event = NULL;
+    run->shutdown_began = 0;
+    run->drain_delay = 0;
+    run->main_first = 0;
+    run->dump_signum = 0;
+    run->reaper = NULL;
+    run->reap_timer = NULL;
     PyObject_GC_Track(run);
     return run;
 }
@@ -58,6 +68,9 @@ run_traverse(RunObject *self, visitproc visit, void *arg)
     Py_VISIT(self->saved_handlers);
     Py_VISIT(self->drain_waiter);
     Py_VISIT(self->ping_timer);
+    Py_VISIT(self->cancel_msg);
+    Py_VISIT(self->shutdown_event);
+    Py_VISIT(self->reap_timer);
     return 0;
 }
 
@@ -71,6 +84,9 @@ aiorun_run_clear(RunObject *self)
     Py_CLEAR(self->saved_handlers);
     Py_CLEAR(self->drain_waiter);
     Py_CLEAR(self->ping_timer);
+    Py_CLEAR(self->cancel_msg);
+    Py_CLEAR(self->shutdown_event);
+    Py_CLEAR(self->reap_timer);
     return 0;
 }
 
@@ -110,6 +126,12 @@ static PyMethodDef run_methods[] = {
      "Sends READY=1 once the main coroutine has started."},
     {"_notify_watchdog", aiorun_run_notify_watchdog, METH_NOARGS,
      "Sends WATCHDOG=1 and schedules the next ping on the loop."},
+    {"_on_dump_signal", (PyCFunction)(void (*)(void))aiorun_run_on_dump_signal,
+     METH_FASTCALL, "Handler of task_dump_signal: has the loop dump its tasks."},
+    {"_dump_tasks", aiorun_run_dump_tasks, METH_NOARGS,
+     "Logs every task of the loop with its await chain."},
+    {"_reap", aiorun_run_reap, METH_NOARGS,
+     "Reaps orphaned children that stayed zombies since the last call."},
 #ifdef MS_WINDOWS
     {"_windows_wakeup", aiorun_run_windows_wakeup, METH_NOARGS,
      "Wakes the loop periodically so Ctrl-C is noticed on Windows."},

@@ -1,9 +1,13 @@
 /* The shutdown phase of run(), after the loop has stopped, in this order:
- * shutdown_callback, cancel the unprotected tasks, wait for all of them
+ * set shutdown_event(), shutdown_callback, drain_delay (the tasks may
+ * finish by themselves), with main_first the main task cancelled and
+ * waited for alone, cancel the unprotected tasks, wait for all of them
  * (bounded by timeout_task_shutdown), shut the executor down, and close
- * the loop if run() created it.  Then re-raise the pending exception. */
+ * the loop if run() created it.  Then re-raise the pending exception, or
+ * return what the main coroutine returned. */
 #include "aiorun.h"
 
+#include <limits.h>
 #include <math.h>
 
 /* Call or await shutdown_callback as its kind asks. */
@@ -85,9 +89,25 @@ run_shutdown_callback(RunObject *run, PyObject *callback)
     return rc;
 }
 
-/* Cancel every task of `tasks` that shutdown_waits_for() does not protect. */
+/* task.cancel(msg), the message naming the cause.  A task class of an
+ * app whose cancel() takes no message is cancelled without one. */
 static int
-cancel_tasks(RunObject *run, PyObject *tasks)
+cancel_task(RunObject *run, PyObject *task)
+{
+    aiorun_state *st = run->state;
+    PyObject *res = PyObject_CallMethodOneArg(task, st->s_cancel, run->cancel_msg);
+    if (res == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
+        PyErr_Clear();
+        res = PyObject_CallMethodNoArgs(task, st->s_cancel);
+    }
+    Py_XDECREF(res);
+    return res == NULL ? -1 : 0;
+}
+
+/* Cancel every task of `tasks` that shutdown_waits_for() does not protect,
+ * except `skip` (NULL: none). */
+static int
+cancel_tasks(RunObject *run, PyObject *tasks, PyObject *skip)
 {
     aiorun_state *st = run->state;
     int debug;
@@ -102,18 +122,16 @@ cancel_tasks(RunObject *run, PyObject *tasks)
         if (protected_ < 0) {
             return -1;
         }
-        if (protected_) {
+        if (protected_ || task == skip) {
             continue;
         }
         if (debug && aiorun_log_exc(st, LOG_DEBUG, "Cancelling task: %s", task,
                                     NULL) < 0) {
             return -1;
         }
-        PyObject *res = PyObject_CallMethodNoArgs(task, st->s_cancel);
-        if (res == NULL) {
+        if (cancel_task(run, task) < 0) {
             return -1;
         }
-        Py_DECREF(res);
     }
     return 0;
 }
@@ -157,7 +175,7 @@ aiorun_run_drain_timeout(PyObject *self, PyObject *unused)
 static int
 describe_stuck_task(PyObject *parts, PyObject *task)
 {
-    PyObject *described = aiorun_format_task(task);
+    PyObject *described = aiorun_describe_task(task);
     if (described == NULL) {
         return -1;
     }
@@ -209,15 +227,18 @@ done:
     return rc;
 }
 
-/* Wait until every task in `tasks` is done or `timeout` seconds passed. */
+/* Wait until every task in `tasks` is done or `seconds` passed (< 0: no
+ * limit).  *pending gets a new list of the tasks still not done.  Returns
+ * how many were not done at the start, or -1. */
 static int
-drain(RunObject *run, PyObject *tasks, PyObject *timeout)
+wait_for_tasks(RunObject *run, PyObject *tasks, double seconds, PyObject **pending)
 {
     aiorun_state *st = run->state;
     PyObject *on_done = NULL, *on_timeout = NULL, *timer = NULL;
     PyObject *stuck = NULL, *res = NULL;
     int rc = -1;
 
+    *pending = NULL;
     /* One at a time: no call may be made with an exception already set. */
     if ((run->drain_waiter = PyObject_CallMethodNoArgs(run->loop, st->s_create_future)) == NULL
         || (on_done = aiorun_run_method(run, "_task_done")) == NULL
@@ -241,12 +262,12 @@ drain(RunObject *run, PyObject *tasks, PyObject *timeout)
         Py_CLEAR(res);
         run->drain_remaining++;
     }
-    if (run->drain_remaining > 0) {
-        double seconds = timeout == Py_None ? INFINITY : PyFloat_AsDouble(timeout);
-        if (isfinite(seconds)) {
+    Py_ssize_t waited = run->drain_remaining;
+    if (waited > 0) {
+        if (seconds >= 0 && isfinite(seconds)) {
             on_timeout = aiorun_run_method(run, "_drain_timeout");
-            timer = on_timeout ? PyObject_CallMethod(run->loop, "call_later", "OO",
-                                                     timeout, on_timeout)
+            timer = on_timeout ? PyObject_CallMethod(run->loop, "call_later", "dO",
+                                                     seconds, on_timeout)
                                : NULL;
             if (timer == NULL) {
                 goto done;
@@ -276,10 +297,8 @@ drain(RunObject *run, PyObject *tasks, PyObject *timeout)
             Py_CLEAR(res);
         }
     }
-    if (PyList_GET_SIZE(stuck) > 0 && warn_stuck_tasks(run, stuck, timeout) < 0) {
-        goto done;
-    }
-    rc = 0;
+    *pending = Py_NewRef(stuck);
+    rc = waited > INT_MAX ? INT_MAX : (int)waited;
 done:
     if (timer != NULL) {
         PyObject *type, *value, *tb;
@@ -299,6 +318,119 @@ done:
     return rc;
 }
 
+/* Wait for the cancelled `tasks`, up to `timeout` (timeout_task_shutdown),
+ * and name those that refuse to exit. */
+static int
+drain(RunObject *run, PyObject *tasks, PyObject *timeout)
+{
+    double seconds = timeout == Py_None ? -1 : PyFloat_AsDouble(timeout);
+    PyObject *stuck;
+    if ((seconds == -1 && PyErr_Occurred())
+        || wait_for_tasks(run, tasks, seconds, &stuck) < 0) {
+        return -1;
+    }
+    int rc = PyList_GET_SIZE(stuck) > 0 ? warn_stuck_tasks(run, stuck, timeout) : 0;
+    Py_DECREF(stuck);
+    return rc;
+}
+
+/* The loop's tasks as a list. */
+static PyObject *
+list_tasks(RunObject *run)
+{
+    PyObject *task_set = PyObject_CallOneArg(run->state->all_tasks, run->loop);
+    PyObject *tasks = task_set ? PySequence_List(task_set) : NULL;
+    Py_XDECREF(task_set);
+    return tasks;
+}
+
+static int
+loop_time(RunObject *run, double *now)
+{
+    PyObject *t = PyObject_CallMethod(run->loop, "time", NULL);
+    if (t == NULL) {
+        return -1;
+    }
+    *now = PyFloat_AsDouble(t);
+    Py_DECREF(t);
+    return *now == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* drain_delay: before anything is cancelled, the tasks get up to
+ * drain_delay seconds to finish by themselves (shutdown_event() is set).
+ * It ends early once every task has finished, new ones included. */
+static int
+let_tasks_finish(RunObject *run)
+{
+    aiorun_state *st = run->state;
+    double now, deadline;
+    if (loop_time(run, &now) < 0) {
+        return -1;
+    }
+    deadline = now + run->drain_delay;
+    aiorun_run_stage(run, STAGE_DRAINING);
+    PyObject *delay = PyFloat_FromDouble(run->drain_delay);
+    int rc = delay ? aiorun_log_exc(st, LOG_INFO, "Letting tasks finish for up to %s "
+                                    "seconds (drain_delay).", delay, NULL) : -1;
+    Py_XDECREF(delay);
+    while (rc == 0) {
+        PyObject *tasks = list_tasks(run), *pending = NULL;
+        if (tasks == NULL || loop_time(run, &now) < 0) {
+            Py_XDECREF(tasks);
+            return -1;
+        }
+        if (now >= deadline) {
+            Py_DECREF(tasks);
+            break;
+        }
+        int waited = wait_for_tasks(run, tasks, deadline - now, &pending);
+        Py_DECREF(tasks);
+        if (waited < 0) {
+            return -1;
+        }
+        /* Some still running: the time is up.  None was running: done.
+         * Otherwise look again, for tasks started meanwhile. */
+        Py_ssize_t still = PyList_GET_SIZE(pending);
+        Py_DECREF(pending);
+        if (still > 0 || waited == 0) {
+            break;
+        }
+    }
+    return rc;
+}
+
+/* main_first: the main task is cancelled alone and waited for (up to
+ * timeout_task_shutdown) before the rest, so it can wind things down in
+ * order while everything it uses still runs. */
+static int
+cancel_main_first(RunObject *run, PyObject *timeout)
+{
+    aiorun_state *st = run->state;
+    PyObject *main = run->main_task;
+    int is_done = aiorun_call_predicate(main, st->s_done);
+    int protected_ = is_done == 0 ? aiorun_is_protected(st, main) : 0;
+    if (is_done < 0 || protected_ < 0) {
+        return -1;
+    }
+    if (is_done || protected_) {
+        return 0;
+    }
+    aiorun_run_stage(run, STAGE_CANCELLING);
+    if (aiorun_log(st, LOG_INFO, "Cancelling the main task first.") < 0
+        || cancel_task(run, main) < 0) {
+        return -1;
+    }
+    aiorun_run_stage(run, STAGE_WAITING_TASKS);
+    PyObject *just_main = PyList_New(1);
+    if (just_main == NULL) {
+        return -1;
+    }
+    PyList_SET_ITEM(just_main, 0, Py_NewRef(main));
+    int rc = drain(run, just_main, timeout);
+    Py_DECREF(just_main);
+    return rc;
+}
+
 /* The collector is paused from here to the end of the drain.  Each
  * cancellation makes an exception, a traceback and its frames, which the
  * tasks keep until they are freed; with many tasks the collector scans
@@ -311,17 +443,20 @@ cancel_and_wait(RunObject *run, PyObject *timeout)
     aiorun_state *st = run->state;
     int gc_was_enabled = PyGC_Disable();
     int rc = -1;
-    PyObject *task_set = PyObject_CallOneArg(st->all_tasks, run->loop);
-    PyObject *tasks = task_set ? PySequence_List(task_set) : NULL;
-    Py_XDECREF(task_set);
-    if (tasks == NULL) {
+    PyObject *tasks = NULL;
+    PyObject *skip = run->main_first ? run->main_task : NULL;
+    if (skip != NULL && cancel_main_first(run, timeout) < 0) {
+        goto done;
+    }
+    /* Taken now: tasks the main task started while it wound down count. */
+    if ((tasks = list_tasks(run)) == NULL) {
         goto done;
     }
     rc = 0;
     if (PyList_GET_SIZE(tasks) > 0) {
         aiorun_run_stage(run, STAGE_CANCELLING);
         rc = (aiorun_log(st, LOG_INFO, "Cancelling pending tasks.") < 0
-              || cancel_tasks(run, tasks) < 0
+              || cancel_tasks(run, tasks, skip) < 0
               || aiorun_log(st, LOG_INFO, "Running pending tasks till complete") < 0)
             ? -1 : 0;
         if (rc == 0) {
@@ -329,8 +464,8 @@ cancel_and_wait(RunObject *run, PyObject *timeout)
             rc = drain(run, tasks, timeout);
         }
     }
-    Py_DECREF(tasks);
 done:
+    Py_XDECREF(tasks);
     if (gc_was_enabled) {
         PyGC_Enable();
     }
@@ -375,43 +510,79 @@ close_own_loop(RunObject *run)
     return 0;
 }
 
+/* What the main coroutine returned, if it returned: before the shutdown,
+ * while the tasks drained, or after catching its cancellation.  None if it
+ * was cancelled, raised, or is still running. */
+static PyObject *
+main_result(RunObject *run)
+{
+    aiorun_state *st = run->state;
+    PyObject *task = run->main_task;
+    if (task == NULL) {
+        Py_RETURN_NONE;
+    }
+    int is_done = aiorun_call_predicate(task, st->s_done);
+    int is_cancelled = is_done > 0 ? aiorun_call_predicate(task, st->s_cancelled) : 1;
+    if (is_done < 0 || is_cancelled < 0) {
+        return NULL;
+    }
+    if (is_cancelled) {
+        Py_RETURN_NONE;
+    }
+    /* An exception is reported by _main_done; it is not a result. */
+    PyObject *exc = PyObject_CallMethodNoArgs(task, st->s_exception);
+    if (exc == NULL) {
+        return NULL;
+    }
+    int failed = exc != Py_None;
+    Py_DECREF(exc);
+    return failed ? Py_NewRef(Py_None) : PyObject_CallMethodNoArgs(task, st->s_result);
+}
+
 PyObject *
 aiorun_shutdown(RunObject *run, PyObject *shutdown_callback, PyObject *executor,
                 PyObject *timeout)
 {
     aiorun_state *st = run->state;
+    PyObject *result = NULL, *res;
 
-    if (aiorun_log(st, LOG_INFO, "Entering shutdown phase.") < 0) {
-        return NULL;
+    if (aiorun_log(st, LOG_INFO, "Entering shutdown phase.") < 0
+        || (run->cancel_msg = aiorun_shutdown_message(run)) == NULL
+        || aiorun_run_begin_shutdown(run) < 0) {
+        goto fail;
     }
     if (shutdown_callback != Py_None) {
         aiorun_run_stage(run, STAGE_CALLBACK);
         if (run_shutdown_callback(run, shutdown_callback) < 0) {
-            return NULL;
+            goto fail;
         }
     }
-    if (cancel_and_wait(run, timeout) < 0) {
-        return NULL;
+    if (run->drain_delay > 0 && let_tasks_finish(run) < 0) {
+        goto fail;
+    }
+    if (cancel_and_wait(run, timeout) < 0 || (result = main_result(run)) == NULL) {
+        goto fail;
     }
     if (aiorun_log(st, LOG_INFO, "Waiting for executor shutdown.") < 0) {
-        return NULL;
+        goto fail;
     }
     aiorun_run_stage(run, STAGE_EXECUTOR);
-    PyObject *res = PyObject_CallMethod(executor, "shutdown", "O", Py_True);
+    res = PyObject_CallMethod(executor, "shutdown", "O", Py_True);
     if (res == NULL) {
-        return NULL;
+        goto fail;
     }
     Py_DECREF(res);
     if (run->own_loop && close_own_loop(run) < 0) {
-        return NULL;
+        goto fail;
     }
     aiorun_run_stage(run, STAGE_LEAVING);
     if (aiorun_log(st, LOG_INFO, "Leaving. Bye!") < 0) {
-        return NULL;
+        goto fail;
     }
     if (run->pending_exc == NULL) {
-        Py_RETURN_NONE;
+        return result;
     }
+    Py_CLEAR(result);
     if (aiorun_log(st, LOG_INFO, "Reraising unhandled exception") < 0) {
         return NULL;
     }
@@ -421,5 +592,8 @@ aiorun_shutdown(RunObject *run, PyObject *shutdown_callback, PyObject *executor,
     run->pending_exc = NULL;
     PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc,
                   PyException_GetTraceback(exc));
+    return NULL;
+fail:
+    Py_XDECREF(result);
     return NULL;
 }

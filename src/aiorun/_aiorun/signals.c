@@ -206,8 +206,9 @@ aiorun_run_on_signal(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         signum = 0;
     }
     aiorun_notify_stopping(run, (int)signum);
-    /* For a signal that came before the watchdog's own handler was in. */
-    aiorun_watchdog_request(run, REQUEST_SIGNAL);
+    /* Names the cause; tells the watchdog of a signal that came before
+     * its own handler was in. */
+    aiorun_run_request(run, CAUSE_SIGNAL, (int)signum);
     if (run->loop != NULL) {
         schedule_shutdown_handler(run);
     }

@@ -88,10 +88,75 @@ done:
     return text;
 }
 
+/* getattr(obj, name), or NULL without an exception when it has none. */
+static PyObject *
+optional_attr(PyObject *obj, const char *name)
+{
+    PyObject *value = PyObject_GetAttrString(obj, name);
+    if (value == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+    }
+    return value;
+}
+
+/* The frames of a coroutine and of what it awaits, outermost first:
+ * cr_await (gi_yieldfrom, ag_await) leads from one to the next.  An
+ * object without a frame of its own (shutdown_waits_for's awaitable) is
+ * passed through; the chain ends at a future. */
+static PyObject *
+await_chain(PyObject *coro)
+{
+    static const char *const frame_attrs[] = {"cr_frame", "gi_frame", "ag_frame"};
+    static const char *const next_attrs[] = {"cr_await", "gi_yieldfrom", "ag_await"};
+    PyObject *frames = PyList_New(0);
+    PyObject *current = Py_NewRef(coro);
+    /* Bounded: a chain that loops back on itself must not hang a dump. */
+    for (int depth = 0; frames != NULL && current != Py_None && depth < 1000; depth++) {
+        PyObject *frame = NULL, *next = NULL;
+        size_t kind;
+        for (kind = 0; kind < 3; kind++) {
+            if ((frame = optional_attr(current, frame_attrs[kind])) != NULL
+                || PyErr_Occurred()) {
+                break;
+            }
+        }
+        if (frame == NULL) {
+            if (PyErr_Occurred()) {
+                Py_CLEAR(frames);
+            }
+            break;   /* a future, or something else that is not a coroutine */
+        }
+        if (PyFrame_Check(frame) && PyList_Append(frames, frame) < 0) {
+            Py_CLEAR(frames);
+        }
+        Py_DECREF(frame);
+        next = frames ? optional_attr(current, next_attrs[kind]) : NULL;
+        if (next == NULL) {
+            if (PyErr_Occurred()) {
+                Py_CLEAR(frames);
+            }
+            break;
+        }
+        Py_SETREF(current, next);
+    }
+    Py_DECREF(current);
+    return frames;
+}
+
 PyObject *
 aiorun_format_task(PyObject *task)
 {
-    PyObject *stack = PyObject_CallMethod(task, "get_stack", NULL);
+    PyObject *coro = optional_attr(task, "get_coro");
+    PyObject *stack = NULL;
+    if (coro != NULL) {
+        Py_SETREF(coro, PyObject_CallNoArgs(coro));
+        stack = coro ? await_chain(coro) : NULL;
+        Py_XDECREF(coro);
+    }
+    else if (!PyErr_Occurred()) {
+        /* A task-like object of the app's own. */
+        stack = PyObject_CallMethod(task, "get_stack", NULL);
+    }
     if (stack == NULL) {
         return NULL;
     }

@@ -49,7 +49,7 @@ aiorun_run_exception_handler(PyObject *self, PyObject *const *args,
     /* Once the shutdown has begun the loop runs only to finish it; stopping
      * it then would abort the shutdown half-way. */
     if (run->phase < PHASE_SHUTDOWN) {
-        aiorun_watchdog_request(run, REQUEST_UNHANDLED_ERROR);
+        aiorun_run_request(run, CAUSE_UNHANDLED_ERROR, 0);
         res = PyObject_CallMethod(loop, "stop", NULL);
         if (res == NULL) {
             goto done;

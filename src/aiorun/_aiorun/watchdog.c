@@ -78,6 +78,7 @@ static const char *const stage_names[] = {
     [STAGE_HANDLER] = "shutdown_handler called, waiting for the loop to stop",
     [STAGE_SHUTDOWN] = "entering the shutdown phase",
     [STAGE_CALLBACK] = "running shutdown_callback",
+    [STAGE_DRAINING] = "letting tasks finish before cancelling them (drain_delay)",
     [STAGE_CANCELLING] = "cancelling tasks",
     [STAGE_WAITING_TASKS] = "waiting for cancelled tasks to finish",
     [STAGE_EXECUTOR] = "waiting for the executor to shut down",

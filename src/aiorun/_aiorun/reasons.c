@@ -1,0 +1,187 @@
+/* How the app learns of the shutdown: shutdown_event() is set as it
+ * begins, and every cancel says why it began.
+ *
+ * The first request counts: a signal, loop.stop(), an unhandled error, or
+ * a KeyboardInterrupt out of the loop.  Every task the shutdown cancels
+ * gets the cause as its cancel message, "aiorun shutdown: SIGTERM", which
+ * asyncio passes on as CancelledError.args[0].  The message is an instance
+ * of a str subclass of ours, so cancelled_by_shutdown() tells it apart
+ * from any string an app may pass to cancel() itself. */
+#include "aiorun.h"
+
+#define MESSAGE_PREFIX "aiorun shutdown: "
+
+void
+aiorun_run_request(RunObject *run, aiorun_cause cause, int signum)
+{
+    if (run->cause == CAUSE_NONE) {
+        run->cause = cause;
+        run->cause_signum = signum;
+    }
+    /* The watchdog only tells signals, loop.stop() and errors apart. */
+    aiorun_watchdog_request(run, cause == CAUSE_SIGNAL ? REQUEST_SIGNAL
+                                 : cause == CAUSE_UNHANDLED_ERROR
+                                     ? REQUEST_UNHANDLED_ERROR
+                                     : REQUEST_LOOP_STOPPED);
+}
+
+static PyObject *
+cause_text(RunObject *run)
+{
+    switch (run->cause) {
+    case CAUSE_SIGNAL:
+        switch (run->cause_signum) {
+        case SIGINT:
+            return PyUnicode_FromString("SIGINT");
+        case SIGTERM:
+            return PyUnicode_FromString("SIGTERM");
+#ifdef SIGBREAK
+        case SIGBREAK:
+            return PyUnicode_FromString("SIGBREAK");
+#endif
+        default:
+            return PyUnicode_FromFormat("signal %d", run->cause_signum);
+        }
+    case CAUSE_UNHANDLED_ERROR:
+        return PyUnicode_FromString("unhandled error");
+    case CAUSE_KEYBOARD_INTERRUPT:
+        return PyUnicode_FromString("KeyboardInterrupt");
+    default:
+        return PyUnicode_FromString("loop stopped");
+    }
+}
+
+PyObject *
+aiorun_shutdown_message(RunObject *run)
+{
+    PyObject *cause = cause_text(run);
+    if (cause == NULL) {
+        return NULL;
+    }
+    PyObject *text = PyUnicode_FromFormat(MESSAGE_PREFIX "%U", cause);
+    Py_DECREF(cause);
+    if (text == NULL) {
+        return NULL;
+    }
+    PyObject *message = PyObject_CallOneArg(run->state->ShutdownMessageType, text);
+    Py_DECREF(text);
+    return message;
+}
+
+PyObject *
+aiorun_cancelled_by_shutdown(PyObject *module, PyObject *exc)
+{
+    aiorun_state *st = aiorun_get_state(module);
+    if (!PyExceptionInstance_Check(exc)) {
+        PyErr_Format(PyExc_TypeError,
+                     "cancelled_by_shutdown() argument 'exc' must be an exception, "
+                     "not %.200s", Py_TYPE(exc)->tp_name);
+        return NULL;
+    }
+    int is_cancel = PyObject_IsInstance(exc, st->CancelledError);
+    if (is_cancel <= 0) {
+        return is_cancel < 0 ? NULL : Py_NewRef(Py_False);
+    }
+    PyObject *args = PyObject_GetAttrString(exc, "args");
+    if (args == NULL) {
+        return NULL;
+    }
+    int ours = PyTuple_Check(args) && PyTuple_GET_SIZE(args) > 0
+        && Py_IS_TYPE(PyTuple_GET_ITEM(args, 0),
+                      (PyTypeObject *)st->ShutdownMessageType);
+    Py_DECREF(args);
+    return Py_NewRef(ours ? Py_True : Py_False);
+}
+
+/* The message type holds no references, so it needs no GC; its dealloc
+ * only adds what every heap type's instances owe: the type's reference. */
+static void
+message_dealloc(PyObject *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyUnicode_Type.tp_dealloc(self);
+    Py_DECREF(type);
+}
+
+static PyType_Slot message_slots[] = {
+    {Py_tp_dealloc, message_dealloc},
+    {Py_tp_doc, "The cancel message of a task cancelled by aiorun's shutdown: a str "
+                "naming the cause."},
+    {0, NULL},
+};
+
+PyType_Spec aiorun_message_type_spec = {
+    .name = "aiorun._aiorun.ShutdownMessage",
+    .basicsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = message_slots,
+};
+
+/* ---- shutdown_event() ---- */
+
+PyObject *
+aiorun_shutdown_event(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"loop", NULL};
+    aiorun_state *st = aiorun_get_state(module);
+    PyObject *loop = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:shutdown_event", kwlist, &loop)) {
+        return NULL;
+    }
+    if (loop == Py_None) {
+        loop = PyObject_CallNoArgs(st->get_running_loop);
+        if (loop == NULL) {
+            return NULL;
+        }
+    }
+    else {
+        Py_INCREF(loop);
+    }
+    PyObject *found = loop == Py_None ? NULL : PyDict_GetItemWithError(st->runs, loop);
+    Py_DECREF(loop);
+    if (found == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_RuntimeError,
+                            "shutdown_event() must be called from code running in "
+                            "the event loop of aiorun.run(), or be given that loop");
+        }
+        return NULL;
+    }
+    RunObject *run = (RunObject *)found;
+    if (run->shutdown_event == NULL) {
+        /* Made on first request, on the loop's thread: on 3.9 an Event
+         * binds to the thread's loop when it is made. */
+        PyObject *event = PyObject_CallNoArgs(st->Event);
+        if (event == NULL) {
+            return NULL;
+        }
+        if (run->shutdown_began) {
+            PyObject *res = PyObject_CallMethod(event, "set", NULL);
+            if (res == NULL) {
+                Py_DECREF(event);
+                return NULL;
+            }
+            Py_DECREF(res);
+        }
+        run->shutdown_event = event;
+    }
+    return Py_NewRef(run->shutdown_event);
+}
+
+int
+aiorun_run_begin_shutdown(RunObject *run)
+{
+    if (run->shutdown_began) {
+        return 0;
+    }
+    run->shutdown_began = 1;
+    if (run->shutdown_event == NULL) {
+        return 0;
+    }
+    PyObject *res = PyObject_CallMethod(run->shutdown_event, "set", NULL);
+    if (res == NULL) {
+        return -1;
+    }
+    Py_DECREF(res);
+    return 0;
+}

@@ -1,0 +1,195 @@
+/* The task dump: every task of the loop with what it is waiting on.
+ *
+ * On demand, run(task_dump_signal=...) logs it when that signal comes,
+ * while the app runs on; the shutdown uses the same description for the
+ * tasks that refuse to exit.  On 3.14+ a task is described by
+ * asyncio.format_call_graph() (its coroutine stack and the tasks awaiting
+ * it); before, by its repr (which names the future it waits on) and its
+ * await chain, the frames of each coroutine awaiting the next.
+ *
+ * The signal handler itself only asks the loop, through
+ * call_soon_threadsafe(), to dump the tasks: a dump taken between two
+ * bytecodes of some task's step would see that task half-way. */
+#include "aiorun.h"
+
+/* asyncio.format_call_graph, or NULL (no exception) before 3.14. */
+static PyObject *
+call_graph_formatter(void)
+{
+    PyObject *asyncio = PyImport_ImportModule("asyncio");
+    if (asyncio == NULL) {
+        return NULL;
+    }
+    PyObject *format = PyObject_GetAttrString(asyncio, "format_call_graph");
+    Py_DECREF(asyncio);
+    if (format == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+    }
+    return format;
+}
+
+PyObject *
+aiorun_describe_task(PyObject *task)
+{
+    PyObject *format = call_graph_formatter();
+    if (format != NULL) {
+        PyObject *text = PyObject_CallOneArg(format, task);
+        Py_DECREF(format);
+        return text;
+    }
+    /* The repr names the future the task waits on (wait_for=...). */
+    return PyErr_Occurred() ? NULL : aiorun_format_task(task);
+}
+
+/* signal.Signals(signum).name, or "signal N". */
+static PyObject *
+signal_name(int signum)
+{
+    PyObject *signal = PyImport_ImportModule("signal");
+    PyObject *member = signal ? PyObject_CallMethod(signal, "Signals", "i", signum) : NULL;
+    PyObject *name = member ? PyObject_GetAttrString(member, "name") : NULL;
+    Py_XDECREF(signal);
+    Py_XDECREF(member);
+    if (name == NULL) {
+        PyErr_Clear();
+        name = PyUnicode_FromFormat("signal %d", signum);
+    }
+    return name;
+}
+
+/* Every task of `tasks` described, one after the other. */
+static PyObject *
+dump_tasks(PyObject *tasks)
+{
+    PyObject *parts = PyList_New(0), *text = NULL, *separator = NULL;
+    if (parts == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tasks); i++) {
+        PyObject *described = aiorun_describe_task(PyList_GET_ITEM(tasks, i));
+        int rc = described ? PyList_Append(parts, described) : -1;
+        Py_XDECREF(described);
+        if (rc < 0) {
+            goto done;
+        }
+    }
+    separator = PyUnicode_FromString("\n");
+    text = separator ? PyUnicode_Join(separator, parts) : NULL;
+done:
+    Py_DECREF(parts);
+    Py_XDECREF(separator);
+    return text;
+}
+
+/* The loop's tasks, the main task first. */
+static PyObject *
+tasks_main_first(RunObject *run)
+{
+    PyObject *task_set = PyObject_CallOneArg(run->state->all_tasks, run->loop);
+    PyObject *tasks = task_set ? PySequence_List(task_set) : NULL;
+    Py_XDECREF(task_set);
+    if (tasks == NULL || run->main_task == NULL) {
+        return tasks;
+    }
+    for (Py_ssize_t i = 1; i < PyList_GET_SIZE(tasks); i++) {
+        if (PyList_GET_ITEM(tasks, i) == run->main_task) {
+            PyObject *first = PyList_GET_ITEM(tasks, 0);
+            PyList_SET_ITEM(tasks, 0, PyList_GET_ITEM(tasks, i));
+            PyList_SET_ITEM(tasks, i, first);
+            break;
+        }
+    }
+    return tasks;
+}
+
+PyObject *
+aiorun_run_dump_tasks(PyObject *self, PyObject *unused)
+{
+    RunObject *run = (RunObject *)self;
+    PyObject *tasks = NULL, *name = NULL, *body = NULL, *text = NULL;
+    (void)unused;
+    if (run->loop == NULL || run->phase >= PHASE_DONE) {
+        Py_RETURN_NONE;
+    }
+    if ((tasks = tasks_main_first(run)) == NULL
+        || (name = signal_name(run->dump_signum)) == NULL
+        || (body = dump_tasks(tasks)) == NULL) {
+        goto done;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(tasks);
+    text = PyUnicode_FromFormat("Task dump (%U): %zd task%s%s%U", name, n,
+                                n == 1 ? "" : "s", n > 0 ? "\n" : "", body);
+    if (text != NULL && aiorun_log_exc(run->state, LOG_WARNING, "%s", text, NULL) < 0) {
+        Py_CLEAR(text);
+    }
+done:
+    Py_XDECREF(tasks);
+    Py_XDECREF(name);
+    Py_XDECREF(body);
+    if (text == NULL) {
+        /* A dump must never disturb the app: say why there is none. */
+        aiorun_log_current_error(run->state, "Could not dump the tasks");
+        Py_RETURN_NONE;
+    }
+    Py_DECREF(text);
+    Py_RETURN_NONE;
+}
+
+PyObject *
+aiorun_run_on_dump_signal(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    RunObject *run = (RunObject *)self;
+    (void)args;
+    (void)nargs;
+    if (run->loop == NULL || run->phase >= PHASE_DONE) {
+        Py_RETURN_NONE;
+    }
+    PyObject *dump = aiorun_run_method(run, "_dump_tasks");
+    PyObject *res = dump ? PyObject_CallMethodOneArg(
+        run->loop, run->state->s_call_soon_threadsafe, dump) : NULL;
+    Py_XDECREF(dump);
+    if (res == NULL) {
+        /* Raising here would surface at a random place in the app. */
+        aiorun_log_current_error(run->state, "Could not schedule the task dump");
+        Py_RETURN_NONE;
+    }
+    Py_DECREF(res);
+    Py_RETURN_NONE;
+}
+
+int
+aiorun_taskdump_install(RunObject *run)
+{
+    if (run->dump_signum == 0) {
+        return 0;
+    }
+    PyObject *handler = aiorun_run_method(run, "_on_dump_signal");
+    if (handler == NULL) {
+        return -1;
+    }
+    PyObject *previous = PyObject_CallFunction(run->state->signal_signal, "iO",
+                                               run->dump_signum, handler);
+    Py_DECREF(handler);
+    if (previous == NULL) {
+        /* A number the platform will not let us catch (glibc keeps 32 and
+         * 33 for itself): say which parameter asked for it. */
+        if (PyErr_ExceptionMatches(PyExc_OSError)
+            || PyErr_ExceptionMatches(PyExc_ValueError)) {
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            PyErr_Format(PyExc_ValueError,
+                         "run() argument 'task_dump_signal': signal %d cannot be "
+                         "handled here (%S)", run->dump_signum, value);
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+        }
+        return -1;
+    }
+    /* Given back with SIGINT's and SIGTERM's when run() returns. */
+    PyObject *entry = Py_BuildValue("(iN)", run->dump_signum, previous);
+    int rc = entry ? PyList_Append(run->saved_handlers, entry) : -1;
+    Py_XDECREF(entry);
+    return rc;
+}
