@@ -361,3 +361,39 @@ def test_run_returns_what_the_main_coroutine_returned(app):
     assert r.stdout == ["returned 7", "READY", "returned {'answer': 42}", "READY",
                         "returned stopped cleanly", "READY", "returned None"]
     assert subsequence(SHUTDOWN_TAIL, r.messages)
+
+
+@pytest.mark.parametrize("options, returned", [
+    ("", "None"),                                  # main is cancelled at once
+    (", drain_delay=0.2, cancel_main_first=True", "main done"),
+])
+def test_a_loop_stop_from_a_task_winding_down_does_not_abort_the_shutdown(
+        app, options, returned):
+    # aiorun's examples end main() with loop.stop(); done during the
+    # shutdown it used to end the wait for the tasks with RuntimeError.
+    a = app(f"""
+        async def worker():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                asyncio.get_running_loop().stop()
+                await asyncio.sleep(0.05)
+                say("worker wound down")
+                raise
+
+        async def main():
+            asyncio.get_running_loop().create_task(worker())
+            say("READY")
+            await aiorun.shutdown_event().wait()
+            asyncio.get_running_loop().stop()
+            return "main done"
+
+        say("returned:", run(main(){options}))
+    """)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout[1:] == ["worker wound down", f"returned: {returned}"]
+    assert "Traceback" not in r.stderr_text
+    assert subsequence(SHUTDOWN_TAIL, r.messages)

@@ -92,3 +92,40 @@ def test_stop_on_unhandled_errors_under_uvloop(app):
     assert r.returncode == 1, r
     assert r.stderr[-1] == "Exception: ouch"
     assert r.messages[-1] == "Reraising unhandled exception"
+
+
+def test_the_ordered_shutdown_and_the_task_dump_on_uvloop(app):
+    a = app("""
+        async def worker():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError as e:
+                say("worker:", e.args[0], aiorun.cancelled_by_shutdown(e))
+                raise
+
+        async def main():
+            asyncio.get_running_loop().create_task(worker(), name="the-worker")
+            event = aiorun.shutdown_event()
+            say("READY")
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError as e:
+                say("main:", e.args[0], "event set:", event.is_set())
+                await asyncio.sleep(0.1)
+                return "main's value"
+
+        say("returned:", run(main(), use_uvloop=True, drain_delay=0.2,
+                             cancel_main_first=True, task_dump_signal=True))
+    """)
+    a.wait_line("READY")
+    a.send(signal.SIGUSR1)
+    a.wait_log("Task dump (SIGUSR1): 2 tasks")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["READY", "main: aiorun shutdown: SIGTERM event set: True",
+                        "worker: aiorun shutdown: SIGTERM True", "returned: main's value"]
+    assert "the-worker" in r.stderr_text
+    assert subsequence(["Letting tasks finish for up to 0.2 seconds (drain_delay).",
+                        "Cancelling the main task first.", "Cancelling pending tasks."],
+                       r.messages)

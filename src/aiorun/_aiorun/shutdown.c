@@ -227,6 +227,45 @@ done:
     return rc;
 }
 
+/* loop.run_until_complete(future), run again when the app's loop.stop()
+ * (a habit aiorun's examples teach) ends it before the future is done:
+ * a stop from a task that is winding down must not abort the shutdown. */
+static int
+run_until_done(RunObject *run, PyObject *future)
+{
+    aiorun_state *st = run->state;
+    for (;;) {
+        PyObject *res = PyObject_CallMethodOneArg(run->loop, st->s_run_until_complete,
+                                                  future);
+        if (res != NULL) {
+            Py_DECREF(res);
+            return 0;
+        }
+        if (!PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+            return -1;
+        }
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        int is_done = aiorun_call_predicate(future, st->s_done);
+        PyObject *closed = is_done == 0 ? PyObject_CallMethod(run->loop, "is_closed", NULL)
+                                        : NULL;
+        PyObject *running = closed == Py_False
+            ? PyObject_CallMethod(run->loop, "is_running", NULL) : NULL;
+        int stopped = running == Py_False;
+        Py_XDECREF(closed);
+        Py_XDECREF(running);
+        if (!stopped) {
+            /* Not a stop: keep the first error, not one from the checks. */
+            PyErr_Clear();
+            PyErr_Restore(type, value, tb);
+            return -1;
+        }
+        Py_XDECREF(type);
+        Py_XDECREF(value);
+        Py_XDECREF(tb);
+    }
+}
+
 /* Wait until every task in `tasks` is done or `seconds` passed (< 0: no
  * limit).  *pending gets a new list of the tasks still not done.  Returns
  * how many were not done at the start, or -1. */
@@ -273,12 +312,9 @@ wait_for_tasks(RunObject *run, PyObject *tasks, double seconds, PyObject **pendi
                 goto done;
             }
         }
-        res = PyObject_CallMethodOneArg(run->loop, st->s_run_until_complete,
-                                        run->drain_waiter);
-        if (res == NULL) {
+        if (run_until_done(run, run->drain_waiter) < 0) {
             goto done;
         }
-        Py_CLEAR(res);
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tasks); i++) {
         PyObject *task = PyList_GET_ITEM(tasks, i);

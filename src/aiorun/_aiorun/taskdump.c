@@ -2,39 +2,114 @@
  *
  * On demand, run(task_dump_signal=...) logs it when that signal comes,
  * while the app runs on; the shutdown uses the same description for the
- * tasks that refuse to exit.  On 3.14+ a task is described by
- * asyncio.format_call_graph() (its coroutine stack and the tasks awaiting
- * it); before, by its repr (which names the future it waits on) and its
- * await chain, the frames of each coroutine awaiting the next.
+ * tasks that refuse to exit.  A task is described by its repr (which
+ * names the future it waits on), then its await chain written like a
+ * traceback: on 3.14+ the frames of asyncio.capture_call_graph() and the
+ * futures awaiting the task, before that the frames of each coroutine
+ * awaiting the next (stacks.c).  One layout on every version, and the
+ * same as the watchdog's.
  *
  * The signal handler itself only asks the loop, through
  * call_soon_threadsafe(), to dump the tasks: a dump taken between two
  * bytecodes of some task's step would see that task half-way. */
 #include "aiorun.h"
 
-/* asyncio.format_call_graph, or NULL (no exception) before 3.14. */
+/* asyncio.capture_call_graph, or NULL (no exception) before 3.14. */
 static PyObject *
-call_graph_formatter(void)
+call_graph_capturer(void)
 {
     PyObject *asyncio = PyImport_ImportModule("asyncio");
     if (asyncio == NULL) {
         return NULL;
     }
-    PyObject *format = PyObject_GetAttrString(asyncio, "format_call_graph");
+    PyObject *capture = PyObject_GetAttrString(asyncio, "capture_call_graph");
     Py_DECREF(asyncio);
-    if (format == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+    if (capture == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
         PyErr_Clear();
     }
-    return format;
+    return capture;
+}
+
+/* "  awaited by <repr>\n" for each future of graph.awaited_by. */
+static int
+append_awaited_by(PyObject *parts, PyObject *graph)
+{
+    PyObject *awaiters = PyObject_GetAttrString(graph, "awaited_by");
+    PyObject *seq = awaiters ? PySequence_Fast(awaiters, "awaited_by") : NULL;
+    Py_XDECREF(awaiters);
+    if (seq == NULL) {
+        return -1;
+    }
+    int rc = 0;
+    for (Py_ssize_t i = 0; rc == 0 && i < PySequence_Fast_GET_SIZE(seq); i++) {
+        PyObject *future = PyObject_GetAttrString(PySequence_Fast_GET_ITEM(seq, i),
+                                                  "future");
+        PyObject *line = future ? PyUnicode_FromFormat("  awaited by %R\n", future) : NULL;
+        rc = line ? PyList_Append(parts, line) : -1;
+        Py_XDECREF(future);
+        Py_XDECREF(line);
+    }
+    Py_DECREF(seq);
+    return rc;
+}
+
+/* 3.14+: the task's repr, the frames of asyncio.capture_call_graph(task)
+ * (outermost first, as a traceback), then the futures awaiting it. */
+static PyObject *
+describe_by_call_graph(PyObject *capture, PyObject *task)
+{
+    PyObject *graph = NULL, *stack = NULL, *frames = NULL, *text = NULL;
+    PyObject *parts = NULL, *head = NULL, *empty = NULL;
+    graph = PyObject_CallOneArg(capture, task);
+    if (graph == NULL) {
+        return NULL;
+    }
+    if (graph == Py_None) {   /* not a future after all */
+        Py_DECREF(graph);
+        return aiorun_format_task(task);
+    }
+    stack = PyObject_GetAttrString(graph, "call_stack");
+    PyObject *entries = stack ? PySequence_List(stack) : NULL;
+    Py_XSETREF(stack, entries);
+    if (stack == NULL || PyList_Reverse(stack) < 0 || (frames = PyList_New(0)) == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(stack); i++) {
+        PyObject *frame = PyObject_GetAttrString(PyList_GET_ITEM(stack, i), "frame");
+        int rc = frame ? PyList_Append(frames, frame) : -1;
+        Py_XDECREF(frame);
+        if (rc < 0) {
+            goto done;
+        }
+    }
+    if ((parts = PyList_New(0)) == NULL
+        || (head = PyUnicode_FromFormat("%R\n", task)) == NULL
+        || PyList_Append(parts, head) < 0) {
+        goto done;
+    }
+    Py_SETREF(head, aiorun_format_frames(frames));
+    if (head == NULL || PyList_Append(parts, head) < 0 || append_awaited_by(parts, graph) < 0
+        || (empty = PyUnicode_FromString("")) == NULL) {
+        goto done;
+    }
+    text = PyUnicode_Join(empty, parts);
+done:
+    Py_DECREF(graph);
+    Py_XDECREF(stack);
+    Py_XDECREF(frames);
+    Py_XDECREF(parts);
+    Py_XDECREF(head);
+    Py_XDECREF(empty);
+    return text;
 }
 
 PyObject *
 aiorun_describe_task(PyObject *task)
 {
-    PyObject *format = call_graph_formatter();
-    if (format != NULL) {
-        PyObject *text = PyObject_CallOneArg(format, task);
-        Py_DECREF(format);
+    PyObject *capture = call_graph_capturer();
+    if (capture != NULL) {
+        PyObject *text = describe_by_call_graph(capture, task);
+        Py_DECREF(capture);
         return text;
     }
     /* The repr names the future the task waits on (wait_for=...). */
