@@ -142,6 +142,41 @@ def test_shutdown_options_reach_run(cli):
     assert a.finish().returncode == 124
 
 
+def test_ordered_shutdown_options_reach_run(cli, tmp_path):
+    (tmp_path / "ordered.py").write_text(textwrap.dedent('''
+        import asyncio, aiorun
+
+        async def worker():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError as e:
+                print("worker:", e.args[0], flush=True)
+                raise
+
+        async def main():
+            asyncio.get_running_loop().create_task(worker(), name="the-worker")
+            print("UP", flush=True)
+            try:
+                await aiorun.shutdown_event().wait()
+                print("main saw the event", flush=True)
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError as e:
+                print("main:", e.args[0], flush=True)
+                raise
+    '''))
+    a = cli("--drain-delay", "0.1", "--cancel-main-first", "--task-dump", "--reap-orphans",
+            "ordered:main")
+    a.wait_line("UP")
+    a.send(signal.SIGUSR1)
+    a.wait_log("Task dump (SIGUSR1): 2 tasks")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["UP", "main saw the event", "main: aiorun shutdown: SIGTERM",
+                        "worker: aiorun shutdown: SIGTERM"]
+    assert "the-worker" in r.stderr_text
+
+
 def test_uvloop_and_executor_workers(cli, tmp_path):
     pytest.importorskip("uvloop")
     (tmp_path / "loopkind.py").write_text(textwrap.dedent('''
@@ -180,6 +215,8 @@ def test_uvloop_and_executor_workers(cli, tmp_path):
      "argument --shutdown-deadline: must be > 0 and finite, not inf"),
     (["--executor-workers", "two", "service:main"],
      "argument --executor-workers: invalid int value: 'two'"),
+    (["--drain-delay", "-1", "service:main"],
+     "argument --drain-delay: must be >= 0 and finite, not -1.0"),
     ([], "the following arguments are required: TARGET"),
 ])
 def test_bad_command_lines_are_usage_errors(cli, args, message):
@@ -205,5 +242,6 @@ def test_help(cli):
     text = "\n".join(r.stdout)
     for option in ["--uvloop", "--stop-on-unhandled-errors", "--timeout-task-shutdown",
                    "--executor-workers", "--shutdown-deadline", "--exit-on-repeated-signal",
-                   "--no-ready-on-start", "TARGET"]:
+                   "--no-ready-on-start", "--drain-delay", "--cancel-main-first",
+                   "--task-dump", "--reap-orphans", "TARGET"]:
         assert option in text

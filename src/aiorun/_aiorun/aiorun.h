@@ -155,6 +155,7 @@ typedef struct {
     PyObject *saved_handlers;  /* list of (signum, handler before run()) */
     PyObject *drain_waiter;    /* future set once the drain is over */
     Py_ssize_t drain_remaining;
+    int drain_over;            /* the drain's wait has been ended */
     run_phase phase;
     int own_loop;              /* run() created the loop, so it closes it */
     int handler_installed;     /* our exception handler is on the loop */

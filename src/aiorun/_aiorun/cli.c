@@ -41,6 +41,14 @@ static const cli_option options[] = {
      "seconds the whole shutdown may take; past it, exit code 124"},
     {"--exit-on-repeated-signal", "exit_on_repeated_signal", OPT_FLAG, 0,
      "a second SIGINT/SIGTERM during the shutdown exits at once (code 124)"},
+    {"--drain-delay", "drain_delay", OPT_SECONDS, 1,
+     "seconds the tasks get to finish before any is cancelled"},
+    {"--cancel-main-first", "cancel_main_first", OPT_FLAG, 0,
+     "cancel the main task and wait for it before the other tasks"},
+    {"--task-dump", "task_dump_signal", OPT_FLAG, 0,
+     "SIGUSR1 logs every task with its await chain"},
+    {"--reap-orphans", "reap_orphans", OPT_FLAG, 0,
+     "as PID 1, reap orphaned child processes"},
 };
 #define N_OPTIONS (sizeof options / sizeof options[0])
 

@@ -20,6 +20,7 @@ aiorun_run_new(aiorun_state *st)
     run->saved_handlers = NULL;
     run->drain_waiter = NULL;
     run->drain_remaining = 0;
+    run->drain_over = 0;
     run->phase = PHASE_SETUP;
     run->own_loop = 0;
     run->handler_installed = 0;

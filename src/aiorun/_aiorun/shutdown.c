@@ -142,14 +142,29 @@ finish_drain(RunObject *run)
 {
     aiorun_state *st = run->state;
     PyObject *waiter = run->drain_waiter;
-    if (waiter == NULL) {
+    if (waiter == NULL || run->drain_over) {
         Py_RETURN_NONE;
     }
-    int is_done = aiorun_call_predicate(waiter, st->s_done);
-    if (is_done != 0) {
-        return is_done < 0 ? NULL : Py_NewRef(Py_None);
+    run->drain_over = 1;
+    PyObject *res = PyObject_CallMethodOneArg(waiter, st->s_set_result, Py_None);
+    if (res != NULL) {
+        return res;
     }
-    return PyObject_CallMethodOneArg(waiter, st->s_set_result, Py_None);
+    /* set_result() failed (MemoryError): the wait would never end, so the
+     * loop is stopped instead, which asks for no memory; run_until_done()
+     * sees drain_over. */
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *stopped = PyObject_CallMethod(run->loop, "stop", NULL);
+    if (stopped == NULL) {
+        PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+        return NULL;
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return stopped;
 }
 
 PyObject *
@@ -263,6 +278,9 @@ run_until_done(RunObject *run, PyObject *future)
         Py_XDECREF(type);
         Py_XDECREF(value);
         Py_XDECREF(tb);
+        if (run->drain_over) {
+            return 0;   /* finish_drain() stopped the loop itself */
+        }
     }
 }
 
@@ -285,6 +303,7 @@ wait_for_tasks(RunObject *run, PyObject *tasks, double seconds, PyObject **pendi
         goto done;
     }
     run->drain_remaining = 0;
+    run->drain_over = 0;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tasks); i++) {
         PyObject *task = PyList_GET_ITEM(tasks, i);
         int is_done = aiorun_call_predicate(task, st->s_done);
