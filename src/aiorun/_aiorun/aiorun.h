@@ -106,6 +106,18 @@ aiorun_call_predicate(PyObject *obj, PyObject *name)
     return truth;
 }
 
+/* getattr(obj, name), or NULL with no exception set when obj has no such
+ * attribute (NULL with an exception for any other error). */
+static inline PyObject *
+aiorun_optional_attr(PyObject *obj, const char *name)
+{
+    PyObject *value = PyObject_GetAttrString(obj, name);
+    if (value == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+    }
+    return value;
+}
+
 /* Logging levels of the logging module. */
 enum { LOG_DEBUG = 10, LOG_INFO = 20, LOG_WARNING = 30, LOG_ERROR = 40 };
 
@@ -184,6 +196,8 @@ RunObject *aiorun_run_new(aiorun_state *st);
 int aiorun_run_clear(RunObject *run);
 /* Bound method `name` of run: a callable to hand to asyncio or signal. */
 PyObject *aiorun_run_method(RunObject *run, const char *name);
+/* asyncio.all_tasks(run->loop) as a new list. */
+PyObject *aiorun_run_tasks(RunObject *run);
 /* run has reached `stage`: tells the watchdog and the supervisor. */
 void aiorun_run_stage(RunObject *run, int stage);
 

@@ -51,6 +51,15 @@ aiorun_run_method(RunObject *run, const char *name)
     return PyObject_GetAttrString((PyObject *)run, name);
 }
 
+PyObject *
+aiorun_run_tasks(RunObject *run)
+{
+    PyObject *task_set = PyObject_CallOneArg(run->state->all_tasks, run->loop);
+    PyObject *tasks = task_set ? PySequence_List(task_set) : NULL;
+    Py_XDECREF(task_set);
+    return tasks;
+}
+
 void
 aiorun_run_stage(RunObject *run, int stage)
 {

@@ -389,16 +389,6 @@ drain(RunObject *run, PyObject *tasks, PyObject *timeout)
     return rc;
 }
 
-/* The loop's tasks as a list. */
-static PyObject *
-list_tasks(RunObject *run)
-{
-    PyObject *task_set = PyObject_CallOneArg(run->state->all_tasks, run->loop);
-    PyObject *tasks = task_set ? PySequence_List(task_set) : NULL;
-    Py_XDECREF(task_set);
-    return tasks;
-}
-
 static int
 loop_time(RunObject *run, double *now)
 {
@@ -429,7 +419,7 @@ let_tasks_finish(RunObject *run)
                                     "seconds (drain_delay).", delay, NULL) : -1;
     Py_XDECREF(delay);
     while (rc == 0) {
-        PyObject *tasks = list_tasks(run), *pending = NULL;
+        PyObject *tasks = aiorun_run_tasks(run), *pending = NULL;
         if (tasks == NULL || loop_time(run, &now) < 0) {
             Py_XDECREF(tasks);
             return -1;
@@ -504,7 +494,7 @@ cancel_and_wait(RunObject *run, PyObject *timeout)
         goto done;
     }
     /* Taken now: tasks the main task started while it wound down count. */
-    if ((tasks = list_tasks(run)) == NULL) {
+    if ((tasks = aiorun_run_tasks(run)) == NULL) {
         goto done;
     }
     rc = 0;

@@ -88,17 +88,6 @@ done:
     return text;
 }
 
-/* getattr(obj, name), or NULL without an exception when it has none. */
-static PyObject *
-optional_attr(PyObject *obj, const char *name)
-{
-    PyObject *value = PyObject_GetAttrString(obj, name);
-    if (value == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
-        PyErr_Clear();
-    }
-    return value;
-}
-
 /* The frames of a coroutine and of what it awaits, outermost first:
  * cr_await (gi_yieldfrom, ag_await) leads from one to the next.  An
  * object without a frame of its own (shutdown_waits_for's awaitable) is
@@ -115,7 +104,7 @@ await_chain(PyObject *coro)
         PyObject *frame = NULL, *next = NULL;
         size_t kind;
         for (kind = 0; kind < 3; kind++) {
-            if ((frame = optional_attr(current, frame_attrs[kind])) != NULL
+            if ((frame = aiorun_optional_attr(current, frame_attrs[kind])) != NULL
                 || PyErr_Occurred()) {
                 break;
             }
@@ -130,7 +119,7 @@ await_chain(PyObject *coro)
             Py_CLEAR(frames);
         }
         Py_DECREF(frame);
-        next = frames ? optional_attr(current, next_attrs[kind]) : NULL;
+        next = frames ? aiorun_optional_attr(current, next_attrs[kind]) : NULL;
         if (next == NULL) {
             if (PyErr_Occurred()) {
                 Py_CLEAR(frames);
@@ -146,7 +135,7 @@ await_chain(PyObject *coro)
 PyObject *
 aiorun_format_task(PyObject *task)
 {
-    PyObject *coro = optional_attr(task, "get_coro");
+    PyObject *coro = aiorun_optional_attr(task, "get_coro");
     PyObject *stack = NULL;
     if (coro != NULL) {
         Py_SETREF(coro, PyObject_CallNoArgs(coro));

@@ -22,11 +22,8 @@ call_graph_capturer(void)
     if (asyncio == NULL) {
         return NULL;
     }
-    PyObject *capture = PyObject_GetAttrString(asyncio, "capture_call_graph");
+    PyObject *capture = aiorun_optional_attr(asyncio, "capture_call_graph");
     Py_DECREF(asyncio);
-    if (capture == NULL && PyErr_ExceptionMatches(PyExc_AttributeError)) {
-        PyErr_Clear();
-    }
     return capture;
 }
 
@@ -160,9 +157,7 @@ done:
 static PyObject *
 tasks_main_first(RunObject *run)
 {
-    PyObject *task_set = PyObject_CallOneArg(run->state->all_tasks, run->loop);
-    PyObject *tasks = task_set ? PySequence_List(task_set) : NULL;
-    Py_XDECREF(task_set);
+    PyObject *tasks = aiorun_run_tasks(run);
     if (tasks == NULL || run->main_task == NULL) {
         return tasks;
     }

@@ -225,9 +225,7 @@ static PyObject *
 describe_tasks(RunObject *run)
 {
     aiorun_state *st = run->state;
-    PyObject *set = PyObject_CallOneArg(st->all_tasks, run->loop);
-    PyObject *tasks = set ? PySequence_List(set) : NULL;
-    Py_XDECREF(set);
+    PyObject *tasks = aiorun_run_tasks(run);
     if (tasks == NULL) {
         return NULL;
     }
