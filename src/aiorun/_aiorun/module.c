@@ -223,8 +223,14 @@ aiorun_exec(PyObject *module)
     if (st->WaitFutureType == NULL) {
         return -1;
     }
-    st->ShutdownMessageType = PyType_FromModuleAndSpec(
-        module, &aiorun_message_type_spec, (PyObject *)&PyUnicode_Type);
+    /* A tuple: 3.9 takes no single base here. */
+    PyObject *str_base = PyTuple_Pack(1, (PyObject *)&PyUnicode_Type);
+    if (str_base == NULL) {
+        return -1;
+    }
+    st->ShutdownMessageType = PyType_FromModuleAndSpec(module, &aiorun_message_type_spec,
+                                                       str_base);
+    Py_DECREF(str_base);
     if (st->ShutdownMessageType == NULL || (st->runs = PyDict_New()) == NULL) {
         return -1;
     }
