@@ -5,6 +5,7 @@
  *   run.c       run(): argument checks, set-up, running the loop
  *   runstate.c  the per-call Run object that carries run()'s state
  *   signals.c   taking over SIGINT/SIGTERM and giving them back
+ *   sigcatch.c  holding them back while the handlers are swapped
  *   unhandled.c stop_on_unhandled_errors: the exception handler, main-task watch
  *   shutdown.c  the shutdown phase after the loop stops
  *   shield.c    shutdown_waits_for() and the awaitable it returns
@@ -54,6 +55,7 @@
     X(main_thread)              /* threading.main_thread */                 \
     X(current_thread)           /* threading.current_thread */              \
     X(sig_dfl)                                                              \
+    X(partial)                  /* functools.partial */                     \
     /* interned method and attribute names used on hot paths */             \
     X(s_add_done_callback)                                                  \
     X(s_remove_done_callback)                                               \
@@ -77,6 +79,10 @@ typedef struct {
 #define AIORUN_FIELD(name) PyObject *name;
     AIORUN_STATE_OBJECTS(AIORUN_FIELD)
 #undef AIORUN_FIELD
+    /* threading.main_thread().ident at import: run() must know, before it
+     * calls any Python code, whether it is there. */
+    unsigned long main_thread_ident;
+    int fork_hook_registered;   /* os.register_at_fork() done (watchdog.c) */
 } aiorun_state;
 
 static inline aiorun_state *
@@ -116,6 +122,33 @@ aiorun_optional_attr(PyObject *obj, const char *name)
         PyErr_Clear();
     }
     return value;
+}
+
+/* The current exception as a normalized instance that carries its
+ * traceback, cleared; NULL if none is set. */
+static inline PyObject *
+aiorun_take_error(void)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (type == NULL) {
+        return NULL;
+    }
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value != NULL && tb != NULL) {
+        PyException_SetTraceback(value, tb);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+}
+
+/* Sets exc (consumed) as the current exception, with its traceback. */
+static inline void
+aiorun_restore_error(PyObject *exc)
+{
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc,
+                  PyException_GetTraceback(exc));
 }
 
 /* Logging levels of the logging module. */
@@ -205,17 +238,23 @@ void aiorun_run_stage(RunObject *run, int stage);
 PyObject *aiorun_run(PyObject *module, PyObject *args, PyObject *kwargs);
 PyObject *aiorun_default_shutdown_handler(PyObject *module, PyObject *loop);
 
-/* ---- signals.c ---- */
-/* SIGINT/SIGTERM held back in this thread while handlers are swapped. */
+/* ---- sigcatch.c: SIGINT/SIGTERM held back while handlers are swapped ---- */
 typedef struct {
     int holding;
 #ifndef MS_WINDOWS
-    sigset_t previous;
+    sigset_t previous;          /* this thread's mask before the hold */
+    struct sigaction saved[2];  /* dispositions the catcher replaced */
+    int catching;               /* bit i: the catcher is on signal i */
 #endif
 } aiorun_held_signals;
-void aiorun_signals_hold(aiorun_held_signals *held);
-/* Idempotent: ends the hold if it is on. */
-void aiorun_signals_release(aiorun_held_signals *held);
+/* Blocks both in this thread; with catch_others (only the main thread of
+ * the main interpreter), a catcher notes one that another thread takes. */
+void aiorun_signals_hold(aiorun_held_signals *held, int catch_others);
+/* Idempotent: ends the hold if it is on.  A noted signal is raised again
+ * for the handler now in place, or dropped with drop_caught. */
+void aiorun_signals_release(aiorun_held_signals *held, int drop_caught);
+
+/* ---- signals.c ---- */
 int aiorun_signals_take_over(RunObject *run);
 /* Called once run->loop is set: hands over a signal that came early. */
 void aiorun_signals_loop_ready(RunObject *run);
@@ -242,8 +281,10 @@ PyObject *aiorun_run_main_done(PyObject *self, PyObject *task);
 /* The whole shutdown phase; returns None or raises the pending exception. */
 PyObject *aiorun_shutdown(RunObject *run, PyObject *shutdown_callback,
                           PyObject *executor, PyObject *timeout);
-PyObject *aiorun_run_task_done(PyObject *self, PyObject *task);
-PyObject *aiorun_run_drain_timeout(PyObject *self, PyObject *unused);
+/* Callbacks of one wait of the shutdown, given (waiter, ...) by a partial. */
+PyObject *aiorun_run_task_done(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *aiorun_run_drain_timeout(PyObject *self, PyObject *const *args,
+                                   Py_ssize_t nargs);
 
 /* ---- reasons.c ---- */
 extern PyType_Spec aiorun_message_type_spec;
@@ -316,8 +357,12 @@ typedef enum {
     REQUEST_UNHANDLED_ERROR
 } aiorun_request_reason;
 
-/* deadline in seconds (0: none).  Sets run->watchdog. */
-int aiorun_watchdog_start(RunObject *run, double deadline, int exit_on_repeat);
+/* deadline in seconds (0: none).  Sets run->watchdog.  Its faulthandler
+ * signal is never avoid_signum (task_dump_signal's). */
+int aiorun_watchdog_start(RunObject *run, double deadline, int exit_on_repeat,
+                          int avoid_signum);
+/* os.register_at_fork() hook: a child forked during run() gets a watchdog. */
+PyObject *aiorun_after_fork_child(PyObject *module, PyObject *unused);
 /* Joins the watchdog's threads; keeps any exception set.  No-op without. */
 void aiorun_watchdog_stop(RunObject *run);
 void aiorun_watchdog_stage(RunObject *run, aiorun_stage stage);
@@ -349,6 +394,8 @@ PyObject *aiorun_cli_main(PyObject *module, PyObject *argv);
 #ifndef MS_WINDOWS
 int aiorun_sigwake_install(int *read_fd, unsigned long *count_now);
 void aiorun_sigwake_uninstall(void);
+/* In a forked child: a pipe of its own; *count_now as for install. */
+int aiorun_sigwake_after_fork(int *read_fd, unsigned long *count_now);
 void aiorun_sigwake_poke(void);
 unsigned long aiorun_sigwake_count(void);
 int aiorun_sigwake_last_signum(void);

@@ -67,6 +67,9 @@ static PyMethodDef aiorun_methods[] = {
      shutdown_handler_doc},
     {"notify_ready", (PyCFunction)(void (*)(void))aiorun_notify_ready,
      METH_VARARGS | METH_KEYWORDS, notify_ready_doc},
+    {"_after_fork_child", aiorun_after_fork_child, METH_NOARGS,
+     "_after_fork_child()\n--\n\nos.register_at_fork() hook: the watchdog of a run() "
+     "continued in a forked child."},
     {"_main", aiorun_cli_main, METH_O,
      "_main(argv)\n--\n\nThe command line behind python -m aiorun."},
     {NULL, NULL, 0, NULL},
@@ -158,6 +161,7 @@ load_imports(aiorun_state *st)
         IMPORT(main_thread, "threading", "main_thread"),
         IMPORT(current_thread, "threading", "current_thread"),
         IMPORT(sig_dfl, "signal", "SIG_DFL"),
+        IMPORT(partial, "functools", "partial"),
 #undef IMPORT
     };
     for (size_t i = 0; i < sizeof(imports) / sizeof(imports[0]); i++) {
@@ -210,6 +214,15 @@ aiorun_exec(PyObject *module)
     if (load_imports(st) < 0 || intern_strings(st) < 0) {
         return -1;
     }
+    PyObject *main = PyObject_CallNoArgs(st->main_thread);
+    PyObject *ident = main ? PyObject_GetAttrString(main, "ident") : NULL;
+    Py_XDECREF(main);
+    st->main_thread_ident = ident ? PyLong_AsUnsignedLong(ident) : 0;
+    Py_XDECREF(ident);
+    if (PyErr_Occurred()) {
+        return -1;
+    }
+    st->fork_hook_registered = 0;
     st->RunType = PyType_FromModuleAndSpec(module, &aiorun_run_type_spec, NULL);
     if (st->RunType == NULL) {
         return -1;

@@ -38,7 +38,25 @@ struct aiorun_notifier {
     double ping_interval;      /* seconds; 0 when systemd wants no pings */
     long long extend_usec;     /* EXTEND_TIMEOUT_USEC sent with each phase */
     int stopping_sent;
+    int gone;                  /* the receiver went away: nothing more is sent */
 };
+
+/* The largest EXTEND_TIMEOUT_USEC we send: about 31 years, far beyond any
+ * real bound, and far below what overflows systemd's (or our) arithmetic.
+ * A phase with no limit (an infinite timeout) asks for this much. */
+#define MAX_EXTEND_USEC 1000000000000000LL
+
+/* seconds (>= 0, possibly infinite) as microseconds, without the undefined
+ * float-to-integer cast of a value out of range. */
+static long long
+usec_from_seconds(double seconds)
+{
+    double usec = seconds * 1e6;
+    if (!(usec < (double)MAX_EXTEND_USEC)) {   /* also NaN */
+        return MAX_EXTEND_USEC;
+    }
+    return usec > 0 ? (long long)usec : 0;
+}
 
 static const char *const phase_status[] = {
     [STAGE_STARTING] = NULL,
@@ -98,16 +116,41 @@ open_socket(void)
     return socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
 }
 
+/* The notifier, while there is someone to tell; NULL otherwise. */
+static aiorun_notifier *
+live_notifier(RunObject *run)
+{
+    aiorun_notifier *nt = run->notifier;
+    return nt != NULL && !nt->gone ? nt : NULL;
+}
+
+/* Never frees the notifier: a caller may hold it across a call into
+ * Python, where a signal handler can say something too.  Only
+ * aiorun_notify_stop() frees it. */
 static void
 say(RunObject *run, const char *message)
 {
-    aiorun_notifier *nt = run->notifier;
+    aiorun_notifier *nt = live_notifier(run);
     if (nt != NULL && send_to(nt->fd, &nt->addr, nt->addrlen, message) < 0) {
         /* The receiver went away: systemd will not read more either. */
         close(nt->fd);
-        PyMem_RawFree(nt);
-        run->notifier = NULL;
+        nt->fd = -1;
+        nt->gone = 1;
     }
+}
+
+/* The NOTIFY_SOCKET value for a message: any bytes, shown with escapes and
+ * cut at 60 characters, never half-way through one. */
+static PyObject *
+shown_value(const char *value)
+{
+    PyObject *text = PyUnicode_DecodeUTF8(value, (Py_ssize_t)strlen(value),
+                                          "backslashreplace");
+    if (text == NULL) {
+        return NULL;
+    }
+    Py_SETREF(text, PyUnicode_FromFormat("%.60U", text));
+    return text;
 }
 
 /* WATCHDOG_USEC, when systemd asks this process (WATCHDOG_PID, if set, is
@@ -149,11 +192,15 @@ aiorun_notify_start(RunObject *run, double task_timeout)
         return 0;
     }
     if (parse_address(value, &addr, &len, &why) < 0) {
-        char message[200];
-        snprintf(message, sizeof message,
-                 "environment variable " NOTIFY_ENV "='%.60s' %s: "
-                 "no notifications are sent", value, why);
-        return aiorun_log(run->state, LOG_WARNING, message);
+        PyObject *shown = shown_value(value);
+        PyObject *message = shown ? PyUnicode_FromFormat(
+            "environment variable " NOTIFY_ENV "='%U' %s: no notifications are sent",
+            shown, why) : NULL;
+        int rc = message ? aiorun_log_exc(run->state, LOG_WARNING, "%s", message, NULL)
+                         : -1;
+        Py_XDECREF(shown);
+        Py_XDECREF(message);
+        return rc;
     }
     double interval = ping_interval();
     if (interval < 0) {
@@ -180,8 +227,9 @@ aiorun_notify_start(RunObject *run, double task_timeout)
     nt->ping_interval = interval;
     /* A phase may wait for tasks up to the task timeout; give it that
      * much and 5 s more (60 s when the timeout is None). */
-    nt->extend_usec = (long long)(((task_timeout >= 0 ? task_timeout : 60) + 5) * 1e6);
+    nt->extend_usec = usec_from_seconds((task_timeout >= 0 ? task_timeout : 60) + 5);
     nt->stopping_sent = 0;
+    nt->gone = 0;
     run->notifier = nt;
     say(run, "STATUS=starting");
     return 0;
@@ -206,8 +254,7 @@ schedule(RunObject *run, const char *method, double delay)
 int
 aiorun_notify_loop_ready(RunObject *run, int ready_on_start)
 {
-    aiorun_notifier *nt = run->notifier;
-    if (nt == NULL) {
+    if (live_notifier(run) == NULL) {
         return 0;
     }
     if (ready_on_start) {
@@ -219,7 +266,10 @@ aiorun_notify_loop_ready(RunObject *run, int ready_on_start)
         }
         Py_DECREF(handle);
     }
-    if (nt->ping_interval > 0) {
+    /* Looked up again: call_soon() may have run a signal handler whose
+     * STOPPING=1 found the receiver gone. */
+    aiorun_notifier *nt = live_notifier(run);
+    if (nt != NULL && nt->ping_interval > 0) {
         Py_XSETREF(run->ping_timer, schedule(run, "_notify_watchdog", 0));
         if (run->ping_timer == NULL) {
             return -1;
@@ -233,7 +283,8 @@ aiorun_run_notify_ready(PyObject *self, PyObject *unused)
 {
     RunObject *run = (RunObject *)self;
     (void)unused;
-    if (run->notifier != NULL && !run->notifier->stopping_sent) {
+    aiorun_notifier *nt = live_notifier(run);
+    if (nt != NULL && !nt->stopping_sent) {
         say(run, "READY=1\nSTATUS=running");
     }
     Py_RETURN_NONE;
@@ -244,12 +295,13 @@ aiorun_run_notify_watchdog(PyObject *self, PyObject *unused)
 {
     RunObject *run = (RunObject *)self;
     (void)unused;
-    if (run->notifier == NULL || run->phase == PHASE_DONE) {
+    if (live_notifier(run) == NULL || run->phase == PHASE_DONE) {
         Py_CLEAR(run->ping_timer);
         Py_RETURN_NONE;
     }
     say(run, "WATCHDOG=1");
-    double interval = run->notifier ? run->notifier->ping_interval : 0;
+    aiorun_notifier *nt = live_notifier(run);
+    double interval = nt ? nt->ping_interval : 0;
     Py_XSETREF(run->ping_timer,
                interval > 0 ? schedule(run, "_notify_watchdog", interval) : NULL);
     if (run->ping_timer == NULL && PyErr_Occurred()) {
@@ -261,7 +313,7 @@ aiorun_run_notify_watchdog(PyObject *self, PyObject *unused)
 void
 aiorun_notify_stopping(RunObject *run, int signum)
 {
-    aiorun_notifier *nt = run->notifier;
+    aiorun_notifier *nt = live_notifier(run);
     if (nt == NULL || nt->stopping_sent) {
         return;
     }
@@ -282,7 +334,7 @@ aiorun_notify_stopping(RunObject *run, int signum)
 void
 aiorun_notify_stage(RunObject *run, aiorun_stage stage)
 {
-    if (run->notifier == NULL || stage < 0 || stage > STAGE_LEAVING) {
+    if (live_notifier(run) == NULL || stage < 0 || stage > STAGE_LEAVING) {
         return;
     }
     if (stage == STAGE_LEAVING) {
@@ -294,12 +346,13 @@ aiorun_notify_stage(RunObject *run, aiorun_stage stage)
         return;
     }
     aiorun_notify_stopping(run, 0);   /* a phase of the shutdown: it began */
-    if (run->notifier == NULL) {
+    aiorun_notifier *nt = live_notifier(run);
+    if (nt == NULL) {
         return;
     }
     /* The drain lasts drain_delay, not timeout_task_shutdown. */
-    long long extend = stage == STAGE_DRAINING && run->drain_delay < 1e9
-        ? (long long)((run->drain_delay + 5) * 1e6) : run->notifier->extend_usec;
+    long long extend = stage == STAGE_DRAINING ? usec_from_seconds(run->drain_delay + 5)
+                                               : nt->extend_usec;
     char message[160];
     snprintf(message, sizeof message, "STATUS=shutdown: %s\nEXTEND_TIMEOUT_USEC=%lld",
              status, extend);
@@ -321,7 +374,9 @@ aiorun_notify_stop(RunObject *run)
         Py_CLEAR(run->ping_timer);
     }
     if (run->notifier != NULL) {
-        close(run->notifier->fd);
+        if (run->notifier->fd >= 0) {
+            close(run->notifier->fd);
+        }
         PyMem_RawFree(run->notifier);
         run->notifier = NULL;
     }
@@ -342,8 +397,12 @@ send_ready(const char *text)
         return 0;
     }
     if (parse_address(value, &addr, &len, &why) < 0) {
-        PyErr_Format(PyExc_ValueError, "environment variable " NOTIFY_ENV "='%.60s' %s",
-                     value, why);
+        PyObject *shown = shown_value(value);
+        if (shown != NULL) {
+            PyErr_Format(PyExc_ValueError, "environment variable " NOTIFY_ENV "='%U' %s",
+                         shown, why);
+            Py_DECREF(shown);
+        }
         return -1;
     }
     PyObject *message = PyUnicode_FromFormat("READY=1\nSTATUS=%s", text);

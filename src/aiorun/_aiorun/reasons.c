@@ -137,7 +137,10 @@ aiorun_shutdown_event(PyObject *module, PyObject *args, PyObject *kwargs)
     else {
         Py_INCREF(loop);
     }
-    PyObject *found = loop == Py_None ? NULL : PyDict_GetItemWithError(st->runs, loop);
+    /* Our own reference at once: Event() below runs Python code, during
+     * which the run() that owns it may end (called from another thread). */
+    PyObject *found = loop == Py_None ? NULL
+        : Py_XNewRef(PyDict_GetItemWithError(st->runs, loop));
     Py_DECREF(loop);
     if (found == NULL) {
         if (!PyErr_Occurred()) {
@@ -148,24 +151,37 @@ aiorun_shutdown_event(PyObject *module, PyObject *args, PyObject *kwargs)
         return NULL;
     }
     RunObject *run = (RunObject *)found;
+    PyObject *event = NULL;
     if (run->shutdown_event == NULL) {
         /* Made on first request, on the loop's thread: on 3.9 an Event
          * binds to the thread's loop when it is made. */
-        PyObject *event = PyObject_CallNoArgs(st->Event);
+        event = PyObject_CallNoArgs(st->Event);
         if (event == NULL) {
-            return NULL;
+            goto done;
         }
-        if (run->shutdown_began) {
-            PyObject *res = PyObject_CallMethod(event, "set", NULL);
-            if (res == NULL) {
-                Py_DECREF(event);
-                return NULL;
+        /* Another caller may have made one meanwhile: theirs stays. */
+        if (run->shutdown_event == NULL) {
+            run->shutdown_event = Py_NewRef(event);
+            if (run->shutdown_began) {
+                PyObject *res = PyObject_CallMethod(event, "set", NULL);
+                if (res == NULL) {
+                    Py_CLEAR(event);
+                    goto done;
+                }
+                Py_DECREF(res);
             }
-            Py_DECREF(res);
         }
-        run->shutdown_event = event;
+        Py_CLEAR(event);
     }
-    return Py_NewRef(run->shutdown_event);
+    event = Py_XNewRef(run->shutdown_event);
+    if (event == NULL) {
+        /* The run() ended and let go of it meanwhile. */
+        PyErr_SetString(PyExc_RuntimeError, "shutdown_event(): the run() of that loop "
+                        "has ended");
+    }
+done:
+    Py_DECREF(run);
+    return event;
 }
 
 int
@@ -175,10 +191,12 @@ aiorun_run_begin_shutdown(RunObject *run)
         return 0;
     }
     run->shutdown_began = 1;
-    if (run->shutdown_event == NULL) {
+    PyObject *event = Py_XNewRef(run->shutdown_event);
+    if (event == NULL) {
         return 0;
     }
-    PyObject *res = PyObject_CallMethod(run->shutdown_event, "set", NULL);
+    PyObject *res = PyObject_CallMethod(event, "set", NULL);
+    Py_DECREF(event);
     if (res == NULL) {
         return -1;
     }

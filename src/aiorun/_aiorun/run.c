@@ -426,7 +426,10 @@ set_up_executor(RunObject *run, run_args *a)
 }
 
 /* Run the loop until it stops.  0 when the shutdown should follow, -1 when
- * an exception other than KeyboardInterrupt escaped the loop. */
+ * the loop itself failed (an Exception out of run_forever() is asyncio's or
+ * the loop's own: the app's are given to the exception handler).  A
+ * KeyboardInterrupt is a shutdown request; a SystemExit (or any other
+ * BaseException) from the app is re-raised after the shutdown. */
 static int
 run_loop(RunObject *run)
 {
@@ -437,19 +440,49 @@ run_loop(RunObject *run)
     aiorun_run_stage(run, STAGE_RUNNING);
     PyObject *res = PyObject_CallMethod(run->loop, "run_forever", NULL);
     int interrupted = res == NULL && PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
+    PyObject *escaped = NULL;
+    if (res == NULL && !interrupted && !PyErr_ExceptionMatches(PyExc_Exception)) {
+        escaped = aiorun_take_error();
+    }
     run->phase = PHASE_SHUTDOWN;
     run->shutdown_requested = 1;
-    aiorun_run_request(run, interrupted ? CAUSE_KEYBOARD_INTERRUPT : CAUSE_LOOP_STOPPED, 0);
+    aiorun_run_request(run, interrupted ? CAUSE_KEYBOARD_INTERRUPT
+                            : escaped ? CAUSE_UNHANDLED_ERROR : CAUSE_LOOP_STOPPED, 0);
     aiorun_run_stage(run, STAGE_SHUTDOWN);
     if (res != NULL) {
         Py_DECREF(res);
+        return 0;
+    }
+    if (escaped != NULL) {
+        if (run->pending_exc == NULL) {
+            run->pending_exc = escaped;
+            return 0;
+        }
+        int rc = aiorun_log_exc(run->state, LOG_ERROR, "%s escaped the event loop; the "
+                                "exception reported before it is re-raised after the "
+                                "shutdown", (PyObject *)Py_TYPE(escaped), escaped);
+        Py_DECREF(escaped);
+        if (rc < 0) {
+            PyErr_WriteUnraisable((PyObject *)run);
+        }
         return 0;
     }
     if (!interrupted) {
         return -1;
     }
     PyErr_Clear();
-    return aiorun_log(run->state, LOG_INFO, "Got KeyboardInterrupt");
+    if (aiorun_log(run->state, LOG_INFO, "Got KeyboardInterrupt") < 0) {
+        /* A logging filter that raises: the shutdown goes on, and re-raises
+         * it at the end. */
+        PyObject *exc = aiorun_take_error();
+        if (run->pending_exc == NULL) {
+            run->pending_exc = exc;
+        }
+        else {
+            Py_XDECREF(exc);
+        }
+    }
+    return 0;
 }
 
 /* A set-up step or the shutdown failed after run() made its own loop: close
@@ -584,6 +617,29 @@ done:
     return result;
 }
 
+/* A main task that outlives run() (it refused to exit, on a loop the
+ * caller keeps) must not call into the finished run() when it ends. */
+static void
+forget_main_task(RunObject *run)
+{
+    if (run->main_task == NULL) {
+        return;
+    }
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *task = Py_NewRef(run->main_task);
+    PyObject *watch = aiorun_run_method(run, "_main_done");
+    PyObject *res = watch ? PyObject_CallMethodOneArg(task, run->state->s_remove_done_callback,
+                                                      watch) : NULL;
+    if (res == NULL) {
+        PyErr_WriteUnraisable(task);
+    }
+    Py_XDECREF(res);
+    Py_XDECREF(watch);
+    Py_DECREF(task);
+    PyErr_Restore(type, value, tb);
+}
+
 /* Take our exception handler off the loop: a loop left open for its owner
  * must not call into a finished run(). */
 static void
@@ -620,7 +676,10 @@ check_thread(aiorun_state *st, RunObject *run)
     PyObject *main = PyObject_CallNoArgs(st->main_thread);
     PyObject *current = main ? PyObject_CallNoArgs(st->current_thread) : NULL;
     if (current != NULL) {
-        run->off_main_thread = current != main;   /* compared while both are held */
+        /* compared while both are held.  In a subinterpreter the signal
+         * module refuses handlers even on the main thread. */
+        run->off_main_thread = current != main
+            || PyInterpreterState_Get() != PyInterpreterState_Main();
     }
     Py_XDECREF(main);
     Py_XDECREF(current);
@@ -631,6 +690,10 @@ check_thread(aiorun_state *st, RunObject *run)
     "run() is not in the main thread, so SIGINT and SIGTERM are left alone: " \
     "stop it with loop.stop() (from another thread, "                         \
     "loop.call_soon_threadsafe(loop.stop))"
+#define IN_SUBINTERPRETER                                                     \
+    "run() is in a subinterpreter, where the signal module takes no "         \
+    "handlers, so SIGINT and SIGTERM are left alone: stop it with "           \
+    "loop.stop() (from another thread, loop.call_soon_threadsafe(loop.stop))"
 
 /* The watchdog hears signals and dumps stacks through process-wide signal
  * handlers; off the main thread an explicit request for it is an error,
@@ -710,20 +773,25 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
     /* First of all, so that a signal arriving from here on is neither
      * fatal nor lost; until now it was held back. */
     int taken = aiorun_signals_take_over(run);
-    aiorun_signals_release(held);
+    aiorun_signals_release(held, 0);
     if (taken < 0) {
         goto done;
     }
     if (aiorun_log(st, LOG_DEBUG, "Entering run()") == 0
-        && (!run->off_main_thread || aiorun_log(st, LOG_WARNING, OFF_MAIN_THREAD) == 0)
+        && (!run->off_main_thread
+            || aiorun_log(st, LOG_WARNING,
+                          PyInterpreterState_Get() == PyInterpreterState_Main()
+                              ? OFF_MAIN_THREAD : IN_SUBINTERPRETER) == 0)
         && check_arguments(st, &a, &f) == 0
         && check_watchdog_arguments(&a, &w) == 0
         && check_watchdog_thread(run, &a, &w) == 0
         && ((w.deadline == 0 && !w.exit_on_repeat)
-            || aiorun_watchdog_start(run, w.deadline, w.exit_on_repeat) == 0)
+            || aiorun_watchdog_start(run, w.deadline, w.exit_on_repeat,
+                                     f.dump_signum) == 0)
         && aiorun_notify_start(run, f.task_timeout) == 0) {
         result = run_with_signals(run, &a, &f);
     }
+    forget_main_task(run);
     aiorun_reaper_stop(run);
     aiorun_notify_stop(run);
     aiorun_watchdog_stop(run);
@@ -732,6 +800,11 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
     remove_exception_handler(run);
     run->phase = PHASE_DONE;
     aiorun_signals_restore(run);
+    /* A Python signal handler that raised while the handlers were given
+     * back: its exception is what run() raises. */
+    if (result != NULL && PyErr_Occurred()) {
+        Py_CLEAR(result);
+    }
 done:
     /* Break the cycles through the loop and the tasks at once. */
     (void)aiorun_run_clear(run);
@@ -745,10 +818,12 @@ aiorun_run(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     /* A signal from the first instruction on waits for our handler
      * (signals.c says why). */
+    aiorun_state *st = aiorun_get_state(module);
     aiorun_held_signals held;
-    aiorun_signals_hold(&held);
+    aiorun_signals_hold(&held, PyThread_get_thread_ident() == st->main_thread_ident
+                                   && PyInterpreterState_Get() == PyInterpreterState_Main());
     PyObject *result = run_holding_signals(module, args, kwargs, &held);
-    aiorun_signals_release(&held);
+    aiorun_signals_release(&held, 0);
     return result;
 }
 

@@ -4,19 +4,152 @@
  * waited for alone, cancel the unprotected tasks, wait for all of them
  * (bounded by timeout_task_shutdown), shut the executor down, and close
  * the loop if run() created it.  Then re-raise the pending exception, or
- * return what the main coroutine returned. */
+ * return what the main coroutine returned.
+ *
+ * Every phase runs whatever user code does in the ones before: an error
+ * (a callback, a task's cancel(), a logging handler, the executor, a loop
+ * that raises) is kept, the first one to be re-raised after "Leaving.
+ * Bye!" and later ones logged, and the shutdown goes on.  A loop.stop() in
+ * any phase only ends that turn of the loop: the phase runs it again. */
 #include "aiorun.h"
 
 #include <limits.h>
 #include <math.h>
+
+
+/* Seconds between looks at tasks whose add_done_callback() failed: the
+ * wait cannot be told when they end, so it looks. */
+#define POLL_INTERVAL 0.05
+/* A wait that user code keeps interrupting (a callback raising SystemExit
+ * every turn) gives up after this many tries; the deadline bounds it too. */
+#define MAX_INTERRUPTIONS 1000
+
+/* The exception `exc` (a new reference, consumed) came from `what` during
+ * the shutdown: the first one is kept to be re-raised at the end, a later
+ * one is logged with `message`.  Never raises. */
+static void
+keep_exception(RunObject *run, PyObject *exc, const char *message, const char *what)
+{
+    if (exc == NULL) {
+        return;
+    }
+    if (run->pending_exc == NULL) {
+        run->pending_exc = exc;
+        return;
+    }
+    PyObject *arg = PyUnicode_FromString(what);
+    if (arg == NULL || aiorun_log_exc(run->state, LOG_ERROR, message, arg, exc) < 0) {
+        /* Even logging fails (a filter that raises): stderr, never raise. */
+        PyErr_WriteUnraisable((PyObject *)run);
+        aiorun_restore_error(Py_NewRef(exc));
+        PyErr_WriteUnraisable((PyObject *)run);
+    }
+    Py_XDECREF(arg);
+    Py_DECREF(exc);
+}
+
+#define LATER_ERROR                                                          \
+    "%s raised an error during the shutdown, but there is already a "        \
+    "different exception to re-raise, so this log message is all you're "   \
+    "going to see about it."
+
+/* Keeps the error that is set (see keep_exception); the shutdown goes on. */
+static void
+keep_error(RunObject *run, const char *what)
+{
+    keep_exception(run, aiorun_take_error(), LATER_ERROR, what);
+}
+
+/* One of aiorun's log lines; a logging filter or handler that raises on it
+ * does not stop the shutdown. */
+static void
+say(RunObject *run, int level, const char *message)
+{
+    if (aiorun_log(run->state, level, message) < 0) {
+        keep_error(run, "The \"aiorun\" logger");
+    }
+}
+
+/* loop.run_until_complete(future) until the future is done.  A
+ * loop.stop() from the app (a habit aiorun's examples teach) ends a run
+ * early, and a KeyboardInterrupt or SystemExit raised by some other task or
+ * callback escapes it: both only end that run, the error is kept, and the
+ * loop runs again.  -1 with the error set when the future itself is done
+ * with an error, or the loop cannot run at all. */
+static int
+run_until_done(RunObject *run, PyObject *future)
+{
+    aiorun_state *st = run->state;
+    for (int tries = 0;; tries++) {
+        PyObject *res = PyObject_CallMethodOneArg(run->loop, st->s_run_until_complete,
+                                                  future);
+        if (res != NULL) {
+            Py_DECREF(res);
+            return 0;
+        }
+        PyObject *exc = aiorun_take_error();
+        if (exc == NULL) {
+            return -1;   /* NULL without an exception: CPython reports that */
+        }
+        int is_done = aiorun_call_predicate(future, st->s_done);
+        PyObject *closed = is_done == 0 ? PyObject_CallMethod(run->loop, "is_closed", NULL)
+                                        : NULL;
+        PyObject *running = closed == Py_False
+            ? PyObject_CallMethod(run->loop, "is_running", NULL) : NULL;
+        int can_rerun = running == Py_False && tries < MAX_INTERRUPTIONS;
+        Py_XDECREF(closed);
+        Py_XDECREF(running);
+        if (PyErr_Occurred()) {
+            keep_error(run, "The event loop");   /* done(), is_closed(), ... */
+        }
+        if (!can_rerun) {
+            aiorun_restore_error(exc);
+            return -1;
+        }
+        /* Not done and the loop stopped: the stop of the app, or an error
+         * that escaped the loop from some other task or callback. */
+        int is_stop = PyErr_GivenExceptionMatches(exc, PyExc_RuntimeError);
+        int escaped = !PyErr_GivenExceptionMatches(exc, PyExc_Exception);
+        if (escaped) {
+            keep_exception(run, exc, LATER_ERROR, "A task or callback");
+        }
+        else if (is_stop) {
+            Py_DECREF(exc);
+        }
+        else {
+            aiorun_restore_error(exc);
+            return -1;
+        }
+        if (run->drain_over) {
+            return 0;   /* finish_drain() stopped the loop itself */
+        }
+    }
+}
+
+/* asyncio.ensure_future(awaitable, loop=loop), run until it is done. */
+static int
+await_on_loop(RunObject *run, PyObject *awaitable)
+{
+    aiorun_state *st = run->state;
+    PyObject *args = PyTuple_Pack(1, awaitable);
+    PyObject *kwargs = args ? Py_BuildValue("{OO}", st->s_loop, run->loop) : NULL;
+    PyObject *future = kwargs ? PyObject_Call(st->ensure_future, args, kwargs) : NULL;
+    Py_XDECREF(args);
+    Py_XDECREF(kwargs);
+    if (future == NULL) {
+        return -1;
+    }
+    int rc = run_until_done(run, future);
+    Py_DECREF(future);
+    return rc;
+}
 
 /* Call or await shutdown_callback as its kind asks. */
 static int
 call_shutdown_callback(RunObject *run, PyObject *callback)
 {
     aiorun_state *st = run->state;
-    PyObject *awaitable = NULL, *res = NULL;
-    int rc = -1;
+    PyObject *awaitable = NULL;
 
     if (PyCoro_CheckExact(callback)) {
         awaitable = Py_NewRef(callback);
@@ -32,13 +165,9 @@ call_shutdown_callback(RunObject *run, PyObject *callback)
         PyObject *check = PyObject_CallOneArg(st->isawaitable, returned);
         int is_awaitable = check ? PyObject_IsTrue(check) : -1;
         Py_XDECREF(check);
-        if (is_awaitable < 0) {
+        if (is_awaitable <= 0) {
             Py_DECREF(returned);
-            return -1;
-        }
-        if (!is_awaitable) {
-            Py_DECREF(returned);
-            return 0;
+            return is_awaitable;
         }
         awaitable = returned;
     }
@@ -47,142 +176,346 @@ call_shutdown_callback(RunObject *run, PyObject *callback)
          * other kind never gets here. */
         awaitable = Py_NewRef(callback);
     }
-    res = PyObject_CallMethodOneArg(run->loop, st->s_run_until_complete, awaitable);
-    if (res != NULL) {
-        rc = 0;
-    }
+    int rc = await_on_loop(run, awaitable);
     Py_DECREF(awaitable);
-    Py_XDECREF(res);
     return rc;
 }
 
-static int
+static void
 run_shutdown_callback(RunObject *run, PyObject *callback)
 {
-    aiorun_state *st = run->state;
-    if (aiorun_log(st, LOG_INFO, "Executing provided shutdown_callback.") < 0) {
-        return -1;
-    }
+    aiorun_run_stage(run, STAGE_CALLBACK);
+    say(run, LOG_INFO, "Executing provided shutdown_callback.");
     if (call_shutdown_callback(run, callback) == 0) {
-        return 0;
+        return;
     }
     /* Any exception, KeyboardInterrupt and SystemExit included, is kept
      * like an unhandled error: the shutdown goes on regardless. */
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (tb != NULL) {
-        PyException_SetTraceback(value, tb);
-    }
-    Py_XDECREF(type);
-    Py_XDECREF(tb);
-    if (run->pending_exc == NULL) {
-        run->pending_exc = value;
-        return 0;
-    }
-    int rc = aiorun_log_exc(
-        st, LOG_ERROR,
-        "The shutdown_callback() raised an error, but there is already a "
-        "different exception raised from the loop, so this log message is all "
-        "you're going to see about it.", NULL, value);
-    Py_DECREF(value);
-    return rc;
+    keep_exception(run, aiorun_take_error(),
+                   "The %s raised an error, but there is already a different "
+                   "exception raised from the loop, so this log message is all "
+                   "you're going to see about it.", "shutdown_callback()");
 }
 
 /* task.cancel(msg), the message naming the cause.  A task class of an
  * app whose cancel() takes no message is cancelled without one. */
-static int
+static void
 cancel_task(RunObject *run, PyObject *task)
 {
     aiorun_state *st = run->state;
-    PyObject *res = PyObject_CallMethodOneArg(task, st->s_cancel, run->cancel_msg);
-    if (res == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
+    PyObject *res = run->cancel_msg == NULL ? NULL
+        : PyObject_CallMethodOneArg(task, st->s_cancel, run->cancel_msg);
+    if (res == NULL && (run->cancel_msg == NULL
+                        || PyErr_ExceptionMatches(PyExc_TypeError))) {
         PyErr_Clear();
         res = PyObject_CallMethodNoArgs(task, st->s_cancel);
     }
+    if (res == NULL) {
+        keep_error(run, "A task's cancel()");
+    }
     Py_XDECREF(res);
-    return res == NULL ? -1 : 0;
 }
 
-/* Cancel every task of `tasks` that shutdown_waits_for() does not protect,
- * except `skip` (NULL: none). */
-static int
-cancel_tasks(RunObject *run, PyObject *tasks, PyObject *skip)
-{
-    aiorun_state *st = run->state;
-    int debug;
-    Py_ssize_t any_protected;
-    if ((debug = aiorun_log_enabled(st, LOG_DEBUG)) < 0
-        || (any_protected = PyObject_Size(st->do_not_cancel)) < 0) {
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tasks); i++) {
-        PyObject *task = PyList_GET_ITEM(tasks, i);
-        int protected_ = any_protected ? aiorun_is_protected(st, task) : 0;
-        if (protected_ < 0) {
-            return -1;
-        }
-        if (protected_ || task == skip) {
-            continue;
-        }
-        if (debug && aiorun_log_exc(st, LOG_DEBUG, "Cancelling task: %s", task,
-                                    NULL) < 0) {
-            return -1;
-        }
-        if (cancel_task(run, task) < 0) {
-            return -1;
-        }
-    }
-    return 0;
-}
-
-/* Ends the drain: the last task finished, or the timeout passed. */
+/* Ends the current wait: its last task finished, or its time is up.
+ * `waiter` names the wait the callback belongs to: one of an earlier wait
+ * (queued in the turn that wait ended) is ignored. */
 static PyObject *
-finish_drain(RunObject *run)
+finish_drain(RunObject *run, PyObject *waiter)
 {
     aiorun_state *st = run->state;
-    PyObject *waiter = run->drain_waiter;
-    if (waiter == NULL || run->drain_over) {
+    if (waiter == NULL || waiter != run->drain_waiter || run->drain_over) {
         Py_RETURN_NONE;
     }
     run->drain_over = 1;
+    Py_INCREF(waiter);   /* set_result() may run code that drops the run's */
     PyObject *res = PyObject_CallMethodOneArg(waiter, st->s_set_result, Py_None);
+    Py_DECREF(waiter);
     if (res != NULL) {
         return res;
     }
     /* set_result() failed (MemoryError): the wait would never end, so the
      * loop is stopped instead, which asks for no memory; run_until_done()
      * sees drain_over. */
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyObject *stopped = PyObject_CallMethod(run->loop, "stop", NULL);
+    PyObject *exc = aiorun_take_error();
+    PyObject *stopped = run->loop ? PyObject_CallMethod(run->loop, "stop", NULL) : NULL;
     if (stopped == NULL) {
         PyErr_Clear();
-        PyErr_Restore(type, value, tb);
+        if (exc != NULL) {
+            aiorun_restore_error(exc);
+        }
         return NULL;
     }
-    Py_XDECREF(type);
-    Py_XDECREF(value);
-    Py_XDECREF(tb);
+    Py_XDECREF(exc);
     return stopped;
 }
 
 PyObject *
-aiorun_run_task_done(PyObject *self, PyObject *task)
+aiorun_run_task_done(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     RunObject *run = (RunObject *)self;
-    (void)task;
+    if (nargs < 1 || args[0] != run->drain_waiter || run->drain_over) {
+        Py_RETURN_NONE;
+    }
     if (--run->drain_remaining > 0) {
         Py_RETURN_NONE;
     }
-    return finish_drain(run);
+    return finish_drain(run, args[0]);
 }
 
 PyObject *
-aiorun_run_drain_timeout(PyObject *self, PyObject *unused)
+aiorun_run_drain_timeout(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    (void)unused;
-    return finish_drain((RunObject *)self);
+    return finish_drain((RunObject *)self, nargs > 0 ? args[0] : NULL);
+}
+
+/* partial(run.<method>, waiter): a callback owned by one wait. */
+static PyObject *
+wait_callback(RunObject *run, const char *method, PyObject *waiter)
+{
+    PyObject *bound = aiorun_run_method(run, method);
+    if (bound == NULL) {
+        return NULL;
+    }
+    PyObject *callback = PyObject_CallFunctionObjArgs(run->state->partial, bound,
+                                                      waiter, NULL);
+    Py_DECREF(bound);
+    return callback;
+}
+
+static void
+cancel_handle(RunObject *run, PyObject *handle)
+{
+    PyObject *res = PyObject_CallMethodNoArgs(handle, run->state->s_cancel);
+    if (res == NULL) {
+        keep_error(run, "The event loop");
+    }
+    Py_XDECREF(res);
+}
+
+/* One timed wait: until every task of `tasks` is done or `seconds` passed
+ * (< 0: no limit).  The wait owns its future and its callbacks (bound to
+ * that future), so a callback an earlier wait left queued never counts
+ * here.  A task that refuses a done callback is looked at every
+ * POLL_INTERVAL instead.  Errors are kept; returns 0, or -1 when the loop
+ * cannot wait at all. */
+static int
+wait_for_tasks(RunObject *run, PyObject *tasks, double seconds)
+{
+    aiorun_state *st = run->state;
+    PyObject *waiter = NULL, *on_done = NULL, *on_timeout = NULL, *timer = NULL;
+    int poll = 0, rc = -1;
+
+    waiter = PyObject_CallMethodNoArgs(run->loop, st->s_create_future);
+    if (waiter == NULL || (on_done = wait_callback(run, "_task_done", waiter)) == NULL
+        || (on_timeout = wait_callback(run, "_drain_timeout", waiter)) == NULL) {
+        goto done;
+    }
+    Py_XSETREF(run->drain_waiter, Py_NewRef(waiter));
+    /* Counted before each callback goes in, so one called at once (by an
+     * odd task class) cannot end the wait early. */
+    run->drain_remaining = 1;
+    run->drain_over = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tasks); i++) {
+        PyObject *task = PyList_GET_ITEM(tasks, i);
+        run->drain_remaining++;
+        PyObject *res = PyObject_CallMethodOneArg(task, st->s_add_done_callback, on_done);
+        if (res == NULL) {
+            run->drain_remaining--;
+            keep_error(run, "A task's add_done_callback()");
+            poll = 1;
+        }
+        Py_XDECREF(res);
+    }
+    /* The count's own 1: only the callbacks end the wait now. */
+    if (--run->drain_remaining > 0 || poll) {
+        double limit = seconds;
+        if (poll && (limit < 0 || limit > POLL_INTERVAL)) {
+            limit = POLL_INTERVAL;
+        }
+        if (limit >= 0 && isfinite(limit)) {
+            timer = PyObject_CallMethod(run->loop, "call_later", "dO", limit, on_timeout);
+            if (timer == NULL) {
+                goto done;
+            }
+        }
+        if (run_until_done(run, waiter) < 0) {
+            goto done;
+        }
+    }
+    rc = 0;
+done:
+    if (rc < 0) {
+        keep_error(run, "The event loop");
+    }
+    if (timer != NULL) {
+        cancel_handle(run, timer);
+    }
+    /* Take the callbacks back from the tasks still running. */
+    for (Py_ssize_t i = 0; on_done != NULL && i < PyList_GET_SIZE(tasks); i++) {
+        PyObject *task = PyList_GET_ITEM(tasks, i);
+        int is_done = aiorun_call_predicate(task, st->s_done);
+        PyObject *res = is_done == 0
+            ? PyObject_CallMethodOneArg(task, st->s_remove_done_callback, on_done) : NULL;
+        if (is_done < 0 || (is_done == 0 && res == NULL)) {
+            keep_error(run, "A task");
+        }
+        Py_XDECREF(res);
+    }
+    if (run->drain_waiter == waiter) {
+        Py_CLEAR(run->drain_waiter);
+    }
+    Py_XDECREF(waiter);
+    Py_XDECREF(on_done);
+    Py_XDECREF(on_timeout);
+    Py_XDECREF(timer);
+    return rc;
+}
+
+static int
+loop_time(RunObject *run, double *now)
+{
+    PyObject *t = PyObject_CallMethod(run->loop, "time", NULL);
+    if (t == NULL) {
+        return -1;
+    }
+    *now = PyFloat_AsDouble(t);
+    Py_DECREF(t);
+    return *now == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* The tasks of `tasks` (NULL: the loop's tasks) that are not done.  A task
+ * whose done() raises cannot be waited for: it counts as done. */
+static PyObject *
+not_done(RunObject *run, PyObject *tasks)
+{
+    aiorun_state *st = run->state;
+    PyObject *all = tasks ? Py_NewRef(tasks) : aiorun_run_tasks(run);
+    if (all == NULL) {
+        return NULL;
+    }
+    PyObject *pending = PyList_New(0);
+    for (Py_ssize_t i = 0; pending != NULL && i < PyList_GET_SIZE(all); i++) {
+        PyObject *task = PyList_GET_ITEM(all, i);
+        int is_done = aiorun_call_predicate(task, st->s_done);
+        if (is_done < 0) {
+            keep_error(run, "A task's done()");
+        }
+        else if (!is_done && PyList_Append(pending, task) < 0) {
+            Py_CLEAR(pending);
+        }
+    }
+    Py_DECREF(all);
+    return pending;
+}
+
+/* What a wait does with each task it sees for the first time. */
+typedef struct {
+    PyObject *seen;     /* {id(task): task} of every task already handled */
+    int cancel;         /* cancel the unprotected ones */
+    int announced;      /* "Cancelling pending tasks." said */
+} wait_plan;
+
+/* Cancel the tasks of `pending` not seen before, except the protected. */
+static int
+cancel_new_tasks(RunObject *run, PyObject *pending, wait_plan *plan)
+{
+    aiorun_state *st = run->state;
+    int debug = -1;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(pending); i++) {
+        PyObject *task = PyList_GET_ITEM(pending, i);
+        PyObject *key = PyLong_FromVoidPtr(task);
+        int seen = key ? PyDict_Contains(plan->seen, key) : -1;
+        if (seen == 0) {
+            seen = PyDict_SetItem(plan->seen, key, task) < 0 ? -1 : 0;
+        }
+        Py_XDECREF(key);
+        if (seen != 0) {
+            if (seen < 0) {
+                return -1;
+            }
+            continue;
+        }
+        if (!plan->cancel) {
+            continue;
+        }
+        if (!plan->announced) {
+            plan->announced = 1;
+            aiorun_run_stage(run, STAGE_CANCELLING);
+            say(run, LOG_INFO, "Cancelling pending tasks.");
+        }
+        int protected_ = aiorun_is_protected(st, task);
+        if (protected_ < 0) {
+            keep_error(run, "A task");
+        }
+        if (protected_ != 0) {
+            continue;
+        }
+        if (debug < 0 && (debug = aiorun_log_enabled(st, LOG_DEBUG)) < 0) {
+            keep_error(run, "The \"aiorun\" logger");
+            debug = 0;
+        }
+        if (debug && aiorun_log_exc(st, LOG_DEBUG, "Cancelling task: %s", task,
+                                    NULL) < 0) {
+            keep_error(run, "The \"aiorun\" logger");
+        }
+        cancel_task(run, task);
+    }
+    return 0;
+}
+
+/* Wait for the tasks of `tasks` (NULL: the loop's tasks, new ones
+ * included, looked at again after every wait) until none is left or the
+ * loop's clock reaches `deadline` (< 0: no limit); with plan->cancel, each
+ * task not seen before is cancelled first unless protected.  Returns the
+ * tasks left at the deadline (a new list), or NULL if the loop cannot be
+ * waited on (the error is kept). */
+static PyObject *
+wait_until(RunObject *run, PyObject *tasks, double deadline, wait_plan *plan)
+{
+    PyObject *pending = NULL;
+    for (int round = 0;; round++) {
+        double now = 0;
+        Py_XSETREF(pending, not_done(run, tasks));
+        if (pending == NULL || loop_time(run, &now) < 0
+            || cancel_new_tasks(run, pending, plan) < 0) {
+            break;
+        }
+        if (PyList_GET_SIZE(pending) == 0) {
+            return pending;
+        }
+        if (plan->announced == 1) {
+            plan->announced = 2;
+            say(run, LOG_INFO, "Running pending tasks till complete");
+        }
+        aiorun_run_stage(run, plan->cancel ? STAGE_WAITING_TASKS : STAGE_DRAINING);
+        /* At least one turn of the loop, even for a deadline of 0. */
+        if (round > 0 && deadline >= 0 && now >= deadline) {
+            return pending;
+        }
+        double left = deadline < 0 ? -1 : deadline > now ? deadline - now : 0;
+        if (wait_for_tasks(run, pending, left) < 0) {
+            Py_CLEAR(pending);
+            return NULL;
+        }
+    }
+    Py_XDECREF(pending);
+    keep_error(run, "The event loop");
+    return NULL;
+}
+
+/* The loop's clock `seconds` from now (< 0 or None: -1, no limit). */
+static double
+deadline_in(RunObject *run, double seconds)
+{
+    double now;
+    if (seconds < 0 || !isfinite(seconds)) {
+        return -1;
+    }
+    if (loop_time(run, &now) < 0) {
+        keep_error(run, "The event loop");
+        return -1;
+    }
+    return now + seconds;
 }
 
 /* One task of the stuck-tasks warning: its repr, then its stack the way a
@@ -242,317 +575,170 @@ done:
     return rc;
 }
 
-/* loop.run_until_complete(future), run again when the app's loop.stop()
- * (a habit aiorun's examples teach) ends it before the future is done:
- * a stop from a task that is winding down must not abort the shutdown. */
-static int
-run_until_done(RunObject *run, PyObject *future)
+/* The tasks left at the deadline are named, with where each is stuck. */
+static void
+report_stuck(RunObject *run, PyObject *stuck, PyObject *timeout)
 {
-    aiorun_state *st = run->state;
-    for (;;) {
-        PyObject *res = PyObject_CallMethodOneArg(run->loop, st->s_run_until_complete,
-                                                  future);
-        if (res != NULL) {
-            Py_DECREF(res);
-            return 0;
-        }
-        if (!PyErr_ExceptionMatches(PyExc_RuntimeError)) {
-            return -1;
-        }
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        int is_done = aiorun_call_predicate(future, st->s_done);
-        PyObject *closed = is_done == 0 ? PyObject_CallMethod(run->loop, "is_closed", NULL)
-                                        : NULL;
-        PyObject *running = closed == Py_False
-            ? PyObject_CallMethod(run->loop, "is_running", NULL) : NULL;
-        int stopped = running == Py_False;
-        Py_XDECREF(closed);
-        Py_XDECREF(running);
-        if (!stopped) {
-            /* Not a stop: keep the first error, not one from the checks. */
-            PyErr_Clear();
-            PyErr_Restore(type, value, tb);
-            return -1;
-        }
-        Py_XDECREF(type);
-        Py_XDECREF(value);
-        Py_XDECREF(tb);
-        if (run->drain_over) {
-            return 0;   /* finish_drain() stopped the loop itself */
-        }
+    if (stuck != NULL && PyList_GET_SIZE(stuck) > 0
+        && warn_stuck_tasks(run, stuck, timeout) < 0) {
+        keep_error(run, "The warning about tasks that refuse to exit");
     }
 }
 
-/* Wait until every task in `tasks` is done or `seconds` passed (< 0: no
- * limit).  *pending gets a new list of the tasks still not done.  Returns
- * how many were not done at the start, or -1. */
-static int
-wait_for_tasks(RunObject *run, PyObject *tasks, double seconds, PyObject **pending)
-{
-    aiorun_state *st = run->state;
-    PyObject *on_done = NULL, *on_timeout = NULL, *timer = NULL;
-    PyObject *stuck = NULL, *res = NULL;
-    int rc = -1;
-
-    *pending = NULL;
-    /* One at a time: no call may be made with an exception already set. */
-    if ((run->drain_waiter = PyObject_CallMethodNoArgs(run->loop, st->s_create_future)) == NULL
-        || (on_done = aiorun_run_method(run, "_task_done")) == NULL
-        || (stuck = PyList_New(0)) == NULL) {
-        goto done;
-    }
-    run->drain_remaining = 0;
-    run->drain_over = 0;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tasks); i++) {
-        PyObject *task = PyList_GET_ITEM(tasks, i);
-        int is_done = aiorun_call_predicate(task, st->s_done);
-        if (is_done < 0) {
-            goto done;
-        }
-        if (is_done) {
-            continue;
-        }
-        res = PyObject_CallMethodOneArg(task, st->s_add_done_callback, on_done);
-        if (res == NULL) {
-            goto done;
-        }
-        Py_CLEAR(res);
-        run->drain_remaining++;
-    }
-    Py_ssize_t waited = run->drain_remaining;
-    if (waited > 0) {
-        if (seconds >= 0 && isfinite(seconds)) {
-            on_timeout = aiorun_run_method(run, "_drain_timeout");
-            timer = on_timeout ? PyObject_CallMethod(run->loop, "call_later", "dO",
-                                                     seconds, on_timeout)
-                               : NULL;
-            if (timer == NULL) {
-                goto done;
-            }
-        }
-        if (run_until_done(run, run->drain_waiter) < 0) {
-            goto done;
-        }
-    }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tasks); i++) {
-        PyObject *task = PyList_GET_ITEM(tasks, i);
-        int is_done = aiorun_call_predicate(task, st->s_done);
-        if (is_done < 0) {
-            goto done;
-        }
-        if (!is_done) {
-            if (PyList_Append(stuck, task) < 0) {
-                goto done;
-            }
-            res = PyObject_CallMethodOneArg(task, st->s_remove_done_callback, on_done);
-            if (res == NULL) {
-                goto done;
-            }
-            Py_CLEAR(res);
-        }
-    }
-    *pending = Py_NewRef(stuck);
-    rc = waited > INT_MAX ? INT_MAX : (int)waited;
-done:
-    if (timer != NULL) {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        PyObject *cancelled = PyObject_CallMethodNoArgs(timer, st->s_cancel);
-        if (cancelled == NULL) {
-            PyErr_WriteUnraisable(timer);
-        }
-        Py_XDECREF(cancelled);
-        PyErr_Restore(type, value, tb);
-    }
-    Py_CLEAR(run->drain_waiter);
-    Py_XDECREF(on_done);
-    Py_XDECREF(on_timeout);
-    Py_XDECREF(timer);
-    Py_XDECREF(stuck);
-    return rc;
-}
-
-/* Wait for the cancelled `tasks`, up to `timeout` (timeout_task_shutdown),
- * and name those that refuse to exit. */
-static int
-drain(RunObject *run, PyObject *tasks, PyObject *timeout)
+/* timeout_task_shutdown in seconds, -1 for None. */
+static double
+timeout_seconds(RunObject *run, PyObject *timeout)
 {
     double seconds = timeout == Py_None ? -1 : PyFloat_AsDouble(timeout);
-    PyObject *stuck;
-    if ((seconds == -1 && PyErr_Occurred())
-        || wait_for_tasks(run, tasks, seconds, &stuck) < 0) {
-        return -1;
+    if (seconds == -1 && PyErr_Occurred()) {
+        keep_error(run, "timeout_task_shutdown");
     }
-    int rc = PyList_GET_SIZE(stuck) > 0 ? warn_stuck_tasks(run, stuck, timeout) : 0;
-    Py_DECREF(stuck);
-    return rc;
-}
-
-static int
-loop_time(RunObject *run, double *now)
-{
-    PyObject *t = PyObject_CallMethod(run->loop, "time", NULL);
-    if (t == NULL) {
-        return -1;
-    }
-    *now = PyFloat_AsDouble(t);
-    Py_DECREF(t);
-    return *now == -1 && PyErr_Occurred() ? -1 : 0;
+    return seconds;
 }
 
 /* drain_delay: before anything is cancelled, the tasks get up to
  * drain_delay seconds to finish by themselves (shutdown_event() is set).
  * It ends early once every task has finished, new ones included. */
-static int
+static void
 let_tasks_finish(RunObject *run)
 {
-    aiorun_state *st = run->state;
-    double now, deadline;
-    if (loop_time(run, &now) < 0) {
-        return -1;
-    }
-    deadline = now + run->drain_delay;
     aiorun_run_stage(run, STAGE_DRAINING);
     PyObject *delay = PyFloat_FromDouble(run->drain_delay);
-    int rc = delay ? aiorun_log_exc(st, LOG_INFO, "Letting tasks finish for up to %s "
-                                    "seconds (drain_delay).", delay, NULL) : -1;
-    Py_XDECREF(delay);
-    while (rc == 0) {
-        PyObject *tasks = aiorun_run_tasks(run), *pending = NULL;
-        if (tasks == NULL || loop_time(run, &now) < 0) {
-            Py_XDECREF(tasks);
-            return -1;
-        }
-        if (now >= deadline) {
-            Py_DECREF(tasks);
-            break;
-        }
-        int waited = wait_for_tasks(run, tasks, deadline - now, &pending);
-        Py_DECREF(tasks);
-        if (waited < 0) {
-            return -1;
-        }
-        /* Some still running: the time is up.  None was running: done.
-         * Otherwise look again, for tasks started meanwhile. */
-        Py_ssize_t still = PyList_GET_SIZE(pending);
-        Py_DECREF(pending);
-        if (still > 0 || waited == 0) {
-            break;
-        }
+    if (delay == NULL || aiorun_log_exc(run->state, LOG_INFO, "Letting tasks finish for "
+                                        "up to %s seconds (drain_delay).", delay,
+                                        NULL) < 0) {
+        keep_error(run, "The \"aiorun\" logger");
     }
-    return rc;
+    Py_XDECREF(delay);
+    wait_plan plan = {PyDict_New(), 0, 0};
+    if (plan.seen == NULL) {
+        keep_error(run, "aiorun");
+        return;
+    }
+    Py_XDECREF(wait_until(run, NULL, deadline_in(run, run->drain_delay), &plan));
+    Py_DECREF(plan.seen);
 }
 
 /* main_first: the main task is cancelled alone and waited for (up to
  * timeout_task_shutdown) before the rest, so it can wind things down in
- * order while everything it uses still runs. */
-static int
-cancel_main_first(RunObject *run, PyObject *timeout)
+ * order while everything it uses still runs.  It goes into plan->seen, so
+ * the rest of the shutdown does not cancel it a second time. */
+static void
+cancel_main_first(RunObject *run, PyObject *timeout, wait_plan *plan)
 {
     aiorun_state *st = run->state;
-    PyObject *main = run->main_task;
+    PyObject *main = Py_NewRef(run->main_task);
+    PyObject *key = PyLong_FromVoidPtr(main);
+    PyObject *just_main = PyList_New(1);
+    if (key == NULL || just_main == NULL || PyDict_SetItem(plan->seen, key, main) < 0) {
+        keep_error(run, "aiorun");
+        goto done;
+    }
+    PyList_SET_ITEM(just_main, 0, Py_NewRef(main));
     int is_done = aiorun_call_predicate(main, st->s_done);
     int protected_ = is_done == 0 ? aiorun_is_protected(st, main) : 0;
     if (is_done < 0 || protected_ < 0) {
-        return -1;
+        keep_error(run, "The main task");
+        goto done;
     }
     if (is_done || protected_) {
-        return 0;
+        goto done;
     }
     aiorun_run_stage(run, STAGE_CANCELLING);
-    if (aiorun_log(st, LOG_INFO, "Cancelling the main task first.") < 0
-        || cancel_task(run, main) < 0) {
-        return -1;
-    }
+    say(run, LOG_INFO, "Cancelling the main task first.");
+    cancel_task(run, main);
     aiorun_run_stage(run, STAGE_WAITING_TASKS);
-    PyObject *just_main = PyList_New(1);
-    if (just_main == NULL) {
-        return -1;
-    }
-    PyList_SET_ITEM(just_main, 0, Py_NewRef(main));
-    int rc = drain(run, just_main, timeout);
-    Py_DECREF(just_main);
-    return rc;
+    wait_plan only_main = {plan->seen, 0, 0};
+    PyObject *stuck = wait_until(run, just_main,
+                                 deadline_in(run, timeout_seconds(run, timeout)),
+                                 &only_main);
+    report_stuck(run, stuck, timeout);
+    Py_XDECREF(stuck);
+done:
+    Py_XDECREF(key);
+    Py_XDECREF(just_main);
+    Py_DECREF(main);
 }
 
-/* The collector is paused from here to the end of the drain.  Each
+/* Cancel every task that shutdown_waits_for() does not protect and wait
+ * for them all, up to timeout_task_shutdown.  Tasks started meanwhile (in
+ * an `except CancelledError:` block, say) are cancelled in turn, or waited
+ * for if protected.
+ *
+ * The collector is paused from here to the end of the drain.  Each
  * cancellation makes an exception, a traceback and its frames, which the
  * tasks keep until they are freed; with many tasks the collector scans
  * them, and the app's own objects, again and again: over half of the
  * shutdown at 1e5 tasks (bench/RESULTS.md).  What cyclic garbage the drain
  * makes is collected once the collector is on again. */
-static int
+static void
 cancel_and_wait(RunObject *run, PyObject *timeout)
 {
-    aiorun_state *st = run->state;
     int gc_was_enabled = PyGC_Disable();
-    int rc = -1;
-    PyObject *tasks = NULL;
-    PyObject *skip = run->main_first ? run->main_task : NULL;
-    if (skip != NULL && cancel_main_first(run, timeout) < 0) {
+    wait_plan plan = {PyDict_New(), 1, 0};
+    if (plan.seen == NULL) {
+        keep_error(run, "aiorun");
         goto done;
     }
-    /* Taken now: tasks the main task started while it wound down count. */
-    if ((tasks = aiorun_run_tasks(run)) == NULL) {
-        goto done;
+    if (run->main_first && run->main_task != NULL) {
+        cancel_main_first(run, timeout, &plan);
     }
-    rc = 0;
-    if (PyList_GET_SIZE(tasks) > 0) {
-        aiorun_run_stage(run, STAGE_CANCELLING);
-        rc = (aiorun_log(st, LOG_INFO, "Cancelling pending tasks.") < 0
-              || cancel_tasks(run, tasks, skip) < 0
-              || aiorun_log(st, LOG_INFO, "Running pending tasks till complete") < 0)
-            ? -1 : 0;
-        if (rc == 0) {
-            aiorun_run_stage(run, STAGE_WAITING_TASKS);
-            rc = drain(run, tasks, timeout);
-        }
-    }
+    PyObject *stuck = wait_until(run, NULL,
+                                 deadline_in(run, timeout_seconds(run, timeout)), &plan);
+    report_stuck(run, stuck, timeout);
+    Py_XDECREF(stuck);
 done:
-    Py_XDECREF(tasks);
+    Py_XDECREF(plan.seen);
     if (gc_was_enabled) {
         PyGC_Enable();
     }
-    return rc;
 }
 
-static int
+/* executor.shutdown(wait=True), by keyword as the original calls it. */
+static void
+shut_down_executor(RunObject *run, PyObject *executor)
+{
+    say(run, LOG_INFO, "Waiting for executor shutdown.");
+    aiorun_run_stage(run, STAGE_EXECUTOR);
+    PyObject *name = PyUnicode_FromString("shutdown");
+    PyObject *kwnames = name ? Py_BuildValue("(s)", "wait") : NULL;
+    PyObject *args[2] = {executor, Py_True};
+    PyObject *res = kwnames ? PyObject_VectorcallMethod(
+        name, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, kwnames) : NULL;
+    if (res == NULL) {
+        keep_error(run, "The executor's shutdown()");
+    }
+    Py_XDECREF(name);
+    Py_XDECREF(kwnames);
+    Py_XDECREF(res);
+}
+
+/* Every step is tried, whatever the one before did. */
+static void
 close_own_loop(RunObject *run)
 {
     aiorun_state *st = run->state;
-    PyObject *gens = NULL, *res = NULL;
     aiorun_run_stage(run, STAGE_ASYNCGENS);
-    if (aiorun_log(st, LOG_INFO, "Shutting down async generators") < 0) {
-        return -1;
+    say(run, LOG_INFO, "Shutting down async generators");
+    PyObject *gens = PyObject_CallMethod(run->loop, "shutdown_asyncgens", NULL);
+    if (gens == NULL || await_on_loop(run, gens) < 0) {
+        keep_error(run, "Shutting down async generators");
     }
-    gens = PyObject_CallMethod(run->loop, "shutdown_asyncgens", NULL);
-    if (gens == NULL) {
-        return -1;
-    }
-    res = PyObject_CallMethodOneArg(run->loop, st->s_run_until_complete, gens);
-    Py_DECREF(gens);
-    if (res == NULL) {
-        return -1;
-    }
-    Py_DECREF(res);
+    Py_XDECREF(gens);
     aiorun_run_stage(run, STAGE_CLOSING);
-    if (aiorun_log(st, LOG_INFO, "Closing the loop.") < 0) {
-        return -1;
-    }
+    say(run, LOG_INFO, "Closing the loop.");
     aiorun_signals_unwake_loop(run);   /* its reader must go before the loop */
-    res = PyObject_CallMethod(run->loop, "close", NULL);
+    PyObject *res = PyObject_CallMethod(run->loop, "close", NULL);
     if (res == NULL) {
-        return -1;
+        keep_error(run, "The event loop's close()");
     }
-    Py_DECREF(res);
+    Py_XDECREF(res);
     /* Like asyncio.run(): no closed loop is left as the current one. */
     res = PyObject_CallOneArg(st->set_event_loop, Py_None);
     if (res == NULL) {
-        return -1;
+        keep_error(run, "asyncio.set_event_loop()");
     }
-    Py_DECREF(res);
-    return 0;
+    Py_XDECREF(res);
 }
 
 /* What the main coroutine returned, if it returned: before the shutdown,
@@ -562,26 +748,28 @@ static PyObject *
 main_result(RunObject *run)
 {
     aiorun_state *st = run->state;
-    PyObject *task = run->main_task;
+    PyObject *task = run->main_task, *result = NULL;
     if (task == NULL) {
         Py_RETURN_NONE;
     }
+    Py_INCREF(task);
     int is_done = aiorun_call_predicate(task, st->s_done);
     int is_cancelled = is_done > 0 ? aiorun_call_predicate(task, st->s_cancelled) : 1;
-    if (is_done < 0 || is_cancelled < 0) {
-        return NULL;
-    }
-    if (is_cancelled) {
-        Py_RETURN_NONE;
+    if (is_done < 0 || is_cancelled != 0) {
+        goto done;
     }
     /* An exception is reported by _main_done; it is not a result. */
     PyObject *exc = PyObject_CallMethodNoArgs(task, st->s_exception);
-    if (exc == NULL) {
-        return NULL;
+    if (exc != NULL && exc == Py_None) {
+        result = PyObject_CallMethodNoArgs(task, st->s_result);
     }
-    int failed = exc != Py_None;
-    Py_DECREF(exc);
-    return failed ? Py_NewRef(Py_None) : PyObject_CallMethodNoArgs(task, st->s_result);
+    Py_XDECREF(exc);
+done:
+    Py_DECREF(task);
+    if (PyErr_Occurred()) {
+        keep_error(run, "The main task");
+    }
+    return result ? result : Py_NewRef(Py_None);
 }
 
 PyObject *
@@ -589,56 +777,39 @@ aiorun_shutdown(RunObject *run, PyObject *shutdown_callback, PyObject *executor,
                 PyObject *timeout)
 {
     aiorun_state *st = run->state;
-    PyObject *result = NULL, *res;
 
-    if (aiorun_log(st, LOG_INFO, "Entering shutdown phase.") < 0
-        || (run->cancel_msg = aiorun_shutdown_message(run)) == NULL
-        || aiorun_run_begin_shutdown(run) < 0) {
-        goto fail;
+    say(run, LOG_INFO, "Entering shutdown phase.");
+    if ((run->cancel_msg = aiorun_shutdown_message(run)) == NULL) {
+        keep_error(run, "aiorun");   /* tasks are cancelled without one */
+    }
+    if (aiorun_run_begin_shutdown(run) < 0) {
+        keep_error(run, "shutdown_event().set()");
     }
     if (shutdown_callback != Py_None) {
-        aiorun_run_stage(run, STAGE_CALLBACK);
-        if (run_shutdown_callback(run, shutdown_callback) < 0) {
-            goto fail;
-        }
+        run_shutdown_callback(run, shutdown_callback);
     }
-    if (run->drain_delay > 0 && let_tasks_finish(run) < 0) {
-        goto fail;
+    if (run->drain_delay > 0) {
+        let_tasks_finish(run);
     }
-    if (cancel_and_wait(run, timeout) < 0 || (result = main_result(run)) == NULL) {
-        goto fail;
-    }
-    if (aiorun_log(st, LOG_INFO, "Waiting for executor shutdown.") < 0) {
-        goto fail;
-    }
-    aiorun_run_stage(run, STAGE_EXECUTOR);
-    res = PyObject_CallMethod(executor, "shutdown", "O", Py_True);
-    if (res == NULL) {
-        goto fail;
-    }
-    Py_DECREF(res);
-    if (run->own_loop && close_own_loop(run) < 0) {
-        goto fail;
+    cancel_and_wait(run, timeout);
+    PyObject *result = main_result(run);
+    shut_down_executor(run, executor);
+    if (run->own_loop) {
+        close_own_loop(run);
     }
     aiorun_run_stage(run, STAGE_LEAVING);
-    if (aiorun_log(st, LOG_INFO, "Leaving. Bye!") < 0) {
-        goto fail;
-    }
+    say(run, LOG_INFO, "Leaving. Bye!");
     if (run->pending_exc == NULL) {
         return result;
     }
-    Py_CLEAR(result);
+    Py_DECREF(result);
     if (aiorun_log(st, LOG_INFO, "Reraising unhandled exception") < 0) {
-        return NULL;
+        PyErr_WriteUnraisable((PyObject *)run);
     }
     /* Raise it with the traceback it already carries, so the user sees
      * where it came from. */
     PyObject *exc = run->pending_exc;
     run->pending_exc = NULL;
-    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc,
-                  PyException_GetTraceback(exc));
-    return NULL;
-fail:
-    Py_XDECREF(result);
+    aiorun_restore_error(exc);
     return NULL;
 }

@@ -36,31 +36,6 @@ static const int takeover_signals[] = {
 };
 #define N_TAKEOVER_SIGNALS (sizeof(takeover_signals) / sizeof(takeover_signals[0]))
 
-void
-aiorun_signals_hold(aiorun_held_signals *held)
-{
-    held->holding = 0;
-#ifndef MS_WINDOWS
-    sigset_t block;
-    sigemptyset(&block);
-    for (size_t i = 0; i < N_TAKEOVER_SIGNALS; i++) {
-        sigaddset(&block, takeover_signals[i]);
-    }
-    held->holding = pthread_sigmask(SIG_BLOCK, &block, &held->previous) == 0;
-#endif
-}
-
-void
-aiorun_signals_release(aiorun_held_signals *held)
-{
-#ifndef MS_WINDOWS
-    if (held->holding) {
-        (void)pthread_sigmask(SIG_SETMASK, &held->previous, NULL);
-    }
-#endif
-    held->holding = 0;
-}
-
 /* signal.signal(signum, handler); returns the previous handler. */
 static PyObject *
 set_handler(aiorun_state *st, int signum, PyObject *handler)
@@ -229,7 +204,7 @@ aiorun_signals_restore(RunObject *run)
 {
     PyObject *type, *value, *tb;
     aiorun_held_signals held;
-    aiorun_signals_hold(&held);
+    aiorun_signals_hold(&held, !run->off_main_thread);
     PyErr_Fetch(&type, &value, &tb);
     /* Signals that arrived during run() but whose Python-level handlers
      * have not run yet would otherwise reach the restored handlers (a late
@@ -244,7 +219,8 @@ aiorun_signals_restore(RunObject *run)
     }
     put_back_saved(run);
     PyErr_Restore(type, value, tb);
-    aiorun_signals_release(&held);
+    /* One that came meanwhile is run()'s too: dropped, not passed on. */
+    aiorun_signals_release(&held, 1);
 }
 
 /* The signal module's C handler runs in whichever thread the kernel picks.

@@ -159,6 +159,18 @@ fail:
     return -1;
 }
 
+int
+aiorun_sigwake_after_fork(int *read_fd, unsigned long *count_now)
+{
+    if (make_pipe() < 0) {
+        return -1;
+    }
+    atomic_store(&wake_write_fd, pipe_fds[1]);
+    *read_fd = pipe_fds[0];
+    *count_now = atomic_load(&signal_count);
+    return 0;
+}
+
 void
 aiorun_sigwake_uninstall(void)
 {

@@ -214,10 +214,20 @@ aiorun_run_on_dump_signal(PyObject *self, PyObject *const *args, Py_ssize_t narg
     if (run->loop == NULL || run->phase >= PHASE_DONE) {
         Py_RETURN_NONE;
     }
-    PyObject *dump = aiorun_run_method(run, "_dump_tasks");
+    /* Our own reference: the calls below may run other signal handlers. */
+    PyObject *loop = Py_NewRef(run->loop);
+    PyObject *closed = PyObject_CallMethod(loop, "is_closed", NULL);
+    PyObject *dump = closed == Py_False ? aiorun_run_method(run, "_dump_tasks") : NULL;
     PyObject *res = dump ? PyObject_CallMethodOneArg(
-        run->loop, run->state->s_call_soon_threadsafe, dump) : NULL;
+        loop, run->state->s_call_soon_threadsafe, dump) : NULL;
     Py_XDECREF(dump);
+    Py_DECREF(loop);
+    if (closed == Py_True) {
+        /* The shutdown has closed the loop: there are no tasks to dump. */
+        Py_DECREF(closed);
+        Py_RETURN_NONE;
+    }
+    Py_XDECREF(closed);
     if (res == NULL) {
         /* Raising here would surface at a random place in the app. */
         aiorun_log_current_error(run->state, "Could not schedule the task dump");

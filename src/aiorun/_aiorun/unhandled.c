@@ -6,6 +6,29 @@
  * aiorun in Python left that to the garbage collector. */
 #include "aiorun.h"
 
+/* What `raise exc` would raise: exc itself, an instance of an exception
+ * class, or the TypeError Python gives for anything else (a library that
+ * passes a non-exception as context["exception"]). */
+static PyObject *
+as_exception(PyObject *exc)
+{
+    if (exc == Py_None || PyExceptionInstance_Check(exc)) {
+        return Py_NewRef(exc);
+    }
+    if (PyExceptionClass_Check(exc)) {
+        PyObject *made = PyObject_CallNoArgs(exc);
+        if (made != NULL && !PyExceptionInstance_Check(made)) {
+            Py_CLEAR(made);
+            PyErr_Format(PyExc_TypeError,
+                         "calling %R should have returned an instance of "
+                         "BaseException, not %.200s", exc, Py_TYPE(made)->tp_name);
+        }
+        return made ? made : aiorun_take_error();
+    }
+    PyErr_SetString(PyExc_TypeError, "exceptions must derive from BaseException");
+    return aiorun_take_error();
+}
+
 /* context.get(key) as a new reference (None when missing). */
 static PyObject *
 context_get(PyObject *context, const char *key)
@@ -31,7 +54,15 @@ aiorun_run_exception_handler(PyObject *self, PyObject *const *args,
         return NULL;
     }
     PyObject *loop = args[0], *context = args[1];
+    if (run->loop == NULL) {
+        /* run() has returned: the loop's own handler takes over. */
+        return PyObject_CallMethod(loop, "default_exception_handler", "O", context);
+    }
     exc = context_get(context, "exception");
+    if (exc == NULL) {
+        goto done;
+    }
+    Py_SETREF(exc, as_exception(exc));
     if (exc == NULL) {
         goto done;
     }
@@ -42,19 +73,20 @@ aiorun_run_exception_handler(PyObject *self, PyObject *const *args,
     /* The latest report wins, as in aiorun; a report without an exception
      * leaves nothing to re-raise. */
     Py_XSETREF(run->pending_exc, exc == Py_None ? NULL : Py_NewRef(exc));
-    if (aiorun_log_exc(run->state, LOG_ERROR,
-                       "Unhandled exception; stopping loop: %r", message, exc) < 0) {
-        goto done;
-    }
     /* Once the shutdown has begun the loop runs only to finish it; stopping
-     * it then would abort the shutdown half-way. */
+     * it then would abort the shutdown half-way.  Stopped before the log
+     * line, so that a logging handler that raises cannot keep it running. */
     if (run->phase < PHASE_SHUTDOWN) {
         aiorun_run_request(run, CAUSE_UNHANDLED_ERROR, 0);
         res = PyObject_CallMethod(loop, "stop", NULL);
         if (res == NULL) {
             goto done;
         }
-        Py_DECREF(res);
+        Py_CLEAR(res);
+    }
+    if (aiorun_log_exc(run->state, LOG_ERROR,
+                       "Unhandled exception; stopping loop: %r", message, exc) < 0) {
+        goto done;
     }
     res = Py_NewRef(Py_None);
 done:
@@ -70,6 +102,9 @@ aiorun_run_main_done(PyObject *self, PyObject *task)
     aiorun_state *st = run->state;
     PyObject *exc = NULL, *context = NULL, *res = NULL;
 
+    if (run->loop == NULL) {
+        Py_RETURN_NONE;   /* run() has returned; asyncio reports it */
+    }
     int is_cancelled = aiorun_call_predicate(task, st->s_cancelled);
     if (is_cancelled != 0) {
         /* A CancelledError escaping the main coroutine is swallowed. */
@@ -90,7 +125,10 @@ aiorun_run_main_done(PyObject *self, PyObject *task)
     if (context == NULL) {
         goto done;
     }
-    res = PyObject_CallMethod(run->loop, "call_exception_handler", "O", context);
+    /* The loop of our own reference: the handler may end run()'s use of it. */
+    PyObject *loop = Py_NewRef(run->loop);
+    res = PyObject_CallMethod(loop, "call_exception_handler", "O", context);
+    Py_DECREF(loop);
 done:
     Py_DECREF(exc);
     Py_XDECREF(context);

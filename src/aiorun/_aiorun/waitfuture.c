@@ -28,6 +28,7 @@ typedef struct {
     PyObject *cancel_msg;  /* once cancelled: the message, or None */
     int blocking;          /* _asyncio_future_blocking */
     int cancelled;
+    int cancelling;        /* cancel() is scheduling the wake-ups */
 } WaitFutureObject;
 
 static aiorun_state *
@@ -130,8 +131,48 @@ aiorun_waitfuture_new(aiorun_state *st, PyObject *task, PyObject *loop)
     self->cancel_msg = NULL;
     self->blocking = 1;   /* made to be yielded */
     self->cancelled = 0;
+    self->cancelling = 0;
     PyObject_GC_Track(self);
     return (PyObject *)self;
+}
+
+/* Our record of one add_done_callback(): inline (self->fn) or `record` in
+ * self->more.  Re-entrant code (a task class's add_done_callback(), an
+ * __eq__, a cancel()) may have moved or dropped it meanwhile, so it is
+ * looked up again, never remembered by position. */
+static int
+record_held(WaitFutureObject *self, PyObject *fn, PyObject *record)
+{
+    if (record == NULL) {
+        return self->fn == fn;
+    }
+    for (Py_ssize_t i = 0; self->more != NULL && i < PyList_GET_SIZE(self->more); i++) {
+        if (PyList_GET_ITEM(self->more, i) == record) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static void
+drop_record(WaitFutureObject *self, PyObject *fn, PyObject *record)
+{
+    if (record == NULL) {
+        if (self->fn == fn) {
+            PyObject *context = self->context;
+            self->fn = self->context = NULL;
+            Py_DECREF(fn);
+            Py_XDECREF(context);
+        }
+        return;
+    }
+    for (Py_ssize_t i = 0; self->more != NULL && i < PyList_GET_SIZE(self->more); i++) {
+        if (PyList_GET_ITEM(self->more, i) == record) {
+            /* Our `record` reference keeps the tuple alive: no code runs. */
+            (void)PyList_SetSlice(self->more, i, i + 1, NULL);
+            return;
+        }
+    }
 }
 
 static PyObject *
@@ -139,7 +180,7 @@ wait_add_done_callback(WaitFutureObject *self, PyObject *const *args, Py_ssize_t
                        PyObject *kwnames)
 {
     aiorun_state *st = wait_state(self);
-    PyObject *fn = NULL, *context = Py_None;
+    PyObject *fn = NULL, *context = Py_None, *record = NULL;
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
 
     if (nargs != 1) {
@@ -158,76 +199,84 @@ wait_add_done_callback(WaitFutureObject *self, PyObject *const *args, Py_ssize_t
         }
         context = args[nargs + i];
     }
-    if (self->cancelled) {
+    if (self->cancelled || self->cancelling) {
         /* Like a Future that is done: schedule the call now. */
         if (call_soon_with_self(self, fn, context) < 0) {
             return NULL;
         }
         Py_RETURN_NONE;
     }
+    /* Recorded before the task gets it, so a cancel() that the call runs
+     * schedules this one too. */
+    Py_INCREF(fn);
     if (self->fn == NULL) {
         /* The usual case, one awaiting task: nothing to allocate here, so
          * nothing of ours can fail between asyncio and its wake-up. */
-        if (task_add_callback(st, self->task, fn, context) < 0) {
-            return NULL;
-        }
         self->fn = Py_NewRef(fn);
         self->context = Py_NewRef(context);
-        Py_RETURN_NONE;
     }
-    PyObject *record = PyTuple_Pack(2, fn, context);
-    if (record == NULL) {
-        return NULL;
+    else {
+        record = PyTuple_Pack(2, fn, context);
+        if (record == NULL
+            || (self->more == NULL && (self->more = PyList_New(0)) == NULL)
+            || PyList_Append(self->more, record) < 0) {
+            Py_XDECREF(record);
+            Py_DECREF(fn);
+            return NULL;
+        }
     }
-    if (self->more == NULL && (self->more = PyList_New(0)) == NULL) {
-        Py_DECREF(record);
-        return NULL;
-    }
-    int rc = PyList_Append(self->more, record);
-    Py_DECREF(record);
-    if (rc < 0) {
-        return NULL;
-    }
+    PyObject *res = NULL;
     if (task_add_callback(st, self->task, fn, context) < 0) {
         /* Not passed on, so not ours to take back. */
-        (void)PyList_SetSlice(self->more, PyList_GET_SIZE(self->more) - 1,
-                              PyList_GET_SIZE(self->more), NULL);
-        return NULL;
+        drop_record(self, fn, record);
     }
-    Py_RETURN_NONE;
+    else {
+        res = Py_NewRef(Py_None);
+        /* Gone already: a cancel() or remove_done_callback() ran during the
+         * call, before the task had it; it must not wake anyone twice. */
+        if (!record_held(self, fn, record) && take_back(self, fn) < 0) {
+            PyErr_WriteUnraisable((PyObject *)self);
+        }
+    }
+    Py_XDECREF(record);
+    Py_DECREF(fn);
+    return res;
 }
 
 static PyObject *
 wait_remove_done_callback(WaitFutureObject *self, PyObject *fn)
 {
     Py_ssize_t removed = 0;
-    PyObject *records = self->more, *kept = NULL;
-    if (self->fn != NULL) {
-        PyObject *ours = Py_NewRef(self->fn);
+    PyObject *records = NULL, *kept = NULL;
+    /* Every comparison may run Python code (__eq__) that adds, removes or
+     * cancels: compare our own references, and look at the fields again
+     * after each call. */
+    PyObject *ours = Py_XNewRef(self->fn);
+    if (ours != NULL) {
         int same = PyObject_RichCompareBool(ours, fn, Py_EQ);
         if (same > 0 && self->fn == ours) {
-            same = take_back(self, ours);
-            Py_CLEAR(self->fn);
-            Py_CLEAR(self->context);
+            PyObject *context = self->context;
+            self->fn = self->context = NULL;
+            Py_DECREF(ours);   /* the field's reference; ours is still held */
+            Py_XDECREF(context);
             removed++;
+            same = take_back(self, ours);
         }
         Py_DECREF(ours);
         if (same < 0) {
             return NULL;
         }
     }
+    records = Py_XNewRef(self->more);
     if (records == NULL) {
         return PyLong_FromSsize_t(removed);
     }
-    /* Walk our own reference: a comparison may run Python code. */
-    Py_INCREF(records);
     if ((kept = PyList_New(0)) == NULL) {
         goto error;
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(records); i++) {
-        PyObject *record = PyList_GET_ITEM(records, i);
+        PyObject *record = Py_NewRef(PyList_GET_ITEM(records, i));
         PyObject *callback = PyTuple_GET_ITEM(record, 0);
-        Py_INCREF(record);
         int same = PyObject_RichCompareBool(callback, fn, Py_EQ);
         if (same > 0) {
             same = take_back(self, callback) < 0 ? -1 : 1;
@@ -241,8 +290,13 @@ wait_remove_done_callback(WaitFutureObject *self, PyObject *fn)
             goto error;
         }
     }
-    Py_XSETREF(self->more, kept);
+    /* Only if the list is still the wait's: a cancel() meanwhile took it. */
+    if (self->more == records) {
+        Py_SETREF(self->more, kept);
+        kept = NULL;
+    }
     Py_DECREF(records);
+    Py_XDECREF(kept);
     return PyLong_FromSsize_t(removed);
 error:
     Py_DECREF(records);
@@ -266,24 +320,28 @@ wait_cancel(WaitFutureObject *self, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:cancel", kwlist, &msg)) {
         return NULL;
     }
-    int done = wait_is_done(self);
+    int done = self->cancelling ? 1 : wait_is_done(self);
     if (done != 0) {
         return done < 0 ? NULL : Py_NewRef(Py_False);
     }
     /* Schedule the wake-ups first: if that fails, nothing has changed and
      * the task still wakes them when it ends; no wake-up is ever lost.
-     * Our own references: call_soon() may run code that changes ours. */
+     * Our own references: call_soon() may run code that changes ours, and
+     * `cancelling` turns away a cancel() or add_done_callback() it makes. */
+    self->cancelling = 1;
     PyObject *fn = Py_XNewRef(self->fn), *context = Py_XNewRef(self->context);
     PyObject *more = Py_XNewRef(self->more);
     int rc = fn ? call_soon_with_self(self, fn, context) : 0;
     for (Py_ssize_t i = 0; rc == 0 && more != NULL && i < PyList_GET_SIZE(more); i++) {
-        PyObject *record = PyList_GET_ITEM(more, i);
+        PyObject *record = Py_NewRef(PyList_GET_ITEM(more, i));
         rc = call_soon_with_self(self, PyTuple_GET_ITEM(record, 0),
                                  PyTuple_GET_ITEM(record, 1));
+        Py_DECREF(record);
     }
     Py_XDECREF(fn);
     Py_XDECREF(context);
     Py_XDECREF(more);
+    self->cancelling = 0;
     if (rc < 0) {
         return NULL;
     }

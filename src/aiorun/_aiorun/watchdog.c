@@ -37,6 +37,12 @@
 
 #define LATE_AFTER 1.0      /* seconds before the late-signal warning */
 #define GIL_GRACE 0.25      /* seconds the helper gets to take the GIL */
+/* The forced exit ends the process at most this long after it began, even
+ * when stderr is a full pipe nobody reads (a stuck log collector): its
+ * writes give up, and a thread of its own calls _exit() at the end. */
+#define EXIT_WITHIN 0.9
+/* A late warning written straight to stderr gives up after this long. */
+#define WARNING_WRITE_TIME 1.0
 #define MAX_TASKS_SHOWN 100
 
 enum { JOB_LATE = 1, JOB_FINAL = 2, JOB_STACKS = 4 };
@@ -62,6 +68,8 @@ struct aiorun_watchdog {
     int signum;
     double requested_at;
     double late_ago;             /* seconds since the request, at the check */
+    double write_until;          /* monotonic time after which writes give up */
+    double exit_at;              /* when the exit timer ends the process */
     /* Watchdog <-> helper hand-over, under mu. */
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -95,13 +103,27 @@ monotonic(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-/* write(2) to stderr, whole, without Python. */
+/* write(2) to stderr, whole, without Python, until wd->write_until: a
+ * pipe nobody reads must not hold the process.  Chunks of PIPE_BUF, each
+ * after poll() says there is room, so no write() blocks on a pipe. */
 static void
-write_all(const char *p, size_t left)
+write_all(aiorun_watchdog *wd, const char *p, size_t left)
 {
     while (left > 0) {
-        ssize_t n = write(STDERR_FILENO, p, left);
-        if (n < 0 && errno == EINTR) {
+        double wait = wd->write_until - monotonic();
+        if (wait <= 0) {
+            return;
+        }
+        struct pollfd pfd = {.fd = STDERR_FILENO, .events = POLLOUT};
+        int ready = poll(&pfd, 1, (int)(wait * 1000) + 1);
+        if (ready < 0 && errno == EINTR) {
+            continue;
+        }
+        if (ready <= 0 || (pfd.revents & (POLLERR | POLLNVAL))) {
+            return;
+        }
+        ssize_t n = write(STDERR_FILENO, p, left < PIPE_BUF ? left : PIPE_BUF);
+        if (n < 0 && (errno == EINTR || errno == EAGAIN)) {
             continue;
         }
         if (n <= 0) {
@@ -113,7 +135,7 @@ write_all(const char *p, size_t left)
 }
 
 static void
-say(const char *format, ...)
+say(aiorun_watchdog *wd, const char *format, ...)
 {
     char buf[1024];
     va_list args;
@@ -121,8 +143,27 @@ say(const char *format, ...)
     int len = vsnprintf(buf, sizeof(buf), format, args);
     va_end(args);
     if (len > 0) {
-        write_all(buf, (size_t)len < sizeof(buf) ? (size_t)len : sizeof(buf) - 1);
+        write_all(wd, buf, (size_t)len < sizeof(buf) ? (size_t)len : sizeof(buf) - 1);
     }
+}
+
+/* The last word of a forced exit: whatever the other threads are stuck
+ * in (a blocking write of faulthandler's, the GIL), this one ends the
+ * process on time. */
+static void *
+exit_timer_main(void *arg)
+{
+    const double *at = arg;
+    struct timespec ts;
+    double left = *at - monotonic();
+    if (left > 0) {
+        ts.tv_sec = (time_t)left;
+        ts.tv_nsec = (long)((left - (double)ts.tv_sec) * 1e9);
+        while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+        }
+    }
+    _exit(AIORUN_FORCED_EXIT_CODE);
+    return NULL;
 }
 
 static const char *
@@ -289,7 +330,7 @@ helper_final_report(aiorun_watchdog *wd)
         PyErr_WriteUnraisable((PyObject *)run);
     }
     else {
-        write_all(PyBytes_AS_STRING(bytes), (size_t)PyBytes_GET_SIZE(bytes));
+        write_all(wd, PyBytes_AS_STRING(bytes), (size_t)PyBytes_GET_SIZE(bytes));
     }
     Py_XDECREF(text);
     Py_XDECREF(bytes);
@@ -401,7 +442,7 @@ static void
 dump_threads(aiorun_watchdog *wd)
 {
     if (wd->dump_signum == 0) {
-        say("(thread stacks unavailable: no free signal for faulthandler)\n");
+        say(wd, "(thread stacks unavailable: no free signal for faulthandler)\n");
         return;
     }
     /* raise() returns after the handler ran in this very thread. */
@@ -417,7 +458,8 @@ late_warning(aiorun_watchdog *wd, double now)
     }
     /* The loop thread keeps the GIL: no logging is possible, so say it
      * directly, with the stacks. */
-    say("aiorun: WARNING: shutdown requested %.1f s ago by %s, but the event loop "
+    wd->write_until = monotonic() + WARNING_WRITE_TIME;
+    say(wd, "aiorun: WARNING: shutdown requested %.1f s ago by %s, but the event loop "
         "has not acted on it and its thread holds the GIL. Stacks of all "
         "threads follow.\n", wd->late_ago, reason_text(wd));
     dump_threads(wd);
@@ -426,18 +468,29 @@ late_warning(aiorun_watchdog *wd, double now)
 static void
 force_exit(aiorun_watchdog *wd, int repeated_signum)
 {
-    double elapsed = monotonic() - wd->requested_at;
+    double now = monotonic();
+    double elapsed = now - wd->requested_at;
+    /* wd lives on: nothing frees it once the process is being ended. */
+    wd->exit_at = now + EXIT_WITHIN;
+    wd->write_until = wd->exit_at - 0.05;
+    pthread_t timer;
+    if (pthread_create(&timer, NULL, exit_timer_main, &wd->exit_at) == 0) {
+        name_thread(timer, "aiorun-exit");
+    }
+    else {
+        wd->write_until = now + 0.5;   /* no timer: the writes alone are bounded */
+    }
     if (repeated_signum) {
-        say("aiorun: %s again during the shutdown (requested by %s %.2f s ago): "
+        say(wd, "aiorun: %s again during the shutdown (requested by %s %.2f s ago): "
             "forcing the exit.\n", signal_name(repeated_signum), reason_text(wd),
             elapsed);
     }
     else {
-        say("aiorun: the shutdown deadline of %g s passed (requested by %s %.2f s "
+        say(wd, "aiorun: the shutdown deadline of %g s passed (requested by %s %.2f s "
             "ago).\n", wd->deadline, reason_text(wd), elapsed);
     }
-    say("aiorun: the shutdown was in phase: %s.\n", stage_text(wd));
-    say("aiorun: stacks of all threads:\n");
+    say(wd, "aiorun: the shutdown was in phase: %s.\n", stage_text(wd));
+    say(wd, "aiorun: stacks of all threads:\n");
     /* Walking the frames of a thread that runs Python meanwhile can crash
      * (seen: a SIGSEGV instead of exit 124 when the loop was busy logging),
      * so the helper dumps them holding the GIL.  Without the GIL in time the
@@ -448,10 +501,10 @@ force_exit(aiorun_watchdog *wd, int repeated_signum)
         }
     }
     if (!run_job(wd, JOB_FINAL)) {
-        say("aiorun: the GIL could not be had within %g s: task stacks and "
+        say(wd, "aiorun: the GIL could not be had within %g s: task stacks and "
             "Python's buffered output are lost.\n", GIL_GRACE);
     }
-    say("aiorun: exiting with code %d, %.2f s after the shutdown was requested.\n",
+    say(wd, "aiorun: exiting with code %d, %.2f s after the shutdown was requested.\n",
         AIORUN_FORCED_EXIT_CODE, monotonic() - wd->requested_at);
     /* Not exit(): atexit handlers and the interpreter's own clean-up would
      * need the GIL, or the very thing that hangs. */
@@ -557,9 +610,10 @@ watchdog_main(void *arg)
     return NULL;
 }
 
-/* A real-time signal nobody uses, for faulthandler.register(); 0 if none. */
+/* A real-time signal nobody uses, for faulthandler.register(); 0 if none.
+ * Never `avoid`: task_dump_signal, whose handler run() installs later. */
 static int
-register_dump_signal(void)
+register_dump_signal(int avoid)
 {
     PyObject *faulthandler = PyImport_ImportModule("faulthandler");
     if (faulthandler == NULL) {
@@ -568,7 +622,7 @@ register_dump_signal(void)
     int chosen = 0;
     for (int signum = SIGRTMAX; signum >= SIGRTMIN; signum--) {
         struct sigaction current;
-        if (sigaction(signum, NULL, &current) == 0
+        if (signum != avoid && sigaction(signum, NULL, &current) == 0
             && !(current.sa_flags & SA_SIGINFO) && current.sa_handler == SIG_DFL) {
             chosen = signum;
             break;
@@ -602,9 +656,128 @@ unregister_dump_signal(int signum)
     Py_XDECREF(res);
 }
 
-int
-aiorun_watchdog_start(RunObject *run, double deadline, int exit_on_repeat)
+/* Starts the watchdog's thread. */
+static int
+start_thread(aiorun_watchdog *wd)
 {
+    /* The thread starts with every signal blocked, so none lands there by
+     * chance; it unblocks the dump signal itself. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int rc = pthread_create(&wd->thread, NULL, watchdog_main, wd);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc == 0) {
+        name_thread(wd->thread, "aiorun-watchdog");
+    }
+    return rc;
+}
+
+static int
+init_sync(aiorun_watchdog *wd)
+{
+    pthread_condattr_t attr;
+    if (pthread_condattr_init(&attr) != 0) {
+        return -1;
+    }
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    int cv_rc = pthread_cond_init(&wd->cv, &attr);
+    pthread_condattr_destroy(&attr);
+    if (cv_rc != 0) {
+        return -1;
+    }
+    if (pthread_mutex_init(&wd->mu, NULL) != 0) {
+        pthread_cond_destroy(&wd->cv);
+        return -1;
+    }
+    return 0;
+}
+
+/* In a child forked during run() (a pre-fork server, a worker), the
+ * watchdog's threads stayed in the parent, and its lock may be held there.
+ * The child gets threads of its own, so the deadline holds in it too: a
+ * shutdown requested before the fork keeps its time, one requested after
+ * counts from then.  Only when the fork came from the loop's thread: a
+ * child forked from another thread does not run the loop. */
+static void
+watchdog_after_fork(RunObject *run)
+{
+    aiorun_watchdog *wd = run->watchdog;
+    if (wd == NULL || wd->pid == getpid()
+        || PyThread_get_thread_ident() != wd->loop_thread) {
+        return;
+    }
+    /* The parent's copies may be locked: new ones, never destroyed.  On a
+     * failure the pid stays the parent's, and aiorun_watchdog_stop()
+     * forgets this watchdog. */
+    if (init_sync(wd) < 0) {
+        return;
+    }
+    wd->helper_started = 0;
+    wd->helper_quit = 0;
+    wd->jobs = wd->jobs_done = 0;
+    atomic_store(&wd->late_claimed, 0);
+    atomic_store(&wd->stacks_claimed, 0);
+    if (aiorun_sigwake_after_fork(&wd->wake_fd, &wd->signals_base) < 0) {
+        PyErr_WriteUnraisable((PyObject *)run);
+        return;
+    }
+    if (start_thread(wd) == 0) {
+        wd->pid = getpid();
+    }
+}
+
+/* os.register_at_fork(after_in_child=_after_fork_child), once per module. */
+static int
+register_fork_hook(aiorun_state *st)
+{
+    if (st->fork_hook_registered) {
+        return 0;
+    }
+    PyObject *module = PyType_GetModule((PyTypeObject *)st->RunType);
+    PyObject *hook = module ? PyObject_GetAttrString(module, "_after_fork_child") : NULL;
+    PyObject *os = hook ? PyImport_ImportModule("os") : NULL;
+    PyObject *reg = os ? PyObject_GetAttrString(os, "register_at_fork") : NULL;
+    PyObject *args = reg ? PyTuple_New(0) : NULL;
+    PyObject *kwargs = args ? Py_BuildValue("{sO}", "after_in_child", hook) : NULL;
+    PyObject *res = kwargs ? PyObject_Call(reg, args, kwargs) : NULL;
+    Py_XDECREF(hook);
+    Py_XDECREF(os);
+    Py_XDECREF(reg);
+    Py_XDECREF(args);
+    Py_XDECREF(kwargs);
+    if (res == NULL) {
+        return -1;
+    }
+    Py_DECREF(res);
+    st->fork_hook_registered = 1;
+    return 0;
+}
+
+PyObject *
+aiorun_after_fork_child(PyObject *module, PyObject *unused)
+{
+    (void)unused;
+    aiorun_state *st = aiorun_get_state(module);
+    PyObject *runs = st->runs ? PyDict_Values(st->runs) : NULL;
+    if (runs == NULL) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(runs); i++) {
+        watchdog_after_fork((RunObject *)PyList_GET_ITEM(runs, i));
+    }
+    Py_DECREF(runs);
+    Py_RETURN_NONE;
+}
+
+int
+aiorun_watchdog_start(RunObject *run, double deadline, int exit_on_repeat,
+                      int avoid_signum)
+{
+    if (register_fork_hook(run->state) < 0) {
+        return -1;
+    }
     aiorun_watchdog *wd = PyMem_RawCalloc(1, sizeof(*wd));
     if (wd == NULL) {
         PyErr_NoMemory();
@@ -620,45 +793,25 @@ aiorun_watchdog_start(RunObject *run, double deadline, int exit_on_repeat)
     atomic_init(&wd->quit, 0);
     atomic_init(&wd->late_claimed, 0);
     atomic_init(&wd->stacks_claimed, 0);
-
-    pthread_condattr_t attr;
-    if (pthread_condattr_init(&attr) != 0) {
+    if (init_sync(wd) < 0) {
         PyMem_RawFree(wd);
         PyErr_NoMemory();
         return -1;
     }
-    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-    int cv_rc = pthread_cond_init(&wd->cv, &attr);
-    pthread_condattr_destroy(&attr);
-    if (cv_rc != 0 || pthread_mutex_init(&wd->mu, NULL) != 0) {
-        if (cv_rc == 0) {
-            pthread_cond_destroy(&wd->cv);
-        }
-        PyMem_RawFree(wd);
-        PyErr_NoMemory();
-        return -1;
-    }
-    wd->dump_signum = register_dump_signal();
+    wd->dump_signum = register_dump_signal(avoid_signum);
     if (wd->dump_signum < 0) {
         goto fail;
     }
     if (aiorun_sigwake_install(&wd->wake_fd, &wd->signals_base) < 0) {
         goto fail;
     }
-    /* The thread starts with every signal blocked, so none lands there by
-     * chance; it unblocks the dump signal itself. */
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    int rc = pthread_create(&wd->thread, NULL, watchdog_main, wd);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    int rc = start_thread(wd);
     if (rc != 0) {
         aiorun_sigwake_uninstall();
         errno = rc;
         PyErr_SetFromErrno(PyExc_OSError);
         goto fail;
     }
-    name_thread(wd->thread, "aiorun-watchdog");
     run->watchdog = wd;
     return 0;
 fail:
@@ -737,9 +890,19 @@ aiorun_watchdog_request(RunObject *run, aiorun_request_reason reason)
 
 #else /* MS_WINDOWS */
 
-int
-aiorun_watchdog_start(RunObject *run, double deadline, int exit_on_repeat)
+PyObject *
+aiorun_after_fork_child(PyObject *module, PyObject *unused)
 {
+    (void)module;
+    (void)unused;
+    Py_RETURN_NONE;
+}
+
+int
+aiorun_watchdog_start(RunObject *run, double deadline, int exit_on_repeat,
+                      int avoid_signum)
+{
+    (void)avoid_signum;
     (void)run;
     (void)deadline;
     (void)exit_on_repeat;
