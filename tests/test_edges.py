@@ -758,3 +758,110 @@ def test_a_child_forked_during_run_keeps_the_deadline(app):
     r = a.finish()
     assert line == "child exit code 124", r
     assert r.returncode == 0, r
+
+
+# ---- found by the audit of calls into Python (RELIABILITY.md) -----------------
+
+def test_an_exception_class_whose_new_returns_a_non_exception(app):
+    r = app("""
+        class Weird(Exception):
+            __new__ = lambda cls, *args: 42
+        async def main():
+            asyncio.get_running_loop().call_exception_handler(
+                {"message": "m", "exception": Weird})
+            await asyncio.sleep(3600)
+        try:
+            run(main(), stop_on_unhandled_errors=True)
+        except TypeError as e:
+            say("raised:", e)
+    """).finish()
+    healthy(r)
+    assert len(r.stdout) == 1 and r.stdout[0].startswith("raised: calling "), r
+
+
+def test_closing_the_waiter_from_an_eq_run_while_it_is_closed(app):
+    r = app("""
+        async def job():
+            await asyncio.sleep(0.2)
+            say("job done")
+
+        async def main():
+            waiter = shutdown_waits_for(job())
+            wait = waiter.send(None)
+            wait.add_done_callback(lambda f: None)
+            wait.add_done_callback(lambda f: None)
+            del wait
+
+            class Evil:
+                def __call__(self, fut):
+                    pass
+                def __eq__(self, other):
+                    waiter.close()
+                    return False
+                __hash__ = object.__hash__
+
+            waiter.task.add_done_callback(Evil())
+            waiter.close()
+            say("closed")
+            await asyncio.sleep(0.4)
+            asyncio.get_running_loop().stop()
+        run(main())
+    """).finish()
+    healthy(r)
+    assert r.stdout == ["closed", "job done"]
+
+
+def test_a_loop_that_runs_the_watchdog_ping_at_once(app, tmp_path):
+    path = str(tmp_path / "notify.sock")
+    r = app(f"""
+        import socket
+        receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        receiver.bind({path!r})
+        os.environ["NOTIFY_SOCKET"] = {path!r}
+        os.environ["WATCHDOG_USEC"] = "2000000"
+
+        class EagerLoop(asyncio.SelectorEventLoop):
+            nested = False
+            def call_later(self, delay, callback, *args, **kw):
+                if not EagerLoop.nested and getattr(callback, "__name__", "") == "_notify_watchdog":
+                    EagerLoop.nested = True
+                    callback(*args)
+                return super().call_later(delay, callback, *args, **kw)
+
+        async def main():
+            await asyncio.sleep(0.1)
+            asyncio.get_running_loop().stop()
+        run(main(), loop=EagerLoop())
+        say("run returned")
+    """).finish()
+    healthy(r)
+    assert r.stdout == ["run returned"]
+
+
+def test_a_stop_in_an_async_generator_after_a_wait_for_tasks(app):
+    # The drain's "wait is over" flag must not end a later, unrelated wait.
+    r = app("""
+        async def gen():
+            try:
+                yield 1
+                await asyncio.sleep(3600)
+            finally:
+                asyncio.get_running_loop().stop()
+                await asyncio.sleep(0.05)
+                say("generator closed")
+
+        kept = []
+        async def main():
+            loop = asyncio.get_running_loop()
+            loop.create_task(asyncio.sleep(3600))
+            g = gen()
+            kept.append(g)
+            await g.__anext__()
+            loop.stop()
+
+        run(main())
+        say("run returned")
+    """).finish()
+    healthy(r)
+    assert r.stdout == ["generator closed", "run returned"]
+    assert "Task was destroyed but it is pending!" not in r.stderr_text

@@ -270,10 +270,13 @@ aiorun_notify_loop_ready(RunObject *run, int ready_on_start)
      * STOPPING=1 found the receiver gone. */
     aiorun_notifier *nt = live_notifier(run);
     if (nt != NULL && nt->ping_interval > 0) {
-        Py_XSETREF(run->ping_timer, schedule(run, "_notify_watchdog", 0));
-        if (run->ping_timer == NULL) {
+        /* Made first, then swapped in: schedule() runs Python code (a loop
+         * may even call the callback at once) that may swap it too. */
+        PyObject *timer = schedule(run, "_notify_watchdog", 0);
+        if (timer == NULL) {
             return -1;
         }
+        Py_XSETREF(run->ping_timer, timer);
     }
     return 0;
 }
@@ -302,9 +305,9 @@ aiorun_run_notify_watchdog(PyObject *self, PyObject *unused)
     say(run, "WATCHDOG=1");
     aiorun_notifier *nt = live_notifier(run);
     double interval = nt ? nt->ping_interval : 0;
-    Py_XSETREF(run->ping_timer,
-               interval > 0 ? schedule(run, "_notify_watchdog", interval) : NULL);
-    if (run->ping_timer == NULL && PyErr_Occurred()) {
+    PyObject *next = interval > 0 ? schedule(run, "_notify_watchdog", interval) : NULL;
+    Py_XSETREF(run->ping_timer, next);
+    if (next == NULL && PyErr_Occurred()) {
         return NULL;   /* the loop logs it; the pings stop, so systemd acts */
     }
     Py_RETURN_NONE;

@@ -173,9 +173,9 @@ aiorun_shutdown_event(PyObject *module, PyObject *args, PyObject *kwargs)
         }
         Py_CLEAR(event);
     }
-    event = Py_XNewRef(run->shutdown_event);
+    event = run->loop == NULL ? NULL : Py_XNewRef(run->shutdown_event);
     if (event == NULL) {
-        /* The run() ended and let go of it meanwhile. */
+        /* The run() ended meanwhile (asked from another thread). */
         PyErr_SetString(PyExc_RuntimeError, "shutdown_event(): the run() of that loop "
                         "has ended");
     }

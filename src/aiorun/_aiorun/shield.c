@@ -44,11 +44,16 @@ waiter_state(WaiterObject *self)
 static void
 waiter_finish(WaiterObject *self, int task_ended)
 {
-    if (self->wait != NULL && !task_ended) {
-        aiorun_waitfuture_detach(self->wait);
-    }
-    Py_CLEAR(self->wait);
+    /* Out of the field first: taking the wake-ups back runs the task's
+     * remove_done_callback() and callbacks' __eq__, which may close() or
+     * throw() into this very waiter. */
+    PyObject *wait = self->wait;
+    self->wait = NULL;
     self->phase = WAITER_DONE;
+    if (wait != NULL && !task_ended) {
+        aiorun_waitfuture_detach(wait);
+    }
+    Py_XDECREF(wait);
 }
 
 static void
@@ -65,10 +70,14 @@ waiter_yield(WaiterObject *self, PyObject **result)
     aiorun_state *st = waiter_state(self);
     /* A cancelled wait is spent: the next yield needs a fresh one. */
     if (self->wait == NULL || !aiorun_waitfuture_arm(self->wait)) {
-        Py_XSETREF(self->wait, aiorun_waitfuture_new(st, self->task, self->loop));
-        if (self->wait == NULL) {
+        /* The spent one goes first: making the new one may collect garbage
+         * and run a __del__ that closes this waiter. */
+        Py_CLEAR(self->wait);
+        PyObject *wait = aiorun_waitfuture_new(st, self->task, self->loop);
+        if (wait == NULL) {
             return STEP_ERROR;
         }
+        Py_XSETREF(self->wait, wait);
     }
     self->phase = WAITER_WAITING;
     *result = Py_NewRef(self->wait);

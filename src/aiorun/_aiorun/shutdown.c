@@ -120,7 +120,7 @@ run_until_done(RunObject *run, PyObject *future)
             aiorun_restore_error(exc);
             return -1;
         }
-        if (run->drain_over) {
+        if (run->drain_over && future == run->drain_waiter) {
             return 0;   /* finish_drain() stopped the loop itself */
         }
     }
@@ -464,21 +464,27 @@ cancel_new_tasks(RunObject *run, PyObject *pending, wait_plan *plan)
 }
 
 /* Wait for the tasks of `tasks` (NULL: the loop's tasks, new ones
- * included, looked at again after every wait) until none is left or the
- * loop's clock reaches `deadline` (< 0: no limit); with plan->cancel, each
+ * included, looked at again after every wait) until none is left or
+ * `seconds` passed on the loop's clock (< 0: no limit); with plan->cancel, each
  * task not seen before is cancelled first unless protected.  Returns the
  * tasks left at the deadline (a new list), or NULL if the loop cannot be
  * waited on (the error is kept). */
 static PyObject *
-wait_until(RunObject *run, PyObject *tasks, double deadline, wait_plan *plan)
+wait_until(RunObject *run, PyObject *tasks, double seconds, wait_plan *plan)
 {
     PyObject *pending = NULL;
+    /* Counted from the first look at the clock: a clock that cannot be read
+     * (MemoryError) ends the wait, never makes it unbounded. */
+    double deadline = -1;
     for (int round = 0;; round++) {
         double now = 0;
         Py_XSETREF(pending, not_done(run, tasks));
         if (pending == NULL || loop_time(run, &now) < 0
             || cancel_new_tasks(run, pending, plan) < 0) {
             break;
+        }
+        if (round == 0 && seconds >= 0 && isfinite(seconds)) {
+            deadline = now + seconds;
         }
         if (PyList_GET_SIZE(pending) == 0) {
             return pending;
@@ -501,21 +507,6 @@ wait_until(RunObject *run, PyObject *tasks, double deadline, wait_plan *plan)
     Py_XDECREF(pending);
     keep_error(run, "The event loop");
     return NULL;
-}
-
-/* The loop's clock `seconds` from now (< 0 or None: -1, no limit). */
-static double
-deadline_in(RunObject *run, double seconds)
-{
-    double now;
-    if (seconds < 0 || !isfinite(seconds)) {
-        return -1;
-    }
-    if (loop_time(run, &now) < 0) {
-        keep_error(run, "The event loop");
-        return -1;
-    }
-    return now + seconds;
 }
 
 /* One task of the stuck-tasks warning: its repr, then its stack the way a
@@ -615,7 +606,7 @@ let_tasks_finish(RunObject *run)
         keep_error(run, "aiorun");
         return;
     }
-    Py_XDECREF(wait_until(run, NULL, deadline_in(run, run->drain_delay), &plan));
+    Py_XDECREF(wait_until(run, NULL, run->drain_delay, &plan));
     Py_DECREF(plan.seen);
 }
 
@@ -649,8 +640,7 @@ cancel_main_first(RunObject *run, PyObject *timeout, wait_plan *plan)
     cancel_task(run, main);
     aiorun_run_stage(run, STAGE_WAITING_TASKS);
     wait_plan only_main = {plan->seen, 0, 0};
-    PyObject *stuck = wait_until(run, just_main,
-                                 deadline_in(run, timeout_seconds(run, timeout)),
+    PyObject *stuck = wait_until(run, just_main, timeout_seconds(run, timeout),
                                  &only_main);
     report_stuck(run, stuck, timeout);
     Py_XDECREF(stuck);
@@ -683,8 +673,7 @@ cancel_and_wait(RunObject *run, PyObject *timeout)
     if (run->main_first && run->main_task != NULL) {
         cancel_main_first(run, timeout, &plan);
     }
-    PyObject *stuck = wait_until(run, NULL,
-                                 deadline_in(run, timeout_seconds(run, timeout)), &plan);
+    PyObject *stuck = wait_until(run, NULL, timeout_seconds(run, timeout), &plan);
     report_stuck(run, stuck, timeout);
     Py_XDECREF(stuck);
 done:

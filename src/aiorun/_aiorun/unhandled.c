@@ -18,10 +18,10 @@ as_exception(PyObject *exc)
     if (PyExceptionClass_Check(exc)) {
         PyObject *made = PyObject_CallNoArgs(exc);
         if (made != NULL && !PyExceptionInstance_Check(made)) {
-            Py_CLEAR(made);
             PyErr_Format(PyExc_TypeError,
                          "calling %R should have returned an instance of "
                          "BaseException, not %.200s", exc, Py_TYPE(made)->tp_name);
+            Py_CLEAR(made);
         }
         return made ? made : aiorun_take_error();
     }
@@ -105,31 +105,31 @@ aiorun_run_main_done(PyObject *self, PyObject *task)
     if (run->loop == NULL) {
         Py_RETURN_NONE;   /* run() has returned; asyncio reports it */
     }
+    /* Ours: the calls below run Python code, and run() may end meanwhile
+     * (when this is called from another thread). */
+    PyObject *loop = Py_NewRef(run->loop);
     int is_cancelled = aiorun_call_predicate(task, st->s_cancelled);
     if (is_cancelled != 0) {
         /* A CancelledError escaping the main coroutine is swallowed. */
+        Py_DECREF(loop);
         return is_cancelled < 0 ? NULL : Py_NewRef(Py_None);
     }
     /* Retrieving the exception also stops the task from reporting it a
      * second time when it is collected. */
     exc = PyObject_CallMethodNoArgs(task, st->s_exception);
-    if (exc == NULL) {
-        return NULL;
-    }
-    if (exc == Py_None) {
-        Py_DECREF(exc);
-        Py_RETURN_NONE;
+    if (exc == NULL || exc == Py_None) {
+        Py_DECREF(loop);
+        Py_XDECREF(exc);
+        return exc == NULL ? NULL : Py_NewRef(Py_None);
     }
     context = Py_BuildValue("{sssOsO}", "message", "Task exception was never retrieved",
                             "exception", exc, "future", task);
     if (context == NULL) {
         goto done;
     }
-    /* The loop of our own reference: the handler may end run()'s use of it. */
-    PyObject *loop = Py_NewRef(run->loop);
     res = PyObject_CallMethod(loop, "call_exception_handler", "O", context);
-    Py_DECREF(loop);
 done:
+    Py_DECREF(loop);
     Py_DECREF(exc);
     Py_XDECREF(context);
     return res;

@@ -215,8 +215,9 @@ helper_late_warning(aiorun_watchdog *wd)
         || atomic_load(&wd->stage) > STAGE_RUNNING) {
         return;  /* given already, or the loop got to it meanwhile */
     }
-    PyObject *sys_frames = PySys_GetObject("_current_frames");  /* borrowed */
+    PyObject *sys_frames = Py_XNewRef(PySys_GetObject("_current_frames"));
     frames = sys_frames ? PyObject_CallNoArgs(sys_frames) : NULL;
+    Py_XDECREF(sys_frames);
     PyObject *key = frames ? PyLong_FromUnsignedLong(wd->loop_thread) : NULL;
     PyObject *frame = key ? PyDict_GetItemWithError(frames, key) : NULL;
     Py_XDECREF(key);
@@ -250,11 +251,14 @@ helper_late_warning(aiorun_watchdog *wd)
 static void
 flush_stream(const char *name)
 {
-    PyObject *stream = PySys_GetObject(name);  /* borrowed */
+    /* Ours: flush() may replace sys.stderr and drop the old one. */
+    PyObject *stream = Py_XNewRef(PySys_GetObject(name));
     if (stream == NULL || stream == Py_None) {
+        Py_XDECREF(stream);
         return;
     }
     PyObject *res = PyObject_CallMethod(stream, "flush", NULL);
+    Py_DECREF(stream);
     if (res == NULL) {
         PyErr_Clear();  /* a closed stream has nothing to lose */
     }
