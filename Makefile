@@ -5,16 +5,20 @@
 # make bench           this aiorun against aiorun 2025.1.1 and bare asyncio:
 #                      writes bench/RESULTS.md and bench/shutdown.png (~30 min)
 # make bench-smoke     the same at tiny sizes, one run, writes nothing (CI)
-# make sanitize | memcheck | refleak | nomemory | storm | startup-window
+# make sanitize | memcheck | refleak | nomemory | storm | startup-window | fuzz
 #                      one each; long versions: make storm TRIALS=500,
-#                      make refleak REPS=100, make nomemory STEP=1, ...
+#                      make refleak REPS=100, make nomemory STEP=1,
+#                      make fuzz EXAMPLES=5000 SEED=7 (the re-entrancy fuzzer;
+#                      under the sanitizers: make fuzz-sanitize EXAMPLES=...)
 PYTHON ?= python3
 PY311 = .venvs/py3.11/bin/python
 TRIALS ?= 100
 REPS ?= 30
 STEP ?= 1
+EXAMPLES ?= 300
+SEED ?= 1
 
-.PHONY: demo test test-newest bench bench-smoke clean reliability sanitize memcheck refleak nomemory storm startup-window
+.PHONY: demo test test-newest bench bench-smoke clean reliability sanitize memcheck refleak nomemory storm startup-window fuzz fuzz-sanitize
 
 demo:
 	@[ -x .venvs/demo/bin/python ] || $(PYTHON) -m venv .venvs/demo
@@ -50,6 +54,14 @@ storm: $(PY311)
 
 startup-window: $(PY311)
 	$(PY311) tests/reliability/startup_window.py --trials $$(( $(TRIALS) * 4 ))
+
+fuzz: $(PY311)
+	AIORUN_FUZZ_EXAMPLES=$(EXAMPLES) AIORUN_FUZZ_SEED=$(SEED) \
+	    $(PY311) -m pytest -q -p no:cacheprovider tests/test_fuzz_reentrancy.py
+
+fuzz-sanitize: $(PY311)
+	AIORUN_FUZZ_EXAMPLES=$(EXAMPLES) AIORUN_FUZZ_SEED=$(SEED) \
+	    PYTEST_ARGS="tests/test_fuzz_reentrancy.py" scripts/sanitize
 
 bench:
 	scripts/bench

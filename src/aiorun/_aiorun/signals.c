@@ -59,10 +59,17 @@ put_back_saved(RunObject *run)
         PyObject *previous = PyTuple_GET_ITEM(entry, 1);
         /* None means the handler was not set from Python: the best we can
          * give back is the default disposition. */
-        PyObject *res = set_handler(st, signum,
-                                    previous == Py_None ? st->sig_dfl : previous);
+        PyObject *handler = previous == Py_None ? st->sig_dfl : previous;
+        PyObject *res = set_handler(st, signum, handler);
         if (res == NULL) {
+            /* signal.signal() runs pending Python handlers first, and one of
+             * them may have raised: report it and swap again, or ours would
+             * stay for good. */
             PyErr_WriteUnraisable((PyObject *)run);
+            res = set_handler(st, signum, handler);
+            if (res == NULL) {
+                PyErr_WriteUnraisable((PyObject *)run);
+            }
         }
         Py_XDECREF(res);
     }
