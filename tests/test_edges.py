@@ -840,3 +840,72 @@ def test_a_loop_that_runs_the_watchdog_ping_at_once(app, tmp_path):
     """).finish()
     healthy(r)
     assert r.stdout == ["run returned"]
+
+
+# ---- found by the re-entrancy fuzzer (RELIABILITY.md) --------------------------
+
+def test_a_logging_filter_raising_on_stopping_the_loop_still_stops_it(app):
+    a = app("""
+        class RaiseOnce(logging.Filter):
+            done = False
+            def filter(self, record):
+                if record.getMessage() == "Stopping the loop" and not RaiseOnce.done:
+                    RaiseOnce.done = True
+                    raise ValueError("filter refused")
+                return True
+        aiorun.logger.addFilter(RaiseOnce())
+
+        async def main():
+            say("READY")
+            await asyncio.sleep(3600)
+        run(main())
+        say("run returned")
+    """)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    healthy(r)
+    assert r.stdout == ["READY", "run returned"]
+    assert "Leaving. Bye!" in r.messages
+
+
+def test_a_system_exit_from_the_loops_stop_as_the_final_wait_ends(app):
+    # The loop's stop() raises as the wait for the tasks ends; a protected
+    # job started by a task winding down must still be waited for.
+    r = app("""
+        class Loop(asyncio.SelectorEventLoop):
+            stops = 0
+            def stop(self):
+                super().stop()
+                Loop.stops += 1
+                if Loop.stops == 2:
+                    raise SystemExit("from stop()")
+
+        async def save():
+            await asyncio.sleep(0.2)
+            say("saved")
+
+        async def worker():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                shutdown_waits_for(save())
+                raise
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            loop.create_task(worker())
+            await asyncio.sleep(0.01)
+            loop.stop()
+
+        loop = Loop()
+        try:
+            run(main(), loop=loop)
+            say("run returned")
+        except SystemExit as e:
+            say("run raised SystemExit:", e)
+        loop.close()
+    """).finish()
+    healthy(r)
+    assert r.stdout == ["saved", "run raised SystemExit: from stop()"], r
+    assert "Task was destroyed but it is pending!" not in r.stderr_text

@@ -225,8 +225,11 @@ def violations(o):
             continue
         _, _, job, phase, why = l.split(" ", 4)
         refused = f"FUZZ job-refused {job}" in " ".join(out)
-        if refused or phase in ("executor", "leaving", "after"):
-            continue   # never started, or asked for after the final wait
+        # Not counted: never started; asked for after the final wait; or
+        # asked for in run()'s set-up (a log hook on "Entering run()"),
+        # before run() has made its loop, so on some other loop.
+        if refused or phase in ("setup", "executor", "leaving", "after"):
+            continue
         if job not in done_before:
             bad.append(f"protected job {job} (requested in phase {phase} by {why}) "
                        "not finished before run() ended")
@@ -259,7 +262,7 @@ def violations(o):
     if refused and o.elapsed < o.scenario.get("timeout", 2.0):
         bad.append(f"a wait ended early: {refused[0]!r} after {o.elapsed:.2f} s in all")
     late = any(l.startswith("FUZZ job-requested ") and l.split()[3] in
-               ("executor", "leaving", "after") for l in out)
+               ("setup", "executor", "leaving", "after") for l in out)
     # A Task subclass whose add_done_callback() raises keeps
     # loop.run_until_complete(loop.shutdown_asyncgens()) from starting its
     # task; nothing aiorun can wait for.

@@ -140,6 +140,15 @@ usage_error(PyObject *parser, PyObject *message)
     if (message != NULL) {
         PyObject *res = PyObject_CallMethod(parser, "error", "O", message);
         Py_XDECREF(res);
+        if (res != NULL) {
+            /* An error() that returned (a parser class of someone's):
+             * still a usage error, and never NULL without an exception. */
+            PyObject *code = PyLong_FromLong(2);
+            if (code != NULL) {
+                PyErr_SetObject(PyExc_SystemExit, code);
+                Py_DECREF(code);
+            }
+        }
         Py_DECREF(message);
     }
     return NULL;   /* SystemExit(2) is set, or the error that stopped it */
@@ -194,6 +203,10 @@ import_target(PyObject *parser, PyObject *name)
 static PyObject *
 resolve_target(PyObject *parser, PyObject *target)
 {
+    if (!PyUnicode_Check(target)) {
+        return usage_error(parser, PyUnicode_FromFormat(
+            "TARGET must be module:function, not %R", target));
+    }
     Py_ssize_t len = PyUnicode_GET_LENGTH(target);
     Py_ssize_t colon = PyUnicode_FindChar(target, ':', 0, len, 1);
     if (colon == -2) {

@@ -831,14 +831,18 @@ PyObject *
 aiorun_default_shutdown_handler(PyObject *module, PyObject *loop)
 {
     aiorun_state *st = aiorun_get_state(module);
-    PyObject *res;
-
+    /* The loop is stopped even when a logging filter or handler raises on
+     * the way: a handler that did not stop it would leave the service
+     * running, with every later signal ignored.  The first error is raised
+     * after the stop. */
+    PyObject *error = NULL;
     if (aiorun_log(st, LOG_DEBUG, "Entering shutdown handler") < 0) {
-        return NULL;
+        error = aiorun_take_error();
     }
     if (loop == Py_None) {
         loop = PyObject_CallNoArgs(st->get_event_loop);
         if (loop == NULL) {
+            Py_XDECREF(error);
             return NULL;
         }
     }
@@ -846,10 +850,20 @@ aiorun_default_shutdown_handler(PyObject *module, PyObject *loop)
         Py_INCREF(loop);
     }
     if (aiorun_log(st, LOG_WARNING, "Stopping the loop") < 0) {
-        Py_DECREF(loop);
+        PyObject *later = aiorun_take_error();
+        if (error == NULL) {
+            error = later;
+        }
+        else {
+            Py_XDECREF(later);
+        }
+    }
+    PyObject *res = PyObject_CallMethod(loop, "stop", NULL);
+    Py_DECREF(loop);
+    if (error != NULL) {
+        Py_XDECREF(res);
+        aiorun_restore_error(error);
         return NULL;
     }
-    res = PyObject_CallMethod(loop, "stop", NULL);
-    Py_DECREF(loop);
     return res;
 }

@@ -70,6 +70,27 @@ say(RunObject *run, int level, const char *message)
     }
 }
 
+/* 1 if exc is the outcome of the done future itself (its exception, or
+ * the CancelledError of a cancelled one), 0 if it came from elsewhere. */
+static int
+is_own_error(RunObject *run, PyObject *future, PyObject *exc)
+{
+    aiorun_state *st = run->state;
+    int cancelled = aiorun_call_predicate(future, st->s_cancelled);
+    if (cancelled != 0) {
+        PyErr_Clear();
+        return 1;
+    }
+    PyObject *own = PyObject_CallMethodNoArgs(future, st->s_exception);
+    if (own == NULL) {
+        PyErr_Clear();
+        return 1;
+    }
+    int same = own == exc;
+    Py_DECREF(own);
+    return same;
+}
+
 /* loop.run_until_complete(future) until the future is done.  A
  * loop.stop() from the app (a habit aiorun's examples teach) ends a run
  * early, and a KeyboardInterrupt or SystemExit raised by some other task or
@@ -101,6 +122,13 @@ run_until_done(RunObject *run, PyObject *future)
         Py_XDECREF(running);
         if (PyErr_Occurred()) {
             keep_error(run, "The event loop");   /* done(), is_closed(), ... */
+        }
+        if (is_done == 1 && !is_own_error(run, future, exc)) {
+            /* Done, and an error of some other callback came out with it
+             * (a loop's stop() raising as the wait ended): the wait is
+             * over all the same. */
+            keep_exception(run, exc, LATER_ERROR, "A task or callback");
+            return 0;
         }
         if (!can_rerun) {
             aiorun_restore_error(exc);
