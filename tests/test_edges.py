@@ -909,3 +909,45 @@ def test_a_system_exit_from_the_loops_stop_as_the_final_wait_ends(app):
     healthy(r)
     assert r.stdout == ["saved", "run raised SystemExit: from stop()"], r
     assert "Task was destroyed but it is pending!" not in r.stderr_text
+
+
+def test_cancel_of_a_wait_whose_second_call_soon_fails(app):
+    # cancel() has scheduled the first wake-up when call_soon() fails for
+    # the second: each callback must still be called exactly once.
+    r = app("""
+        class Loop(asyncio.SelectorEventLoop):
+            fail_on = None
+            def call_soon(self, callback, *args, **kw):
+                if Loop.fail_on is not None and getattr(callback, "name", None) == Loop.fail_on:
+                    Loop.fail_on = None
+                    raise MemoryError("call_soon")
+                return super().call_soon(callback, *args, **kw)
+
+        class Callback:
+            def __init__(self, name):
+                self.name = name
+            def __call__(self, fut):
+                say(self.name, "called, wait cancelled:", fut.cancelled())
+
+        async def job():
+            await asyncio.sleep(0.2)
+            say("job done")
+            return 7
+
+        async def main():
+            waiter = shutdown_waits_for(job())
+            wait = waiter.send(None)
+            wait.add_done_callback(Callback("first"))
+            wait.add_done_callback(Callback("second"))
+            Loop.fail_on = "second"
+            try:
+                wait.cancel()
+            except MemoryError:
+                say("cancel raised MemoryError")
+            await asyncio.sleep(0.4)
+            asyncio.get_running_loop().stop()
+        run(main(), loop=Loop())
+    """).finish()
+    healthy(r)
+    assert r.stdout == ["cancel raised MemoryError", "first called, wait cancelled: True",
+                        "job done", "second called, wait cancelled: False"], r

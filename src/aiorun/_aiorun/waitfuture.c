@@ -324,31 +324,70 @@ wait_cancel(WaitFutureObject *self, PyObject *args, PyObject *kwargs)
     if (done != 0) {
         return done < 0 ? NULL : Py_NewRef(Py_False);
     }
-    /* Schedule the wake-ups first: if that fails, nothing has changed and
-     * the task still wakes them when it ends; no wake-up is ever lost.
+    /* Schedule the wake-ups first: if the first fails, nothing has changed
+     * and the task still wakes them when it ends; no wake-up is ever lost.
      * Our own references: call_soon() may run code that changes ours, and
      * `cancelling` turns away a cancel() or add_done_callback() it makes. */
     self->cancelling = 1;
     PyObject *fn = Py_XNewRef(self->fn), *context = Py_XNewRef(self->context);
     PyObject *more = Py_XNewRef(self->more);
+    Py_ssize_t scheduled = 0;
     int rc = fn ? call_soon_with_self(self, fn, context) : 0;
+    scheduled += fn != NULL && rc == 0;
     for (Py_ssize_t i = 0; rc == 0 && more != NULL && i < PyList_GET_SIZE(more); i++) {
         PyObject *record = Py_NewRef(PyList_GET_ITEM(more, i));
         rc = call_soon_with_self(self, PyTuple_GET_ITEM(record, 0),
                                  PyTuple_GET_ITEM(record, 1));
+        scheduled += rc == 0;
         Py_DECREF(record);
     }
-    Py_XDECREF(fn);
-    Py_XDECREF(context);
-    Py_XDECREF(more);
     self->cancelling = 0;
-    if (rc < 0) {
+    if (rc < 0 && scheduled == 0) {
+        Py_XDECREF(fn);
+        Py_XDECREF(context);
+        Py_XDECREF(more);
         return NULL;
     }
     self->cancelled = 1;
     Py_XSETREF(self->cancel_msg, Py_NewRef(msg));
-    take_back_all(self);
-    Py_RETURN_TRUE;
+    if (rc == 0) {
+        Py_XDECREF(fn);
+        Py_XDECREF(context);
+        Py_XDECREF(more);
+        take_back_all(self);
+        Py_RETURN_TRUE;
+    }
+    /* Some were scheduled, then a call_soon() failed (MemoryError): those
+     * see the wait cancelled, so the task must not wake them a second
+     * time; the rest stay with the task, which wakes them when it ends.
+     * The wait forgets them all. */
+    PyObject *exc = aiorun_take_error();
+    PyObject *old_fn = self->fn, *old_context = self->context, *old_more = self->more;
+    self->fn = self->context = self->more = NULL;
+    if (fn != NULL && scheduled > 0) {
+        scheduled--;
+        if (take_back(self, fn) < 0) {
+            PyErr_WriteUnraisable((PyObject *)self);
+        }
+    }
+    for (Py_ssize_t i = 0; scheduled > 0 && more != NULL && i < PyList_GET_SIZE(more); i++) {
+        PyObject *record = Py_NewRef(PyList_GET_ITEM(more, i));
+        scheduled--;
+        if (take_back(self, PyTuple_GET_ITEM(record, 0)) < 0) {
+            PyErr_WriteUnraisable((PyObject *)self);
+        }
+        Py_DECREF(record);
+    }
+    Py_XDECREF(old_fn);
+    Py_XDECREF(old_context);
+    Py_XDECREF(old_more);
+    Py_XDECREF(fn);
+    Py_XDECREF(context);
+    Py_XDECREF(more);
+    if (exc != NULL) {
+        aiorun_restore_error(exc);
+    }
+    return NULL;
 }
 
 /* The protected task's answer to result() or exception(), or the
