@@ -521,7 +521,10 @@ wait_until(RunObject *run, PyObject *tasks, double seconds, wait_plan *plan)
             plan->announced = 2;
             say(run, LOG_INFO, "Running pending tasks till complete");
         }
-        aiorun_run_stage(run, plan->cancel ? STAGE_WAITING_TASKS : STAGE_DRAINING);
+        if (round == 0 && plan->cancel) {
+            /* (the drain and the main task's wait have said theirs) */
+            aiorun_run_stage(run, STAGE_WAITING_TASKS);
+        }
         /* At least one turn of the loop, even for a deadline of 0. */
         if (round > 0 && deadline >= 0 && now >= deadline) {
             return pending;
