@@ -13,9 +13,7 @@
  * any phase only ends that turn of the loop: the phase runs it again. */
 #include "aiorun.h"
 
-#include <limits.h>
 #include <math.h>
-
 
 /* Seconds between looks at tasks whose add_done_callback() failed: the
  * wait cannot be told when they end, so it looks. */
