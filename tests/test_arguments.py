@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from aiorun import run
+from aiorun import run, shutdown_waits_for
 
 
 def handlers():
@@ -83,11 +83,26 @@ def test_bad_values_raise_value_error(kwargs, message):
         run(**kwargs)
 
 
-def test_unknown_and_positional_arguments():
-    with pytest.raises(TypeError, match="'bogus'"):
-        run(bogus=1)
-    with pytest.raises(TypeError, match="at most 1"):
-        run(None, None)
+@pytest.mark.parametrize("call, message", [
+    (lambda: run(bogus=1), "run() got an unexpected keyword argument 'bogus'"),
+    (lambda: run(None, None), "run() takes from 0 to 1 positional arguments but 2 were given"),
+    (lambda: run(None, coro=None), "run() got multiple values for argument 'coro'"),
+    (lambda: run(**{"coro": None, "timeout": 1}),
+     "run() got an unexpected keyword argument 'timeout'"),
+    (lambda: shutdown_waits_for(), "shutdown_waits_for() missing 1 required positional "
+                                   "argument: 'coro'"),
+    (lambda: shutdown_waits_for(None, None, None),
+     "shutdown_waits_for() takes from 1 to 2 positional arguments but 3 were given"),
+    (lambda: shutdown_waits_for(coro=None, bogus=1),
+     "shutdown_waits_for() got an unexpected keyword argument 'bogus'"),
+    (lambda: shutdown_waits_for(None, coro=None),
+     "shutdown_waits_for() got multiple values for argument 'coro'"),
+])
+def test_call_errors_are_worded_as_for_a_python_function(call, message):
+    # The original is a Python function: users' tests match its wording.
+    with pytest.raises(TypeError) as info:
+        call()
+    assert str(info.value) == message
 
 
 def test_loop_and_use_uvloop_are_mutually_exclusive():

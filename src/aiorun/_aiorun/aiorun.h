@@ -20,6 +20,7 @@
  *   taskdump.c  the task dump: on a signal, and for tasks that refuse to exit
  *   reaper.c    reaping orphaned children as PID 1
  *   log.c       calls into the "aiorun" logger
+ *   callargs.c  argument errors worded as Python's own
  */
 #ifndef AIORUN_H
 #define AIORUN_H
@@ -384,6 +385,15 @@ void aiorun_notify_stop(RunObject *run);
 PyObject *aiorun_run_notify_ready(PyObject *self, PyObject *unused);
 PyObject *aiorun_run_notify_watchdog(PyObject *self, PyObject *unused);
 PyObject *aiorun_notify_ready(PyObject *module, PyObject *args, PyObject *kwargs);
+
+/* ---- callargs.c ---- */
+/* The shape of a call of fname(args, kwargs) against kwlist: at most
+ * max_positional positional arguments, the first `required` of them
+ * required, no unknown or doubled keyword.  0, or -1 with the TypeError
+ * Python gives a def. */
+int aiorun_check_call(const char *fname, PyObject *args, PyObject *kwargs,
+                      char *const *kwlist, Py_ssize_t max_positional,
+                      Py_ssize_t required);
 
 /* ---- cli.c ---- */
 /* _main(argv): python -m aiorun; returns 0 or raises (SystemExit(2) for a

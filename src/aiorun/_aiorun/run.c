@@ -737,7 +737,8 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
     run_flags f = {0, 0, 1, -1, 0, 0, 0, 0};
     PyObject *result = NULL;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O$OOOOOOOOOOOOOOO:run", kwlist,
+    if (aiorun_check_call("run", args, kwargs, kwlist, 1, 0) < 0
+        || !PyArg_ParseTupleAndKeywords(args, kwargs, "|O$OOOOOOOOOOOOOOO:run", kwlist,
                                      &a.coro, &a.loop, &a.shutdown_handler,
                                      &a.shutdown_callback, &a.executor_workers,
                                      &a.executor, &a.use_uvloop,

@@ -388,7 +388,8 @@ aiorun_shutdown_waits_for(PyObject *module, PyObject *args, PyObject *kwargs)
     PyObject *call_args = NULL, *call_kwargs = NULL, *task = NULL, *inner = NULL;
     WaiterObject *waiter = NULL;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|O:shutdown_waits_for", kwlist,
+    if (aiorun_check_call("shutdown_waits_for", args, kwargs, kwlist, 2, 1) < 0
+        || !PyArg_ParseTupleAndKeywords(args, kwargs, "O|O:shutdown_waits_for", kwlist,
                                      &coro, &loop)) {
         return NULL;
     }
