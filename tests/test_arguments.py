@@ -2,6 +2,7 @@
 anything runs, with signal handlers and the event loop left as they were.
 These run in-process on purpose: they must leave *this* process intact."""
 import asyncio
+import inspect
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
@@ -171,3 +172,16 @@ def test_a_worker_count_beyond_a_c_long_is_still_a_count():
     say_done = []
     run(main(), executor_workers=2**70)
     assert say_done == [7]
+
+
+@pytest.mark.parametrize("kwargs", [{"executor_workers": "x"}, {"use_uvloop": "yes"},
+                                    {"timeout_task_shutdown": -1}])
+def test_a_refused_coroutine_is_closed_as_asyncio_run_does(kwargs):
+    # The user sees the error only, not also "coroutine 'main' was never
+    # awaited" when the coroutine is collected.
+    async def main():
+        pass
+    coro = main()
+    with pytest.raises((TypeError, ValueError)):
+        run(coro, **kwargs)
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED

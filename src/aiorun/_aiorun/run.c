@@ -719,6 +719,25 @@ check_watchdog_thread(RunObject *run, run_args *a, watchdog_args *w)
     return 0;
 }
 
+/* A coroutine that run() refused before making it a task is closed, as
+ * asyncio.run() does: the user sees the error, not also "coroutine 'main'
+ * was never awaited".  Keeps the exception that is set. */
+static void
+close_refused(PyObject *coro)
+{
+    if (coro == NULL || !PyCoro_CheckExact(coro)) {
+        return;
+    }
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *res = PyObject_CallMethod(coro, "close", NULL);
+    if (res == NULL) {
+        PyErr_WriteUnraisable(coro);
+    }
+    Py_XDECREF(res);
+    PyErr_Restore(type, value, tb);
+}
+
 static PyObject *
 run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
                     aiorun_held_signals *held)
@@ -807,6 +826,9 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
         Py_CLEAR(result);
     }
 done:
+    if (result == NULL && run->main_task == NULL) {
+        close_refused(a.coro);
+    }
     /* Break the cycles through the loop and the tasks at once. */
     (void)aiorun_run_clear(run);
     Py_DECREF(run);
