@@ -160,3 +160,24 @@ def test_exception_during_the_shutdown_does_not_abort_it(app):
     assert r.returncode == 1, r
     assert subsequence(SHUTDOWN_TAIL + ["Reraising unhandled exception"], r.messages)
     assert r.stderr[-1] == "RuntimeError: cleanup failed"
+
+
+def test_keyboard_interrupt_from_main_under_stop_on_unhandled_errors(app):
+    # As the original: it is a request to shut down, logged, and run()
+    # returns; it is not re-raised as an unhandled error.
+    r = app("""
+        async def main():
+            await asyncio.sleep(0.01)
+            raise KeyboardInterrupt
+
+        try:
+            run(main(), stop_on_unhandled_errors=True)
+            say("run returned")
+        except BaseException as e:
+            say("run raised", type(e).__name__)
+    """).finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["run returned"]
+    assert "Got KeyboardInterrupt" in r.messages
+    assert "Leaving. Bye!" in r.messages
+    assert "Reraising unhandled exception" not in r.messages

@@ -117,7 +117,12 @@ aiorun_run_main_done(PyObject *self, PyObject *task)
     /* Retrieving the exception also stops the task from reporting it a
      * second time when it is collected. */
     exc = PyObject_CallMethodNoArgs(task, st->s_exception);
-    if (exc == NULL || exc == Py_None) {
+    /* A KeyboardInterrupt out of the main coroutine has escaped the loop
+     * too, and run() took it as a request to shut down ("Got
+     * KeyboardInterrupt"), as the original does: it is not also an error
+     * to re-raise. */
+    if (exc == NULL || exc == Py_None
+        || PyErr_GivenExceptionMatches(exc, PyExc_KeyboardInterrupt)) {
         Py_DECREF(loop);
         Py_XDECREF(exc);
         return exc == NULL ? NULL : Py_NewRef(Py_None);
