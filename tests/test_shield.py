@@ -266,8 +266,23 @@ def test_waiter_is_a_coroutine_and_cannot_be_reused():
         assert isinstance(w, collections.abc.Coroutine)
         assert asyncio.iscoroutine(w)
         assert await w == 1
-        with pytest.raises(RuntimeError, match="cannot reuse"):
+        with pytest.raises(RuntimeError, match="^cannot reuse already awaited coroutine$"):
             await w
+
+    asyncio.run(main())
+
+
+def test_waiter_reads_like_the_originals_coroutine_in_names_and_task_reprs():
+    async def main():
+        async def work():
+            await asyncio.sleep(0)
+        w = shutdown_waits_for(work())
+        assert w.__name__ == "inner"
+        assert w.__qualname__ == "shutdown_waits_for.<locals>.inner"
+        assert repr(w).startswith("<coroutine object shutdown_waits_for.<locals>.inner at 0x")
+        task = asyncio.get_running_loop().create_task(w)
+        assert "coro=<shutdown_waits_for.<locals>.inner()" in repr(task)
+        await task
 
     asyncio.run(main())
 

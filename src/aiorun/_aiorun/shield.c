@@ -91,7 +91,7 @@ waiter_step(WaiterObject *self, PyObject **result)
     *result = NULL;
     if (self->phase == WAITER_DONE) {
         PyErr_SetString(PyExc_RuntimeError,
-                        "cannot reuse already awaited shutdown_waits_for()");
+                        "cannot reuse already awaited coroutine");
         return STEP_ERROR;
     }
     int done = aiorun_call_predicate(self->task, st->s_done);
@@ -254,10 +254,22 @@ waiter_get_task(WaiterObject *self, void *closure)
     return Py_NewRef(self->task);
 }
 
+/* The names of the coroutine the original's shutdown_waits_for() returns,
+ * so that task reprs and logs read as they did. */
+#define WAITER_NAME "inner"
+#define WAITER_QUALNAME "shutdown_waits_for.<locals>.inner"
+
+static PyObject *
+waiter_get_name(WaiterObject *self, void *closure)
+{
+    (void)self;
+    return PyUnicode_FromString(closure ? WAITER_QUALNAME : WAITER_NAME);
+}
+
 static PyObject *
 waiter_repr(WaiterObject *self)
 {
-    return PyUnicode_FromFormat("<shutdown_waits_for %R>", self->task);
+    return PyUnicode_FromFormat("<coroutine object " WAITER_QUALNAME " at %p>", self);
 }
 
 static int
@@ -301,6 +313,9 @@ static PyMethodDef waiter_methods[] = {
 };
 
 static PyGetSetDef waiter_getset[] = {
+    {"__name__", (getter)waiter_get_name, NULL, "As the original's coroutine.", NULL},
+    {"__qualname__", (getter)waiter_get_name, NULL, "As the original's coroutine.",
+     "qualname"},
     /* What asyncio's task introspection (repr, get_stack) looks for. */
     {"cr_frame", (getter)waiter_get_none, NULL, "No Python frame.", NULL},
     {"cr_running", (getter)waiter_get_false, NULL, "Never running.", NULL},
