@@ -490,3 +490,35 @@ def test_the_wait_answers_like_a_future():
         assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
 
     asyncio.run(main())
+
+
+def test_the_awaiter_resumes_in_as_many_turns_as_after_await_task():
+    # README: the awaiter resumes in the turn after the work ends, as after
+    # `await task` (and as with the original, measured with 2025.1.1).
+    class Loop(asyncio.SelectorEventLoop):
+        turns = 0
+
+        def _run_once(self):
+            Loop.turns += 1
+            super()._run_once()
+
+    def turns_after(wrap):
+        marks = {}
+
+        async def job():
+            await asyncio.sleep(0)
+            marks["end"] = Loop.turns
+
+        async def main():
+            await wrap(job())
+            marks["resumed"] = Loop.turns
+
+        loop = Loop()
+        try:
+            loop.run_until_complete(main())
+        finally:
+            loop.close()
+        return marks["resumed"] - marks["end"]
+
+    floor = turns_after(lambda coro: asyncio.get_running_loop().create_task(coro))
+    assert turns_after(shutdown_waits_for) == floor == 1
