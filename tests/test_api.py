@@ -48,11 +48,18 @@ def test_logic_is_in_c():
 
 def test_signatures_are_introspectable():
     params = inspect.signature(run).parameters
+    # The original's nine first, in their order; then ours, all keyword-only.
     assert list(params) == [
         "coro", "loop", "shutdown_handler", "shutdown_callback", "executor_workers",
-        "executor", "use_uvloop", "stop_on_unhandled_errors", "timeout_task_shutdown"]
+        "executor", "use_uvloop", "stop_on_unhandled_errors", "timeout_task_shutdown",
+        "shutdown_deadline", "exit_on_repeated_signal", "notify_ready_on_start",
+        "drain_delay", "cancel_main_first", "task_dump_signal", "reap_orphans"]
     assert params["timeout_task_shutdown"].default == 60
-    assert params["loop"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert params["notify_ready_on_start"].default is True
+    assert params["drain_delay"].default == 0
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for name, p in params.items()
+               if name != "coro")
+    inspect.signature(run).bind(drain_delay=1, cancel_main_first=True)
     assert list(inspect.signature(shutdown_waits_for).parameters) == ["coro", "loop"]
 
 

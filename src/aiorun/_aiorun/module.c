@@ -7,7 +7,10 @@
 PyDoc_STRVAR(run_doc,
 "run(coro=None, *, loop=None, shutdown_handler=None, shutdown_callback=None,\n"
 "    executor_workers=None, executor=None, use_uvloop=False,\n"
-"    stop_on_unhandled_errors=False, timeout_task_shutdown=60)\n"
+"    stop_on_unhandled_errors=False, timeout_task_shutdown=60,\n"
+"    shutdown_deadline=None, exit_on_repeated_signal=None,\n"
+"    notify_ready_on_start=True, drain_delay=0, cancel_main_first=False,\n"
+"    task_dump_signal=None, reap_orphans=None)\n"
 "--\n"
 "\n"
 "Run the event loop until SIGINT or SIGTERM (or loop.stop()), then shut\n"

@@ -499,12 +499,15 @@ force_exit(aiorun_watchdog *wd, int repeated_signum)
      * (seen: a SIGSEGV instead of exit 124 when the loop was busy logging),
      * so the helper dumps them holding the GIL.  Without the GIL in time the
      * holder is stuck, its frames stay still, and this thread dumps them. */
-    if (wd->dump_signum == 0 || !run_job(wd, JOB_STACKS)) {
+    int gil_had = 1;
+    if (wd->dump_signum == 0 || !(gil_had = run_job(wd, JOB_STACKS))) {
         if (!atomic_exchange(&wd->stacks_claimed, 1)) {
             dump_threads(wd);
         }
     }
-    if (!run_job(wd, JOB_FINAL)) {
+    /* The grace for the GIL is given once: a holder that kept it through
+     * the first job keeps it through a second wait too. */
+    if (!gil_had || !run_job(wd, JOB_FINAL)) {
         say(wd, "aiorun: the GIL could not be had within %g s: task stacks and "
             "Python's buffered output are lost.\n", GIL_GRACE);
     }
