@@ -115,3 +115,22 @@ def test_off_the_main_thread_signals_are_left_to_the_main_thread(app):
         "refused: run() argument 'shutdown_deadline' needs run() in the main thread"]
     assert r.log.count(OFF_MAIN) == 2   # one per run()
     assert subsequence(SHUTDOWN_TAIL, r.messages)
+
+
+def test_off_the_main_thread_the_deadline_variables_are_not_read(app):
+    # The README: off the main thread the environment variables of the
+    # watchdog are not applied; a malformed one must not make run() fail.
+    r = app("""
+        async def main():
+            asyncio.get_running_loop().stop()
+            return "done"
+
+        result = []
+        t = threading.Thread(target=lambda: result.append(run(main())))
+        t.start()
+        t.join()
+        say("thread run returned", result)
+    """, env={"AIORUN_SHUTDOWN_DEADLINE": "soon", "AIORUN_EXIT_ON_REPEATED_SIGNAL": "maybe"}
+    ).finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["thread run returned ['done']"]

@@ -126,7 +126,8 @@ check_seconds(PyObject *obj, const char *param, double min, int exclusive,
 
 /* A flag that None leaves to the environment variable `env` (unset,
  * empty or "0": off; "1": on).  The parameter wins over the environment,
- * so an operator can turn on what a service's code says nothing about. */
+ * so an operator can turn on what a service's code says nothing about.
+ * env_name NULL: the environment does not apply. */
 static int
 flag_or_env(PyObject *flag, const char *param, const char *env_name, int *out)
 {
@@ -134,7 +135,7 @@ flag_or_env(PyObject *flag, const char *param, const char *env_name, int *out)
         return check_flag(flag, param, out);
     }
     *out = 0;
-    const char *env = getenv(env_name);
+    const char *env = env_name ? getenv(env_name) : NULL;
     if (env == NULL || *env == '\0' || strcmp(env, "0") == 0) {
         return 0;
     }
@@ -199,16 +200,18 @@ check_dump_signal(PyObject *obj, int *signum)
 }
 
 /* The watchdog settings: the parameters win over the environment, so an
- * operator can bound a service whose code says nothing. */
+ * operator can bound a service whose code says nothing.  Off the main
+ * thread the environment is not read at all (the watchdog cannot run
+ * there), so a malformed value cannot make run() fail there. */
 static int
-check_watchdog_arguments(run_args *a, watchdog_args *w)
+check_watchdog_arguments(run_args *a, watchdog_args *w, int use_env)
 {
     double deadline;
     if (check_seconds(a->shutdown_deadline, "shutdown_deadline", 0, 1, &deadline) < 0) {
         return -1;
     }
     if (deadline < 0) {
-        const char *env = getenv(DEADLINE_ENV);
+        const char *env = use_env ? getenv(DEADLINE_ENV) : NULL;
         deadline = 0;
         if (env != NULL && env[strspn(env, " \t")] != '\0') {
             char *end;
@@ -225,7 +228,7 @@ check_watchdog_arguments(run_args *a, watchdog_args *w)
     w->deadline = deadline;
 
     return flag_or_env(a->exit_on_repeated_signal, "exit_on_repeated_signal",
-                       REPEATED_SIGNAL_ENV, &w->exit_on_repeat);
+                       use_env ? REPEATED_SIGNAL_ENV : NULL, &w->exit_on_repeat);
 }
 
 static int
@@ -803,7 +806,7 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
                           PyInterpreterState_Get() == PyInterpreterState_Main()
                               ? OFF_MAIN_THREAD : IN_SUBINTERPRETER) == 0)
         && check_arguments(st, &a, &f) == 0
-        && check_watchdog_arguments(&a, &w) == 0
+        && check_watchdog_arguments(&a, &w, !run->off_main_thread) == 0
         && check_watchdog_thread(run, &a, &w) == 0
         && ((w.deadline == 0 && !w.exit_on_repeat)
             || aiorun_watchdog_start(run, w.deadline, w.exit_on_repeat,
