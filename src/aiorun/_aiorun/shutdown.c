@@ -409,10 +409,11 @@ loop_time(RunObject *run, double *now)
     return *now == -1 && PyErr_Occurred() ? -1 : 0;
 }
 
-/* The tasks of `tasks` (NULL: the loop's tasks) that are not done.  A task
- * whose done() raises cannot be waited for: it counts as done. */
+/* The tasks of `tasks` (NULL: the loop's tasks) that are not done, but
+ * for `skip` (NULL: none).  A task whose done() raises cannot be waited
+ * for: it counts as done. */
 static PyObject *
-not_done(RunObject *run, PyObject *tasks)
+not_done(RunObject *run, PyObject *tasks, PyObject *skip)
 {
     aiorun_state *st = run->state;
     PyObject *all = tasks ? Py_NewRef(tasks) : aiorun_run_tasks(run);
@@ -426,7 +427,7 @@ not_done(RunObject *run, PyObject *tasks)
         if (is_done < 0) {
             keep_error(run, "A task's done()");
         }
-        else if (!is_done && PyList_Append(pending, task) < 0) {
+        else if (!is_done && task != skip && PyList_Append(pending, task) < 0) {
             Py_CLEAR(pending);
         }
     }
@@ -439,6 +440,7 @@ typedef struct {
     PyObject *seen;     /* {id(task): task} of every task already handled */
     int cancel;         /* cancel the unprotected ones */
     int announced;      /* "Cancelling pending tasks." said */
+    PyObject *given_up; /* a task waited for to its timeout already, or NULL */
 } wait_plan;
 
 /* Cancel the tasks of `pending` not seen before, except the protected. */
@@ -504,7 +506,7 @@ wait_until(RunObject *run, PyObject *tasks, double seconds, wait_plan *plan)
     double deadline = -1;
     for (int round = 0;; round++) {
         double now = 0;
-        Py_XSETREF(pending, not_done(run, tasks));
+        Py_XSETREF(pending, not_done(run, tasks, plan->given_up));
         if (pending == NULL || loop_time(run, &now) < 0
             || cancel_new_tasks(run, pending, plan) < 0) {
             break;
@@ -630,7 +632,7 @@ let_tasks_finish(RunObject *run)
         keep_error(run, "The \"aiorun\" logger");
     }
     Py_XDECREF(delay);
-    wait_plan plan = {PyDict_New(), 0, 0};
+    wait_plan plan = {PyDict_New(), 0, 0, NULL};
     if (plan.seen == NULL) {
         keep_error(run, "aiorun");
         return;
@@ -666,12 +668,22 @@ cancel_main_first(RunObject *run, PyObject *timeout, wait_plan *plan)
     }
     aiorun_run_stage(run, STAGE_CANCELLING);
     say(run, LOG_INFO, "Cancelling the main task first.");
+    int debug = aiorun_log_enabled(st, LOG_DEBUG);
+    if (debug < 0 || (debug && aiorun_log_exc(st, LOG_DEBUG, "Cancelling task: %s", main,
+                                              NULL) < 0)) {
+        keep_error(run, "The \"aiorun\" logger");
+    }
     cancel_task(run, main);
     aiorun_run_stage(run, STAGE_WAITING_TASKS);
-    wait_plan only_main = {plan->seen, 0, 0};
+    wait_plan only_main = {plan->seen, 0, 0, NULL};
     PyObject *stuck = wait_until(run, just_main, timeout_seconds(run, timeout),
                                  &only_main);
     report_stuck(run, stuck, timeout);
+    /* A main task that refused is named already: the rest of the shutdown
+     * does not wait timeout_task_shutdown for it a second time. */
+    if (stuck != NULL && PyList_GET_SIZE(stuck) > 0) {
+        plan->given_up = main;   /* held by run->main_task */
+    }
     Py_XDECREF(stuck);
 done:
     Py_XDECREF(key);
@@ -694,7 +706,7 @@ static void
 cancel_and_wait(RunObject *run, PyObject *timeout)
 {
     int gc_was_enabled = PyGC_Disable();
-    wait_plan plan = {PyDict_New(), 1, 0};
+    wait_plan plan = {PyDict_New(), 1, 0, NULL};
     if (plan.seen == NULL) {
         keep_error(run, "aiorun");
         goto done;
