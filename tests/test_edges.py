@@ -681,17 +681,16 @@ def test_a_notify_socket_that_is_not_utf8_or_is_cut_is_a_warning(app, value, sho
         async def main():
             asyncio.get_running_loop().stop()
         run(main())
-        try:
-            aiorun.notify_ready()
-        except ValueError as e:
-            say("notify_ready:", e)
+        say("notify_ready:", aiorun.notify_ready())
     """).finish()
     healthy(r)
     assert (f"WARNING:environment variable NOTIFY_SOCKET='{shown}' is not a path or an "
             "abstract socket name (only AF_UNIX is supported): no notifications are "
             "sent") in r.log, r
-    assert r.stdout == [f"notify_ready: environment variable NOTIFY_SOCKET='{shown}' is not "
-                        "a path or an abstract socket name (only AF_UNIX is supported)"]
+    assert r.stdout == ["notify_ready: False"]
+    assert (f"WARNING:notify_ready(): READY=1 not delivered: environment variable "
+            f"NOTIFY_SOCKET='{shown}' is not a path or an abstract socket name (only "
+            "AF_UNIX is supported)") in r.log, r
 
 
 def test_a_task_dump_request_after_the_loop_closed_is_dropped_quietly(app):

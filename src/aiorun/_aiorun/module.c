@@ -39,7 +39,10 @@ PyDoc_STRVAR(notify_ready_doc,
 "\n"
 "Tell systemd the service is ready (READY=1, and STATUS=status), for apps\n"
 "run with notify_ready_on_start=False that are ready later than their\n"
-"start.  True if sent; False when NOTIFY_SOCKET is not set.");
+"start.  True if delivered; False when NOTIFY_SOCKET is not set, or when\n"
+"it could not be delivered (a WARNING on the aiorun logger says why: an\n"
+"unusable address, a receiver gone, a full socket).  It never raises for\n"
+"a delivery problem.");
 
 PyDoc_STRVAR(shutdown_event_doc,
 "shutdown_event(loop=None)\n"

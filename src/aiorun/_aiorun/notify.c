@@ -387,10 +387,12 @@ aiorun_notify_stop(RunObject *run)
 }
 
 /* READY=1 and STATUS=text on a socket of its own (so it works from any
- * thread and outside run()): 1 if sent, 0 without NOTIFY_SOCKET, -1 with an
- * exception. */
+ * thread and outside run()): 1 if delivered, 0 if not (without
+ * NOTIFY_SOCKET quietly; for a delivery problem, with a WARNING that says
+ * what happened), -1 with an exception (only MemoryError and the like: a
+ * delivery problem never raises, so the app that asked goes on). */
 static int
-send_ready(const char *text)
+send_ready(aiorun_state *st, const char *text)
 {
     const char *value = getenv(NOTIFY_ENV);
     const char *why;
@@ -399,34 +401,46 @@ send_ready(const char *text)
     if (value == NULL || *value == '\0') {
         return 0;
     }
+    PyObject *shown = shown_value(value), *problem = NULL;
+    if (shown == NULL) {
+        return -1;
+    }
     if (parse_address(value, &addr, &len, &why) < 0) {
-        PyObject *shown = shown_value(value);
-        if (shown != NULL) {
-            PyErr_Format(PyExc_ValueError, "environment variable " NOTIFY_ENV "='%U' %s",
-                         shown, why);
+        problem = PyUnicode_FromFormat("environment variable " NOTIFY_ENV "='%U' %s",
+                                       shown, why);
+    }
+    else {
+        PyObject *message = PyUnicode_FromFormat("READY=1\nSTATUS=%s", text);
+        const char *bytes = message ? PyUnicode_AsUTF8(message) : NULL;
+        if (bytes == NULL) {
+            Py_XDECREF(message);
             Py_DECREF(shown);
+            return -1;
         }
-        return -1;
+        int fd = open_socket();
+        ssize_t sent = fd < 0 ? -1 : sendto(fd, bytes, strlen(bytes),
+                                            MSG_NOSIGNAL | MSG_DONTWAIT,
+                                            (const struct sockaddr *)&addr, len);
+        int error = errno;
+        if (fd >= 0) {
+            close(fd);
+        }
+        Py_DECREF(message);
+        if (sent < 0) {
+            problem = error == EAGAIN || error == EWOULDBLOCK
+                ? PyUnicode_FromFormat("the socket %U is full (nobody reads it): "
+                                       "the message was dropped", shown)
+                : PyUnicode_FromFormat("the socket %U: %s", shown, strerror(error));
+        }
     }
-    PyObject *message = PyUnicode_FromFormat("READY=1\nSTATUS=%s", text);
-    const char *bytes = message ? PyUnicode_AsUTF8(message) : NULL;
-    if (bytes == NULL) {
-        Py_XDECREF(message);
-        return -1;
+    Py_DECREF(shown);
+    if (problem == NULL) {
+        return PyErr_Occurred() ? -1 : 1;
     }
-    int rc = -1, fd = open_socket();
-    if (fd >= 0) {
-        rc = send_to(fd, &addr, len, bytes);
-        int saved = errno;
-        close(fd);
-        errno = saved;
-    }
-    Py_DECREF(message);
-    if (rc < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-        return -1;
-    }
-    return 1;
+    int rc = aiorun_log_exc(st, LOG_WARNING, "notify_ready(): READY=1 not delivered: %s",
+                            problem, NULL);
+    Py_DECREF(problem);
+    return rc < 0 ? -1 : 0;
 }
 
 #else /* MS_WINDOWS: systemd does not exist there */
@@ -484,8 +498,9 @@ aiorun_notify_stop(RunObject *run)
 }
 
 static int
-send_ready(const char *text)
+send_ready(aiorun_state *st, const char *text)
 {
+    (void)st;
     (void)text;
     return 0;
 }
@@ -493,14 +508,13 @@ send_ready(const char *text)
 #endif /* MS_WINDOWS */
 
 /* aiorun.notify_ready(status=None): READY=1 (and STATUS=status) for apps
- * that are ready later than their start; True if sent, False without
- * NOTIFY_SOCKET. */
+ * that are ready later than their start; True if delivered, False if not
+ * (a delivery problem is a WARNING, never an exception). */
 PyObject *
 aiorun_notify_ready(PyObject *module, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"status", NULL};
     PyObject *status = Py_None;
-    (void)module;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:notify_ready", kwlist, &status)) {
         return NULL;
     }
@@ -523,7 +537,7 @@ aiorun_notify_ready(PyObject *module, PyObject *args, PyObject *kwargs)
             return NULL;
         }
     }
-    int sent = send_ready(text);
+    int sent = send_ready(aiorun_get_state(module), text);
     if (sent < 0) {
         return NULL;
     }
