@@ -522,3 +522,40 @@ def test_the_awaiter_resumes_in_as_many_turns_as_after_await_task():
 
     floor = turns_after(lambda coro: asyncio.get_running_loop().create_task(coro))
     assert turns_after(shutdown_waits_for) == floor == 1
+
+
+def test_a_protected_coroutine_failing_after_its_awaiter_gave_up(app):
+    # The awaiter stops waiting (wait_for times out) and the app goes on; the
+    # upload fails later.  It must not stop the app (the original stays
+    # silent), and it is reported once, as a WARNING naming the coroutine.
+    a = app("""
+        async def upload():
+            await asyncio.sleep(0.3)
+            raise ConnectionError("upload failed")
+
+        async def main():
+            try:
+                await asyncio.wait_for(shutdown_waits_for(upload()), 0.1)
+            except asyncio.TimeoutError:
+                say("gave up waiting")
+            await asyncio.sleep(0.6)
+            say("still serving")
+            shutdown_waits_for(upload())          # never awaited at all
+            await asyncio.sleep(0.6)
+            say("READY")
+            await asyncio.sleep(3600)
+
+        run(main(), stop_on_unhandled_errors=True)
+        say("run returned")
+    """)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["gave up waiting", "still serving", "READY", "run returned"], r
+    reports = [l for l in r.log if "protected by shutdown_waits_for()" in l]
+    assert reports == ["WARNING:The coroutine upload, protected by shutdown_waits_for(), "
+                       "raised after its awaiter had stopped waiting:"] * 2, r
+    assert "ConnectionError: upload failed" in r.stderr_text
+    assert "never retrieved" not in r.stderr_text
+    assert "Unhandled exception" not in r.stderr_text

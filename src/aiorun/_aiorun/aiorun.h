@@ -323,6 +323,9 @@ PyObject *aiorun_run_reap(PyObject *self, PyObject *unused);
 extern PyType_Spec aiorun_waiter_type_spec;
 PyObject *aiorun_shutdown_waits_for(PyObject *module, PyObject *args,
                                     PyObject *kwargs);
+/* Done callback of a protected task whose awaiter stopped waiting: logs
+ * its exception once, as a WARNING. */
+PyObject *aiorun_protected_orphan_done(PyObject *module, PyObject *task);
 /* 1 if task is protected by shutdown_waits_for, 0 if not, -1 on error. */
 int aiorun_is_protected(aiorun_state *st, PyObject *task);
 

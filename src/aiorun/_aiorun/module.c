@@ -73,6 +73,9 @@ static PyMethodDef aiorun_methods[] = {
      shutdown_handler_doc},
     {"notify_ready", (PyCFunction)(void (*)(void))aiorun_notify_ready,
      METH_VARARGS | METH_KEYWORDS, notify_ready_doc},
+    {"_protected_orphan_done", aiorun_protected_orphan_done, METH_O,
+     "_protected_orphan_done(task)\n--\n\nDone callback of a protected task whose "
+     "awaiter stopped waiting: logs its exception once, as a WARNING."},
     {"_after_fork_child", aiorun_after_fork_child, METH_NOARGS,
      "_after_fork_child()\n--\n\nos.register_at_fork() hook: the watchdog of a run() "
      "continued in a forked child."},

@@ -38,6 +38,30 @@ waiter_state(WaiterObject *self)
     return aiorun_get_state_by_type(Py_TYPE(self));
 }
 
+/* The awaiter stopped waiting (it was cancelled, or the waiter was closed
+ * or never awaited): should the protected coroutine fail later, nobody
+ * retrieves its exception, and asyncio would report "Task exception was
+ * never retrieved" (which stops the app under stop_on_unhandled_errors).
+ * The original stays silent; we log it once as a WARNING instead
+ * (aiorun_protected_orphan_done).  Keeps any exception that is set. */
+static void
+watch_orphan(PyObject *task, PyTypeObject *type)
+{
+    PyObject *exc_type, *value, *tb;
+    PyErr_Fetch(&exc_type, &value, &tb);
+    PyObject *module = PyType_GetModule(type);   /* borrowed: the type holds it */
+    PyObject *callback = module ? PyObject_GetAttrString(module, "_protected_orphan_done")
+                                : NULL;
+    PyObject *res = callback ? PyObject_CallMethod(task, "add_done_callback", "O", callback)
+                             : NULL;
+    if (res == NULL) {
+        PyErr_WriteUnraisable(task);
+    }
+    Py_XDECREF(res);
+    Py_XDECREF(callback);
+    PyErr_Restore(exc_type, value, tb);
+}
+
 /* Stop listening to the protected task.  Keeps any exception that is set.
  * Once the task has ended its callbacks have already run, so there is
  * nothing to take back from it. */
@@ -48,12 +72,18 @@ waiter_finish(WaiterObject *self, int task_ended)
      * remove_done_callback() and callbacks' __eq__, which may close() or
      * throw() into this very waiter. */
     PyObject *wait = self->wait;
+    int orphaned = !task_ended && self->phase != WAITER_DONE && self->task != NULL;
     self->wait = NULL;
     self->phase = WAITER_DONE;
     if (wait != NULL && !task_ended) {
         aiorun_waitfuture_detach(wait);
     }
     Py_XDECREF(wait);
+    if (orphaned) {
+        PyObject *task = Py_NewRef(self->task);
+        watch_orphan(task, Py_TYPE(self));
+        Py_DECREF(task);
+    }
 }
 
 static void
@@ -291,10 +321,23 @@ waiter_clear(WaiterObject *self)
     return 0;
 }
 
+/* A waiter dropped before it finished (never awaited: the "bare" call, or
+ * its awaiting task destroyed) leaves the protected task to itself. */
+static void
+waiter_finalize(WaiterObject *self)
+{
+    if (self->phase != WAITER_DONE) {
+        waiter_detach(self);
+    }
+}
+
 static void
 waiter_dealloc(WaiterObject *self)
 {
     PyTypeObject *type = Py_TYPE(self);
+    if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) {
+        return;   /* resurrected by the finalizer */
+    }
     PyObject_GC_UnTrack(self);
     if (self->weakreflist != NULL) {
         PyObject_ClearWeakRefs((PyObject *)self);
@@ -332,6 +375,7 @@ static PyMemberDef waiter_members[] = {
 
 static PyType_Slot waiter_slots[] = {
     {Py_tp_dealloc, waiter_dealloc},
+    {Py_tp_finalize, waiter_finalize},
     {Py_tp_traverse, waiter_traverse},
     {Py_tp_clear, waiter_clear},
     {Py_tp_repr, waiter_repr},
@@ -369,6 +413,39 @@ task_coro(aiorun_state *st, PyObject *task)
         PyErr_Clear();
     }
     return coro;
+}
+
+PyObject *
+aiorun_protected_orphan_done(PyObject *module, PyObject *task)
+{
+    aiorun_state *st = aiorun_get_state(module);
+    PyObject *exc = NULL, *coro = NULL, *name = NULL;
+    int cancelled = aiorun_call_predicate(task, st->s_cancelled);
+    if (cancelled != 0) {
+        goto done;   /* cancelled directly: nothing to report */
+    }
+    exc = PyObject_CallMethodNoArgs(task, st->s_exception);   /* now retrieved */
+    if (exc == NULL || exc == Py_None) {
+        goto done;
+    }
+    coro = task_coro(st, task);
+    name = coro ? aiorun_optional_attr(coro, "__qualname__") : NULL;
+    if (name == NULL && !PyErr_Occurred()) {
+        name = PyObject_Repr(task);
+    }
+    if (name != NULL) {
+        (void)aiorun_log_exc(st, LOG_WARNING, "The coroutine %s, protected by "
+                             "shutdown_waits_for(), raised after its awaiter had "
+                             "stopped waiting:", name, exc);
+    }
+done:
+    if (PyErr_Occurred()) {
+        aiorun_log_current_error(st, "Could not report a protected coroutine's error");
+    }
+    Py_XDECREF(exc);
+    Py_XDECREF(coro);
+    Py_XDECREF(name);
+    Py_RETURN_NONE;
 }
 
 int
