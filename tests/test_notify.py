@@ -348,3 +348,16 @@ def test_notify_ready_says_when_the_socket_is_full(app, tmp_path):
     assert r.stdout == ["SENT False"], r
     assert any("READY=1 not delivered: the socket " in l and "is full" in l
                for l in r.log), r
+
+
+def test_the_drain_phase_extends_by_drain_delay_and_the_rest_by_the_task_timeout(app, receiver):
+    a = app("""
+        async def main():
+            asyncio.get_running_loop().stop()
+        run(main(), drain_delay=2, timeout_task_shutdown=10)
+    """, env=receiver.env)
+    assert a.finish().returncode == 0
+    messages = receiver.without_pings()
+    assert "STATUS=shutdown: letting tasks finish\nEXTEND_TIMEOUT_USEC=7000000" in messages
+    assert "STATUS=shutdown: shutting down the executor\nEXTEND_TIMEOUT_USEC=15000000" \
+        in messages, messages

@@ -1,0 +1,35 @@
+"""The README is the contract: the lists it gives of what the C code says
+are checked against the C code, so the two cannot drift apart."""
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+C = ROOT / "src" / "aiorun" / "_aiorun"
+
+
+def readme_text():
+    # Lines are wrapped in the README: compare with single spaces.
+    return " ".join((ROOT / "README.md").read_text().split())
+
+
+def c_table(path, name):
+    """The string literals of `static const char *const name[] = {...}`."""
+    text = (C / path).read_text()
+    body = re.search(name + r"\[\] = \{(.*?)\};", text, re.S).group(1)
+    return re.findall(r'\] = "([^"]+)"', body)
+
+
+def test_every_watchdog_phase_is_in_the_readme():
+    phases = c_table("watchdog.c", "stage_names")
+    assert len(phases) == 12
+    text = readme_text()
+    missing = [p for p in phases if f"`{p}`" not in text]
+    assert not missing, missing
+
+
+def test_every_systemd_status_phase_is_in_the_readme():
+    phases = c_table("notify.c", "phase_status")
+    assert "letting tasks finish" in phases
+    text = readme_text()
+    missing = [p for p in phases if f"`{p}`" not in text]
+    assert not missing, missing
