@@ -175,13 +175,24 @@ def test_a_worker_count_beyond_a_c_long_is_still_a_count():
 
 
 @pytest.mark.parametrize("kwargs", [{"executor_workers": "x"}, {"use_uvloop": "yes"},
-                                    {"timeout_task_shutdown": -1}])
+                                    {"timeout_task_shutdown": -1}, "loop_and_uvloop"])
 def test_a_refused_coroutine_is_closed_as_asyncio_run_does(kwargs):
+    if kwargs == "loop_and_uvloop":
+        loop = asyncio.new_event_loop()
+        kwargs = {"loop": loop, "use_uvloop": True}
+        try:
+            return check_closed_after_refusal(kwargs, Exception)
+        finally:
+            loop.close()
+    check_closed_after_refusal(kwargs, (TypeError, ValueError))
+
+
+def check_closed_after_refusal(kwargs, error):
     # The user sees the error only, not also "coroutine 'main' was never
     # awaited" when the coroutine is collected.
     async def main():
         pass
     coro = main()
-    with pytest.raises((TypeError, ValueError)):
+    with pytest.raises(error):
         run(coro, **kwargs)
     assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
