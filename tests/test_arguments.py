@@ -88,6 +88,9 @@ def test_bad_values_raise_value_error(kwargs, message):
     (lambda: run(bogus=1), "run() got an unexpected keyword argument 'bogus'"),
     (lambda: run(None, None), "run() takes from 0 to 1 positional arguments but 2 were given"),
     (lambda: run(None, coro=None), "run() got multiple values for argument 'coro'"),
+    (lambda: run(None, None, loop=None), "run() takes from 0 to 1 positional arguments "
+     "but 2 positional arguments (and 1 keyword-only argument) were given"),
+    (lambda: run(None, None, bogus=1), "run() got an unexpected keyword argument 'bogus'"),
     (lambda: run(**{"coro": None, "timeout": 1}),
      "run() got an unexpected keyword argument 'timeout'"),
     (lambda: shutdown_waits_for(), "shutdown_waits_for() missing 1 required positional "

@@ -957,3 +957,26 @@ def test_cancel_of_a_wait_whose_second_call_soon_fails(app):
     healthy(r)
     assert r.stdout == ["cancel raised MemoryError", "first called, wait cancelled: True",
                         "job done", "second called, wait cancelled: False"], r
+
+
+def test_a_failing_shutdown_callback_and_an_escaping_error_in_the_same_turn(app):
+    # The callback's own exception and a SystemExit from another callback
+    # come out of the same turn: neither may be lost.
+    r = app("""
+        async def callback(loop):
+            loop.call_soon(lambda: (_ for _ in ()).throw(SystemExit("from a callback")))
+            raise ValueError("callback failed")
+
+        async def main():
+            asyncio.get_running_loop().stop()
+
+        try:
+            run(main(), shutdown_callback=callback)
+        except BaseException as e:
+            say("run raised", type(e).__name__, e)
+    """).finish()
+    healthy(r)
+    assert len(r.stdout) == 1 and r.stdout[0].startswith("run raised "), r
+    # One is re-raised, the other logged: both are seen.
+    assert "callback failed" in r.stderr_text + r.stdout[0]
+    assert "from a callback" in r.stderr_text + r.stdout[0]

@@ -559,3 +559,27 @@ def test_a_protected_coroutine_failing_after_its_awaiter_gave_up(app):
     assert "ConnectionError: upload failed" in r.stderr_text
     assert "never retrieved" not in r.stderr_text
     assert "Unhandled exception" not in r.stderr_text
+
+
+def test_a_waiter_dropped_after_the_loop_closed_still_reports_its_failure(app):
+    # The waiter outlives run() (kept in a global) and is collected after
+    # the loop closed: the WARNING comes, not "Event loop is closed".
+    r = app("""
+        async def upload():
+            raise ConnectionError("upload failed")
+
+        kept = []
+        async def main():
+            kept.append(shutdown_waits_for(upload()))   # never awaited
+            await asyncio.sleep(0.1)
+            asyncio.get_running_loop().stop()
+
+        run(main())
+        say("run returned")
+        kept.clear()
+        say("dropped")
+    """).finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["run returned", "dropped"], r
+    assert "Event loop is closed" not in r.stderr_text, r
+    assert any(l.startswith("WARNING:The coroutine upload, protected by") for l in r.log), r

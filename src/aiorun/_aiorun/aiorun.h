@@ -57,6 +57,7 @@
     X(current_thread)           /* threading.current_thread */              \
     X(sig_dfl)                                                              \
     X(partial)                  /* functools.partial */                     \
+    X(orphan_done)              /* _protected_orphan_done of this module */ \
     /* interned method and attribute names used on hot paths */             \
     X(s_add_done_callback)                                                  \
     X(s_remove_done_callback)                                               \

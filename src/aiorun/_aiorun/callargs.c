@@ -21,22 +21,10 @@ int
 aiorun_check_call(const char *fname, PyObject *args, PyObject *kwargs,
                   char *const *kwlist, Py_ssize_t max_positional, Py_ssize_t required)
 {
-    Py_ssize_t nargs = PyTuple_GET_SIZE(args);
-    if (nargs > max_positional) {
-        if (required == max_positional) {
-            PyErr_Format(PyExc_TypeError, "%s() takes %zd positional argument%s but %zd %s "
-                         "given", fname, max_positional, max_positional == 1 ? "" : "s",
-                         nargs, nargs == 1 ? "was" : "were");
-        }
-        else {
-            PyErr_Format(PyExc_TypeError, "%s() takes from %zd to %zd positional "
-                         "arguments but %zd were given", fname, required, max_positional,
-                         nargs);
-        }
-        return -1;
-    }
+    Py_ssize_t nargs = PyTuple_GET_SIZE(args), kwonly_given = 0;
     Py_ssize_t pos = 0;
     PyObject *key, *value;
+    /* Keywords first, as CPython checks them (ceval's initialize_locals). */
     while (kwargs != NULL && PyDict_Next(kwargs, &pos, &key, &value)) {
         if (!PyUnicode_Check(key)) {
             PyErr_Format(PyExc_TypeError, "%s() keywords must be strings", fname);
@@ -48,11 +36,30 @@ aiorun_check_call(const char *fname, PyObject *args, PyObject *kwargs,
                          fname, key);
             return -1;
         }
-        if (i < nargs) {
+        if (i < nargs && i < max_positional) {
             PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'",
                          fname, kwlist[i]);
             return -1;
         }
+        kwonly_given += i >= max_positional;
+    }
+    if (nargs > max_positional) {
+        char sig[64], kwonly[96] = "";
+        if (required == max_positional) {
+            PyOS_snprintf(sig, sizeof sig, "%zd", max_positional);
+        }
+        else {
+            PyOS_snprintf(sig, sizeof sig, "from %zd to %zd", required, max_positional);
+        }
+        if (kwonly_given) {
+            PyOS_snprintf(kwonly, sizeof kwonly,
+                          " positional argument%s (and %zd keyword-only argument%s)",
+                          nargs != 1 ? "s" : "", kwonly_given, kwonly_given != 1 ? "s" : "");
+        }
+        PyErr_Format(PyExc_TypeError, "%s() takes %s positional argument%s but %zd%s %s "
+                     "given", fname, sig, max_positional != 1 || required != max_positional
+                     ? "s" : "", nargs, kwonly, nargs == 1 && !kwonly_given ? "was" : "were");
+        return -1;
     }
     for (Py_ssize_t i = nargs; i < required; i++) {
         int given = 0;

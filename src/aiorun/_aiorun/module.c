@@ -232,6 +232,12 @@ aiorun_exec(PyObject *module)
         return -1;
     }
     st->fork_hook_registered = 0;
+    /* Kept here, not looked up by name when needed: a waiter may be
+     * finalized while the interpreter is clearing module dicts. */
+    st->orphan_done = PyObject_GetAttrString(module, "_protected_orphan_done");
+    if (st->orphan_done == NULL) {
+        return -1;
+    }
     st->RunType = PyType_FromModuleAndSpec(module, &aiorun_run_type_spec, NULL);
     if (st->RunType == NULL) {
         return -1;

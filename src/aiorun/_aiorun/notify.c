@@ -386,6 +386,17 @@ aiorun_notify_stop(RunObject *run)
     PyErr_Restore(type, value, tb);
 }
 
+/* "the socket <shown>: <strerror>", the system's text decoded as the
+ * locale says (it may not be UTF-8). */
+static PyObject *
+socket_error(PyObject *shown, int error)
+{
+    PyObject *why = PyUnicode_DecodeLocale(strerror(error), "surrogateescape");
+    PyObject *text = why ? PyUnicode_FromFormat("the socket %U: %U", shown, why) : NULL;
+    Py_XDECREF(why);
+    return text;
+}
+
 /* READY=1 and STATUS=text on a socket of its own (so it works from any
  * thread and outside run()): 1 if delivered, 0 if not (without
  * NOTIFY_SOCKET quietly; for a delivery problem, with a WARNING that says
@@ -430,7 +441,7 @@ send_ready(aiorun_state *st, const char *text)
             problem = error == EAGAIN || error == EWOULDBLOCK
                 ? PyUnicode_FromFormat("the socket %U is full (nobody reads it): "
                                        "the message was dropped", shown)
-                : PyUnicode_FromFormat("the socket %U: %s", shown, strerror(error));
+                : socket_error(shown, error);
         }
     }
     Py_DECREF(shown);

@@ -853,6 +853,24 @@ aiorun_run(PyObject *module, PyObject *args, PyObject *kwargs)
     return result;
 }
 
+/* The error that is set, with `earlier` (consumed; may be NULL) as its
+ * __context__, so that neither is lost.  Returns NULL. */
+static PyObject *
+chain_error(PyObject *earlier)
+{
+    if (earlier == NULL) {
+        return NULL;
+    }
+    PyObject *exc = aiorun_take_error();
+    if (exc == NULL) {
+        aiorun_restore_error(earlier);
+        return NULL;
+    }
+    PyException_SetContext(exc, earlier);   /* steals earlier */
+    aiorun_restore_error(exc);
+    return NULL;
+}
+
 PyObject *
 aiorun_default_shutdown_handler(PyObject *module, PyObject *loop)
 {
@@ -868,8 +886,7 @@ aiorun_default_shutdown_handler(PyObject *module, PyObject *loop)
     if (loop == Py_None) {
         loop = PyObject_CallNoArgs(st->get_event_loop);
         if (loop == NULL) {
-            Py_XDECREF(error);
-            return NULL;
+            return chain_error(error);
         }
     }
     else {
@@ -886,8 +903,11 @@ aiorun_default_shutdown_handler(PyObject *module, PyObject *loop)
     }
     PyObject *res = PyObject_CallMethod(loop, "stop", NULL);
     Py_DECREF(loop);
+    if (res == NULL) {
+        return chain_error(error);   /* the stop's error matters most */
+    }
     if (error != NULL) {
-        Py_XDECREF(res);
+        Py_DECREF(res);
         aiorun_restore_error(error);
         return NULL;
     }

@@ -49,16 +49,23 @@ watch_orphan(PyObject *task, PyTypeObject *type)
 {
     PyObject *exc_type, *value, *tb;
     PyErr_Fetch(&exc_type, &value, &tb);
-    PyObject *module = PyType_GetModule(type);   /* borrowed: the type holds it */
-    PyObject *callback = module ? PyObject_GetAttrString(module, "_protected_orphan_done")
-                                : NULL;
-    PyObject *res = callback ? PyObject_CallMethod(task, "add_done_callback", "O", callback)
-                             : NULL;
+    aiorun_state *st = aiorun_get_state_by_type(type);
+    /* An ended task is looked at now: its add_done_callback() would go
+     * through call_soon(), which a closed loop (a waiter finalized after
+     * run()) or another thread (the collector's) must not be asked for. */
+    int done = aiorun_call_predicate(task, st->s_done);
+    PyObject *res = NULL;
+    if (done > 0) {
+        PyObject *module = PyType_GetModule(type);   /* borrowed: the type holds it */
+        res = module ? aiorun_protected_orphan_done(module, task) : NULL;
+    }
+    else if (done == 0) {
+        res = PyObject_CallMethodOneArg(task, st->s_add_done_callback, st->orphan_done);
+    }
     if (res == NULL) {
         PyErr_WriteUnraisable(task);
     }
     Py_XDECREF(res);
-    Py_XDECREF(callback);
     PyErr_Restore(exc_type, value, tb);
 }
 
@@ -326,9 +333,12 @@ waiter_clear(WaiterObject *self)
 static void
 waiter_finalize(WaiterObject *self)
 {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
     if (self->phase != WAITER_DONE) {
         waiter_detach(self);
     }
+    PyErr_Restore(type, value, tb);
 }
 
 static void

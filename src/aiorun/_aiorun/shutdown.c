@@ -69,24 +69,37 @@ say(RunObject *run, int level, const char *message)
 }
 
 /* 1 if exc is the outcome of the done future itself (its exception, or
- * the CancelledError of a cancelled one), 0 if it came from elsewhere. */
+ * the CancelledError of a cancelled one), 0 if it came from elsewhere.
+ * Then the future's own exception, which asking for it has marked as
+ * retrieved, is kept too: it must not be lost. */
 static int
 is_own_error(RunObject *run, PyObject *future, PyObject *exc)
 {
     aiorun_state *st = run->state;
     int cancelled = aiorun_call_predicate(future, st->s_cancelled);
     if (cancelled != 0) {
-        PyErr_Clear();
-        return 1;
+        if (cancelled < 0) {
+            keep_error(run, "The event loop");
+            return 1;
+        }
+        return PyErr_GivenExceptionMatches(exc, st->CancelledError);
     }
     PyObject *own = PyObject_CallMethodNoArgs(future, st->s_exception);
     if (own == NULL) {
-        PyErr_Clear();
+        keep_error(run, "The event loop");
         return 1;
     }
-    int same = own == exc;
-    Py_DECREF(own);
-    return same;
+    if (own == exc) {
+        Py_DECREF(own);
+        return 1;
+    }
+    if (own != Py_None) {
+        keep_exception(run, own, LATER_ERROR, "A task of the shutdown");
+    }
+    else {
+        Py_DECREF(own);
+    }
+    return 0;
 }
 
 /* loop.run_until_complete(future) until the future is done.  A
@@ -521,9 +534,10 @@ wait_until(RunObject *run, PyObject *tasks, double seconds, wait_plan *plan)
             plan->announced = 2;
             say(run, LOG_INFO, "Running pending tasks till complete");
         }
-        if (round == 0 && plan->cancel) {
+        if ((round == 0 || plan->announced == 2) && plan->cancel) {
             /* (the drain and the main task's wait have said theirs) */
             aiorun_run_stage(run, STAGE_WAITING_TASKS);
+            plan->announced = plan->announced ? 3 : 0;
         }
         /* At least one turn of the loop, even for a deadline of 0. */
         if (round > 0 && deadline >= 0 && now >= deadline) {

@@ -53,8 +53,10 @@ put_back_saved(RunObject *run)
     if (saved == NULL) {
         return;
     }
+    /* Our own list: run->saved_handlers is only emptied after the loop. */
     for (Py_ssize_t i = PyList_GET_SIZE(saved) - 1; i >= 0; i--) {
-        PyObject *entry = PyList_GET_ITEM(saved, i);
+        /* Ours: set_handler() runs pending Python handlers. */
+        PyObject *entry = Py_NewRef(PyList_GET_ITEM(saved, i));
         int signum = (int)PyLong_AsLong(PyTuple_GET_ITEM(entry, 0));
         PyObject *previous = PyTuple_GET_ITEM(entry, 1);
         /* None means the handler was not set from Python: the best we can
@@ -72,6 +74,7 @@ put_back_saved(RunObject *run)
             }
         }
         Py_XDECREF(res);
+        Py_DECREF(entry);
     }
     Py_CLEAR(run->saved_handlers);
 }
