@@ -280,6 +280,12 @@ PyObject *aiorun_run_exception_handler(PyObject *self, PyObject *const *args,
 PyObject *aiorun_run_main_done(PyObject *self, PyObject *task);
 
 /* ---- shutdown.c ---- */
+/* The exception `exc` (a new reference, consumed; NULL: none) came from
+ * `what`: the first one is kept to be re-raised at the end of run(), a
+ * later one is logged with `message` (a format taking `what` as %s).
+ * Never raises. */
+void aiorun_keep_exception(RunObject *run, PyObject *exc, const char *message,
+                           const char *what);
 /* The whole shutdown phase; returns None or raises the pending exception. */
 PyObject *aiorun_shutdown(RunObject *run, PyObject *shutdown_callback,
                           PyObject *executor, PyObject *timeout);

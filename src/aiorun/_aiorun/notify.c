@@ -101,13 +101,13 @@ parse_address(const char *value, struct sockaddr_un *addr, socklen_t *len,
     return 0;
 }
 
-/* 0 if sent (or dropped by a full socket), -1 with errno otherwise. */
+/* 0 if sent, else the errno: EAGAIN when a full socket dropped it. */
 static int
 send_to(int fd, const struct sockaddr_un *addr, socklen_t len, const char *message)
 {
     ssize_t sent = sendto(fd, message, strlen(message), MSG_NOSIGNAL | MSG_DONTWAIT,
                           (const struct sockaddr *)addr, len);
-    return sent >= 0 || errno == EAGAIN ? 0 : -1;
+    return sent >= 0 ? 0 : errno == EWOULDBLOCK ? EAGAIN : errno;
 }
 
 static int
@@ -131,7 +131,9 @@ static void
 say(RunObject *run, const char *message)
 {
     aiorun_notifier *nt = live_notifier(run);
-    if (nt != NULL && send_to(nt->fd, &nt->addr, nt->addrlen, message) < 0) {
+    int error = nt != NULL ? send_to(nt->fd, &nt->addr, nt->addrlen, message) : 0;
+    /* A full socket drops the message; any other error means gone. */
+    if (error != 0 && error != EAGAIN) {
         /* The receiver went away: systemd will not read more either. */
         close(nt->fd);
         nt->fd = -1;
@@ -429,16 +431,13 @@ send_ready(aiorun_state *st, const char *text)
             return -1;
         }
         int fd = open_socket();
-        ssize_t sent = fd < 0 ? -1 : sendto(fd, bytes, strlen(bytes),
-                                            MSG_NOSIGNAL | MSG_DONTWAIT,
-                                            (const struct sockaddr *)&addr, len);
-        int error = errno;
+        int error = fd < 0 ? errno : send_to(fd, &addr, len, bytes);
         if (fd >= 0) {
             close(fd);
         }
         Py_DECREF(message);
-        if (sent < 0) {
-            problem = error == EAGAIN || error == EWOULDBLOCK
+        if (error != 0) {
+            problem = error == EAGAIN
                 ? PyUnicode_FromFormat("the socket %U is full (nobody reads it): "
                                        "the message was dropped", shown)
                 : socket_error(shown, error);

@@ -457,17 +457,9 @@ run_loop(RunObject *run)
         return 0;
     }
     if (escaped != NULL) {
-        if (run->pending_exc == NULL) {
-            run->pending_exc = escaped;
-            return 0;
-        }
-        int rc = aiorun_log_exc(run->state, LOG_ERROR, "%s escaped the event loop; the "
-                                "exception reported before it is re-raised after the "
-                                "shutdown", (PyObject *)Py_TYPE(escaped), escaped);
-        Py_DECREF(escaped);
-        if (rc < 0) {
-            PyErr_WriteUnraisable((PyObject *)run);
-        }
+        aiorun_keep_exception(run, escaped, "%s escaped the event loop; the exception "
+                              "reported before it is re-raised after the shutdown",
+                              Py_TYPE(escaped)->tp_name);
         return 0;
     }
     if (!interrupted) {
@@ -477,13 +469,9 @@ run_loop(RunObject *run)
     if (aiorun_log(run->state, LOG_INFO, "Got KeyboardInterrupt") < 0) {
         /* A logging filter that raises: the shutdown goes on, and re-raises
          * it at the end. */
-        PyObject *exc = aiorun_take_error();
-        if (run->pending_exc == NULL) {
-            run->pending_exc = exc;
-        }
-        else {
-            Py_XDECREF(exc);
-        }
+        aiorun_keep_exception(run, aiorun_take_error(), "%s raised an error as the loop "
+                              "stopped; an earlier one is re-raised after the shutdown",
+                              "The \"aiorun\" logger");
     }
     return 0;
 }

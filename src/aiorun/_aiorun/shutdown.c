@@ -22,11 +22,8 @@
  * every turn) gives up after this many tries; the deadline bounds it too. */
 #define MAX_INTERRUPTIONS 1000
 
-/* The exception `exc` (a new reference, consumed) came from `what` during
- * the shutdown: the first one is kept to be re-raised at the end, a later
- * one is logged with `message`.  Never raises. */
-static void
-keep_exception(RunObject *run, PyObject *exc, const char *message, const char *what)
+void
+aiorun_keep_exception(RunObject *run, PyObject *exc, const char *message, const char *what)
 {
     if (exc == NULL) {
         return;
@@ -51,11 +48,11 @@ keep_exception(RunObject *run, PyObject *exc, const char *message, const char *w
     "different exception to re-raise, so this log message is all you're "   \
     "going to see about it."
 
-/* Keeps the error that is set (see keep_exception); the shutdown goes on. */
+/* Keeps the error that is set (aiorun_keep_exception); the shutdown goes on. */
 static void
 keep_error(RunObject *run, const char *what)
 {
-    keep_exception(run, aiorun_take_error(), LATER_ERROR, what);
+    aiorun_keep_exception(run, aiorun_take_error(), LATER_ERROR, what);
 }
 
 /* One of aiorun's log lines; a logging filter or handler that raises on it
@@ -94,7 +91,7 @@ is_own_error(RunObject *run, PyObject *future, PyObject *exc)
         return 1;
     }
     if (own != Py_None) {
-        keep_exception(run, own, LATER_ERROR, "A task of the shutdown");
+        aiorun_keep_exception(run, own, LATER_ERROR, "A task of the shutdown");
     }
     else {
         Py_DECREF(own);
@@ -138,7 +135,7 @@ run_until_done(RunObject *run, PyObject *future)
             /* Done, and an error of some other callback came out with it
              * (a loop's stop() raising as the wait ended): the wait is
              * over all the same. */
-            keep_exception(run, exc, LATER_ERROR, "A task or callback");
+            aiorun_keep_exception(run, exc, LATER_ERROR, "A task or callback");
             return 0;
         }
         if (!can_rerun) {
@@ -150,7 +147,7 @@ run_until_done(RunObject *run, PyObject *future)
         int is_stop = PyErr_GivenExceptionMatches(exc, PyExc_RuntimeError);
         int escaped = !PyErr_GivenExceptionMatches(exc, PyExc_Exception);
         if (escaped) {
-            keep_exception(run, exc, LATER_ERROR, "A task or callback");
+            aiorun_keep_exception(run, exc, LATER_ERROR, "A task or callback");
         }
         else if (is_stop) {
             Py_DECREF(exc);
@@ -230,18 +227,27 @@ run_shutdown_callback(RunObject *run, PyObject *callback)
     }
     /* Any exception, KeyboardInterrupt and SystemExit included, is kept
      * like an unhandled error: the shutdown goes on regardless. */
-    keep_exception(run, aiorun_take_error(),
+    aiorun_keep_exception(run, aiorun_take_error(),
                    "The %s raised an error, but there is already a different "
                    "exception raised from the loop, so this log message is all "
                    "you're going to see about it.", "shutdown_callback()");
 }
 
-/* task.cancel(msg), the message naming the cause.  A task class of an
- * app whose cancel() takes no message is cancelled without one. */
+/* task.cancel(msg), the message naming the cause, after the DEBUG line
+ * `Cancelling task: ...` (*debug: whether DEBUG is on, -1 until asked).
+ * A task class of an app whose cancel() takes no message is cancelled
+ * without one. */
 static void
-cancel_task(RunObject *run, PyObject *task)
+cancel_task(RunObject *run, PyObject *task, int *debug)
 {
     aiorun_state *st = run->state;
+    if (*debug < 0 && (*debug = aiorun_log_enabled(st, LOG_DEBUG)) < 0) {
+        keep_error(run, "The \"aiorun\" logger");
+        *debug = 0;
+    }
+    if (*debug && aiorun_log_exc(st, LOG_DEBUG, "Cancelling task: %s", task, NULL) < 0) {
+        keep_error(run, "The \"aiorun\" logger");
+    }
     PyObject *res = run->cancel_msg == NULL ? NULL
         : PyObject_CallMethodOneArg(task, st->s_cancel, run->cancel_msg);
     if (res == NULL && (run->cancel_msg == NULL
@@ -453,8 +459,23 @@ typedef struct {
     PyObject *seen;     /* {id(task): task} of every task already handled */
     int cancel;         /* cancel the unprotected ones */
     int announced;      /* "Cancelling pending tasks." said */
+    int said_running;   /* "Running pending tasks till complete" said */
+    int stage_stale;    /* the watchdog's stage is not "waiting" yet */
     PyObject *given_up; /* a task waited for to its timeout already, or NULL */
 } wait_plan;
+
+/* 1 if task is new to plan->seen (and now in it), 0 if seen before, -1. */
+static int
+first_sight(wait_plan *plan, PyObject *task)
+{
+    PyObject *key = PyLong_FromVoidPtr(task);
+    int seen = key ? PyDict_Contains(plan->seen, key) : -1;
+    if (seen == 0) {
+        seen = PyDict_SetItem(plan->seen, key, task) < 0 ? -1 : 0;
+    }
+    Py_XDECREF(key);
+    return seen < 0 ? -1 : !seen;
+}
 
 /* Cancel the tasks of `pending` not seen before, except the protected. */
 static int
@@ -464,23 +485,16 @@ cancel_new_tasks(RunObject *run, PyObject *pending, wait_plan *plan)
     int debug = -1;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(pending); i++) {
         PyObject *task = PyList_GET_ITEM(pending, i);
-        PyObject *key = PyLong_FromVoidPtr(task);
-        int seen = key ? PyDict_Contains(plan->seen, key) : -1;
-        if (seen == 0) {
-            seen = PyDict_SetItem(plan->seen, key, task) < 0 ? -1 : 0;
+        int first = first_sight(plan, task);
+        if (first < 0) {
+            return -1;
         }
-        Py_XDECREF(key);
-        if (seen != 0) {
-            if (seen < 0) {
-                return -1;
-            }
-            continue;
-        }
-        if (!plan->cancel) {
+        if (!first || !plan->cancel) {
             continue;
         }
         if (!plan->announced) {
             plan->announced = 1;
+            plan->stage_stale = 1;
             aiorun_run_stage(run, STAGE_CANCELLING);
             say(run, LOG_INFO, "Cancelling pending tasks.");
         }
@@ -488,18 +502,9 @@ cancel_new_tasks(RunObject *run, PyObject *pending, wait_plan *plan)
         if (protected_ < 0) {
             keep_error(run, "A task");
         }
-        if (protected_ != 0) {
-            continue;
+        if (protected_ == 0) {
+            cancel_task(run, task, &debug);
         }
-        if (debug < 0 && (debug = aiorun_log_enabled(st, LOG_DEBUG)) < 0) {
-            keep_error(run, "The \"aiorun\" logger");
-            debug = 0;
-        }
-        if (debug && aiorun_log_exc(st, LOG_DEBUG, "Cancelling task: %s", task,
-                                    NULL) < 0) {
-            keep_error(run, "The \"aiorun\" logger");
-        }
-        cancel_task(run, task);
     }
     return 0;
 }
@@ -530,14 +535,14 @@ wait_until(RunObject *run, PyObject *tasks, double seconds, wait_plan *plan)
         if (PyList_GET_SIZE(pending) == 0) {
             return pending;
         }
-        if (plan->announced == 1) {
-            plan->announced = 2;
+        if (plan->announced && !plan->said_running) {
+            plan->said_running = 1;
             say(run, LOG_INFO, "Running pending tasks till complete");
         }
-        if ((round == 0 || plan->announced == 2) && plan->cancel) {
-            /* (the drain and the main task's wait have said theirs) */
+        /* (the drain and the main task's wait have said their stage) */
+        if (plan->cancel && (round == 0 || plan->stage_stale)) {
+            plan->stage_stale = 0;
             aiorun_run_stage(run, STAGE_WAITING_TASKS);
-            plan->announced = plan->announced ? 3 : 0;
         }
         /* At least one turn of the loop, even for a deadline of 0. */
         if (round > 0 && deadline >= 0 && now >= deadline) {
@@ -646,7 +651,7 @@ let_tasks_finish(RunObject *run)
         keep_error(run, "The \"aiorun\" logger");
     }
     Py_XDECREF(delay);
-    wait_plan plan = {PyDict_New(), 0, 0, NULL};
+    wait_plan plan = {PyDict_New(), 0, 0, 0, 0, NULL};
     if (plan.seen == NULL) {
         keep_error(run, "aiorun");
         return;
@@ -664,9 +669,8 @@ cancel_main_first(RunObject *run, PyObject *timeout, wait_plan *plan)
 {
     aiorun_state *st = run->state;
     PyObject *main = Py_NewRef(run->main_task);
-    PyObject *key = PyLong_FromVoidPtr(main);
     PyObject *just_main = PyList_New(1);
-    if (key == NULL || just_main == NULL || PyDict_SetItem(plan->seen, key, main) < 0) {
+    if (just_main == NULL || first_sight(plan, main) < 0) {
         keep_error(run, "aiorun");
         goto done;
     }
@@ -682,14 +686,10 @@ cancel_main_first(RunObject *run, PyObject *timeout, wait_plan *plan)
     }
     aiorun_run_stage(run, STAGE_CANCELLING);
     say(run, LOG_INFO, "Cancelling the main task first.");
-    int debug = aiorun_log_enabled(st, LOG_DEBUG);
-    if (debug < 0 || (debug && aiorun_log_exc(st, LOG_DEBUG, "Cancelling task: %s", main,
-                                              NULL) < 0)) {
-        keep_error(run, "The \"aiorun\" logger");
-    }
-    cancel_task(run, main);
+    int debug = -1;
+    cancel_task(run, main, &debug);
     aiorun_run_stage(run, STAGE_WAITING_TASKS);
-    wait_plan only_main = {plan->seen, 0, 0, NULL};
+    wait_plan only_main = {plan->seen, 0, 0, 0, 0, NULL};
     PyObject *stuck = wait_until(run, just_main, timeout_seconds(run, timeout),
                                  &only_main);
     report_stuck(run, stuck, timeout);
@@ -700,7 +700,6 @@ cancel_main_first(RunObject *run, PyObject *timeout, wait_plan *plan)
     }
     Py_XDECREF(stuck);
 done:
-    Py_XDECREF(key);
     Py_XDECREF(just_main);
     Py_DECREF(main);
 }
@@ -720,7 +719,7 @@ static void
 cancel_and_wait(RunObject *run, PyObject *timeout)
 {
     int gc_was_enabled = PyGC_Disable();
-    wait_plan plan = {PyDict_New(), 1, 0, NULL};
+    wait_plan plan = {PyDict_New(), 1, 0, 0, 0, NULL};
     if (plan.seen == NULL) {
         keep_error(run, "aiorun");
         goto done;
