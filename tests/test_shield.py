@@ -151,7 +151,7 @@ def test_cancelling_the_protected_task_reaches_the_awaiting_side(app):
 
         def cancel_protected():
             [t.cancel() for t in asyncio.all_tasks()
-             if t.get_coro() in aiorun._DO_NOT_CANCEL_COROS]
+             if getattr(t, "_aiorun_protected", False)]
 
         run(main())
     """)
@@ -159,7 +159,9 @@ def test_cancelling_the_protected_task_reaches_the_awaiting_side(app):
     assert r.stdout == ["work cancelled", "awaiting side got CancelledError"]
 
 
-def test_do_not_cancel_coros_holds_exactly_the_protected_tasks(app):
+def test_the_protected_tasks_and_only_they_are_marked(app):
+    # README: a task started by shutdown_waits_for() carries
+    # `_aiorun_protected = True` (the original's WeakSet entry cost too much).
     r = run_app(app, """
         async def work():
             await asyncio.sleep(0.05)
@@ -173,12 +175,61 @@ def test_do_not_cancel_coros_holds_exactly_the_protected_tasks(app):
             loop.create_task(plain())
             await asyncio.sleep(0)
             for t in sorted(asyncio.all_tasks(), key=lambda t: t.get_coro().__name__):
-                say(t.get_coro().__name__, t._coro in aiorun._DO_NOT_CANCEL_COROS)
+                say(t.get_coro().__name__, getattr(t, "_aiorun_protected", False))
+            say(len(aiorun._DO_NOT_CANCEL_COROS))
             loop.stop()
 
         run(main())
     """)
-    assert r.stdout == ["main False", "plain False", "work True"]
+    assert r.stdout == ["main False", "plain False", "work True", "0"]
+
+
+def test_a_coroutine_the_app_puts_in_do_not_cancel_coros_is_not_cancelled(app):
+    # As with the original: _DO_NOT_CANCEL_COROS still protects the task of
+    # any coroutine the app adds to it itself.
+    a = app("""
+        async def saver():
+            say("READY")
+            await asyncio.sleep(0.3)
+            say("saver finished")
+
+        async def main():
+            coro = saver()
+            aiorun._DO_NOT_CANCEL_COROS.add(coro)
+            asyncio.get_running_loop().create_task(coro)
+            await asyncio.sleep(3600)
+
+        run(main())
+        say("run returned")
+    """)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["READY", "saver finished", "run returned"], r
+
+
+def test_a_task_class_without_a_dict_is_marked_through_the_weakset():
+    # asyncio's Task has a __dict__, so only a task class that refuses the
+    # attribute gets the original's WeakSet entry instead.
+    class Refusing(asyncio.Task):
+        def __setattr__(self, name, value):
+            if name == "_aiorun_protected":
+                raise AttributeError(name)
+            super().__setattr__(name, value)
+
+    async def work():
+        await asyncio.sleep(0)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(lambda loop, coro, **kw: Refusing(coro, loop=loop, **kw))
+        waiter = shutdown_waits_for(work())
+        assert not hasattr(waiter.task, "_aiorun_protected")
+        assert waiter.task.get_coro() in aiorun._DO_NOT_CANCEL_COROS
+        await waiter
+
+    asyncio.run(main())
 
 
 def test_protected_work_is_bounded_by_timeout_task_shutdown(app):
@@ -559,6 +610,46 @@ def test_a_protected_coroutine_failing_after_its_awaiter_gave_up(app):
     assert "ConnectionError: upload failed" in r.stderr_text
     assert "never retrieved" not in r.stderr_text
     assert "Unhandled exception" not in r.stderr_text
+
+
+def test_an_awaiter_that_gets_the_failure_is_no_orphan(app):
+    # The awaiter is still waiting when the protected coroutine raises: it
+    # gets the exception at its await, and nothing else is reported (no
+    # "stopped waiting" WARNING, no "never retrieved").  A protected task
+    # cancelled directly reaches its awaiter the same way.
+    a = app("""
+        async def upload():
+            await asyncio.sleep(0)
+            raise ConnectionError("upload failed")
+
+        async def forever():
+            await asyncio.sleep(3600)
+
+        async def main():
+            try:
+                await shutdown_waits_for(upload())
+            except ConnectionError as e:
+                say("caught", e)
+            waiter = shutdown_waits_for(forever())
+            asyncio.get_running_loop().call_later(0.05, waiter.task.cancel)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                say("protected task cancelled")
+            say("READY")
+            await asyncio.sleep(3600)
+
+        run(main(), stop_on_unhandled_errors=True)
+        say("run returned")
+    """)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["caught upload failed", "protected task cancelled", "READY",
+                        "run returned"], r
+    assert "protected by shutdown_waits_for()" not in r.stderr_text, r
+    assert "never retrieved" not in r.stderr_text, r
 
 
 def test_a_waiter_dropped_after_the_loop_closed_still_reports_its_failure(app):

@@ -74,6 +74,8 @@
     X(s_call_soon_threadsafe)                                               \
     X(s_call_soon)                                                          \
     X(s_create_task)                                                        \
+    X(s_add)                                                                \
+    X(s_protected)              /* "_aiorun_protected": the task's mark */  \
     X(kw_context)               /* ("context",): vectorcall keyword names */\
     X(s_run_until_complete)
 
@@ -328,8 +330,8 @@ PyObject *aiorun_run_reap(PyObject *self, PyObject *unused);
 
 /* ---- shield.c ---- */
 extern PyType_Spec aiorun_waiter_type_spec;
-PyObject *aiorun_shutdown_waits_for(PyObject *module, PyObject *args,
-                                    PyObject *kwargs);
+PyObject *aiorun_shutdown_waits_for(PyObject *module, PyObject *const *args,
+                                    Py_ssize_t nargs, PyObject *kwnames);
 /* Done callback of a protected task whose awaiter stopped waiting: logs
  * its exception once, as a WARNING. */
 PyObject *aiorun_protected_orphan_done(PyObject *module, PyObject *task);
@@ -344,6 +346,11 @@ PyObject *aiorun_waitfuture_new(aiorun_state *st, PyObject *task, PyObject *loop
 int aiorun_waitfuture_arm(PyObject *wait);
 /* Take back the wake-ups passed on to the task; keeps any exception set. */
 void aiorun_waitfuture_detach(PyObject *wait);
+/* 1 if the wait was cancelled (the awaiting task gave up), else 0. */
+int aiorun_waitfuture_cancelled(PyObject *wait);
+/* The protected task's result as the wait's result() last returned it (a
+ * new reference, given up by the wait), or NULL (no exception set). */
+PyObject *aiorun_waitfuture_take_result(PyObject *wait);
 
 /* ---- watchdog.c ---- */
 /* Where the shutdown is; the watchdog names it when it ends the process. */

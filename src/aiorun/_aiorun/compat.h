@@ -67,4 +67,11 @@ aiorun_gc_call(const char *name)
 #define Py_TPFLAGS_IMMUTABLETYPE 0
 #endif
 
+#if PY_VERSION_HEX < 0x030D0000
+/* 3.13's name for what 3.9-3.12 had as _PyObject_LookupAttr: 1 and a new
+ * reference, 0 and NULL if there is no such attribute (no exception set),
+ * -1 on any other error. */
+#define PyObject_GetOptionalAttr _PyObject_LookupAttr
+#endif
+
 #endif /* AIORUN_COMPAT_H */

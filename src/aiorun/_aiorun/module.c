@@ -68,7 +68,7 @@ static PyMethodDef aiorun_methods[] = {
     {"run", (PyCFunction)(void (*)(void))aiorun_run,
      METH_VARARGS | METH_KEYWORDS, run_doc},
     {"shutdown_waits_for", (PyCFunction)(void (*)(void))aiorun_shutdown_waits_for,
-     METH_VARARGS | METH_KEYWORDS, shutdown_waits_for_doc},
+     METH_FASTCALL | METH_KEYWORDS, shutdown_waits_for_doc},
     {"_shutdown_handler", aiorun_default_shutdown_handler, METH_O,
      shutdown_handler_doc},
     {"notify_ready", (PyCFunction)(void (*)(void))aiorun_notify_ready,
@@ -206,6 +206,8 @@ intern_strings(aiorun_state *st)
     INTERN(s_run_until_complete, "run_until_complete");
     INTERN(s_call_soon, "call_soon");
     INTERN(s_create_task, "create_task");
+    INTERN(s_add, "add");
+    INTERN(s_protected, "_aiorun_protected");
 #undef INTERN
     if ((st->kw_context = Py_BuildValue("(s)", "context")) == NULL) {
         return -1;

@@ -131,6 +131,14 @@ waiter_step(WaiterObject *self, PyObject **result)
                         "cannot reuse already awaited coroutine");
         return STEP_ERROR;
     }
+    /* Woken: the awaiting task's wake-up has just had the protected task's
+     * result from the wait, which only an ended task gives. */
+    PyObject *known = self->wait ? aiorun_waitfuture_take_result(self->wait) : NULL;
+    if (known != NULL) {
+        waiter_finish(self, 1);
+        *result = known;
+        return STEP_RETURN;
+    }
     int done = aiorun_call_predicate(self->task, st->s_done);
     if (done < 0) {
         waiter_detach(self);
@@ -208,6 +216,24 @@ waiter_am_send(WaiterObject *self, PyObject *value, PyObject **result)
 }
 #endif
 
+/* In throw(): was the awaiting task woken by the protected task's end?
+ * Then what is thrown in is that task's own exception, which the wait's
+ * result() retrieved for it: nobody stopped waiting, there is no orphan. */
+static int
+outcome_delivered(WaiterObject *self)
+{
+    if (self->phase != WAITER_WAITING || self->wait == NULL
+        || aiorun_waitfuture_cancelled(self->wait)) {
+        return 0;
+    }
+    int done = aiorun_call_predicate(self->task, waiter_state(self)->s_done);
+    if (done < 0) {
+        PyErr_WriteUnraisable((PyObject *)self);
+        return 0;
+    }
+    return done;
+}
+
 /* throw(exc) / throw(type[, value[, tb]]): the exception surfaces at the
  * await, so it propagates to the awaiting task; the protected task runs on. */
 static PyObject *
@@ -217,7 +243,7 @@ waiter_throw(WaiterObject *self, PyObject *args)
     if (!PyArg_UnpackTuple(args, "throw", 1, 3, &type, &value, &tb)) {
         return NULL;
     }
-    waiter_detach(self);
+    waiter_finish(self, outcome_delivered(self));
     if (tb == Py_None) {
         tb = NULL;
     }
@@ -458,14 +484,51 @@ done:
     Py_RETURN_NONE;
 }
 
+/* The mark of a task started by shutdown_waits_for(), kept on the task
+ * itself: the original puts the task's coroutine in a WeakSet, and that
+ * entry, with the weakref callback that takes it out again, was about half
+ * of what a protection cost here (bench/RESULTS.md).  Task classes without
+ * a __dict__ get the WeakSet entry instead. */
+static int
+mark_protected(aiorun_state *st, PyObject *task)
+{
+    if (PyObject_SetAttr(task, st->s_protected, Py_True) == 0) {
+        return 0;
+    }
+    if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        return -1;
+    }
+    PyErr_Clear();
+    PyObject *coro = task_coro(st, task);
+    if (coro == NULL || coro == Py_None) {
+        Py_XDECREF(coro);
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    PyObject *res = PyObject_CallMethodOneArg(st->do_not_cancel, st->s_add, coro);
+    Py_DECREF(coro);
+    Py_XDECREF(res);
+    return res ? 0 : -1;
+}
+
 int
 aiorun_is_protected(aiorun_state *st, PyObject *task)
 {
+    PyObject *mark;
+    int found = PyObject_GetOptionalAttr(task, st->s_protected, &mark);
+    if (found > 0) {
+        found = PyObject_IsTrue(mark);
+        Py_DECREF(mark);
+    }
+    if (found != 0) {
+        return found;
+    }
+    /* Not marked: its coroutine may still be one the app put in
+     * _DO_NOT_CANCEL_COROS itself, as the original allows. */
     PyObject *coro = task_coro(st, task);
     if (coro == NULL) {
         return PyErr_Occurred() ? -1 : 0;
     }
-    int found = coro == Py_None ? 0 : PySequence_Contains(st->do_not_cancel, coro);
+    found = coro == Py_None ? 0 : PySequence_Contains(st->do_not_cancel, coro);
     Py_DECREF(coro);
     return found;
 }
@@ -481,18 +544,48 @@ current_loop(aiorun_state *st)
     return PyObject_CallNoArgs(st->get_event_loop);
 }
 
-PyObject *
-aiorun_shutdown_waits_for(PyObject *module, PyObject *args, PyObject *kwargs)
+/* The arguments of a call that is not the usual shutdown_waits_for(coro),
+ * checked and unpacked the way a def would.  *coro and *loop are borrowed
+ * from args (or from kwnames' values), which the caller holds. */
+static int
+parse_general_call(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                   PyObject **coro, PyObject **loop)
 {
     static char *kwlist[] = {"coro", "loop", NULL};
+    PyObject *tuple = PyTuple_New(nargs), *kwargs = NULL;
+    int ok = tuple != NULL;
+    for (Py_ssize_t i = 0; ok && i < nargs; i++) {
+        PyTuple_SET_ITEM(tuple, i, Py_NewRef(args[i]));
+    }
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (ok && nkw > 0) {
+        ok = (kwargs = PyDict_New()) != NULL;
+        for (Py_ssize_t i = 0; ok && i < nkw; i++) {
+            ok = PyDict_SetItem(kwargs, PyTuple_GET_ITEM(kwnames, i), args[nargs + i]) == 0;
+        }
+    }
+    ok = ok && aiorun_check_call("shutdown_waits_for", tuple, kwargs, kwlist, 2, 1) == 0
+         && PyArg_ParseTupleAndKeywords(tuple, kwargs, "O|O:shutdown_waits_for", kwlist,
+                                        coro, loop);
+    /* The objects parsed out are args' own, which outlive the tuple. */
+    Py_XDECREF(tuple);
+    Py_XDECREF(kwargs);
+    return ok ? 0 : -1;
+}
+
+PyObject *
+aiorun_shutdown_waits_for(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                          PyObject *kwnames)
+{
     aiorun_state *st = aiorun_get_state(module);
     PyObject *coro, *loop = Py_None;
-    PyObject *call_args = NULL, *call_kwargs = NULL, *task = NULL, *inner = NULL;
+    PyObject *call_args = NULL, *call_kwargs = NULL, *task = NULL;
     WaiterObject *waiter = NULL;
 
-    if (aiorun_check_call("shutdown_waits_for", args, kwargs, kwlist, 2, 1) < 0
-        || !PyArg_ParseTupleAndKeywords(args, kwargs, "O|O:shutdown_waits_for", kwlist,
-                                     &coro, &loop)) {
+    if (nargs == 1 && kwnames == NULL) {
+        coro = args[0];   /* the usual call, with nothing to check */
+    }
+    else if (parse_general_call(args, nargs, kwnames, &coro, &loop) < 0) {
         return NULL;
     }
     /* A coroutine, the usual case, needs no inspect.isawaitable(). */
@@ -537,21 +630,9 @@ aiorun_shutdown_waits_for(PyObject *module, PyObject *args, PyObject *kwargs)
         task = call_kwargs ? PyObject_Call(st->ensure_future, call_args, call_kwargs)
                            : NULL;
     }
-    if (task == NULL) {
+    /* The shutdown phase does not cancel a marked task. */
+    if (task == NULL || mark_protected(st, task) < 0) {
         goto done;
-    }
-    /* Mark the task as protected: the shutdown phase skips tasks whose
-     * coroutine is in _DO_NOT_CANCEL_COROS. */
-    inner = task_coro(st, task);
-    if (inner == NULL && PyErr_Occurred()) {
-        goto done;
-    }
-    if (inner != NULL && inner != Py_None) {
-        PyObject *res = PyObject_CallMethod(st->do_not_cancel, "add", "O", inner);
-        if (res == NULL) {
-            goto done;
-        }
-        Py_DECREF(res);
     }
     waiter = PyObject_GC_New(WaiterObject, (PyTypeObject *)st->WaiterType);
     if (waiter == NULL) {
@@ -568,6 +649,5 @@ done:
     Py_XDECREF(call_args);
     Py_XDECREF(call_kwargs);
     Py_XDECREF(task);
-    Py_XDECREF(inner);
     return (PyObject *)waiter;
 }

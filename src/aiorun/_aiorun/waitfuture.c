@@ -26,6 +26,9 @@ typedef struct {
                             * wake-up allocates nothing of ours */
     PyObject *more;        /* list of (fn, context) for any further ones */
     PyObject *cancel_msg;  /* once cancelled: the message, or None */
+    PyObject *result;      /* the task's result, as result() returned it:
+                            * the awaiting task's wake-up asks for it and
+                            * drops it, so the waiter need not ask again */
     int blocking;          /* _asyncio_future_blocking */
     int cancelled;
     int cancelling;        /* cancel() is scheduling the wake-ups */
@@ -105,6 +108,21 @@ aiorun_waitfuture_detach(PyObject *wait)
 }
 
 int
+aiorun_waitfuture_cancelled(PyObject *wait)
+{
+    return ((WaitFutureObject *)wait)->cancelled;
+}
+
+PyObject *
+aiorun_waitfuture_take_result(PyObject *wait)
+{
+    WaitFutureObject *self = (WaitFutureObject *)wait;
+    PyObject *result = self->result;
+    self->result = NULL;
+    return result;
+}
+
+int
 aiorun_waitfuture_arm(PyObject *wait)
 {
     WaitFutureObject *self = (WaitFutureObject *)wait;
@@ -129,6 +147,7 @@ aiorun_waitfuture_new(aiorun_state *st, PyObject *task, PyObject *loop)
     self->context = NULL;
     self->more = NULL;
     self->cancel_msg = NULL;
+    self->result = NULL;
     self->blocking = 1;   /* made to be yielded */
     self->cancelled = 0;
     self->cancelling = 0;
@@ -413,7 +432,11 @@ static PyObject *
 wait_result(WaitFutureObject *self, PyObject *unused)
 {
     (void)unused;
-    return ask_task(self, wait_state(self)->s_result);
+    PyObject *result = ask_task(self, wait_state(self)->s_result);
+    if (result != NULL) {
+        Py_XSETREF(self->result, Py_NewRef(result));
+    }
+    return result;
 }
 
 static PyObject *
@@ -492,6 +515,7 @@ wait_traverse(WaitFutureObject *self, visitproc visit, void *arg)
     Py_VISIT(self->context);
     Py_VISIT(self->more);
     Py_VISIT(self->cancel_msg);
+    Py_VISIT(self->result);
     return 0;
 }
 
@@ -504,6 +528,7 @@ wait_clear(WaitFutureObject *self)
     Py_CLEAR(self->context);
     Py_CLEAR(self->more);
     Py_CLEAR(self->cancel_msg);
+    Py_CLEAR(self->result);
     return 0;
 }
 
