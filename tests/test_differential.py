@@ -62,9 +62,9 @@ def normal(line):
     return line
 
 
-def transcript(result):
+def transcript(result, raw=False):
     logs = [normal(l) for l in result.stderr
-            if LOG_LINE.match(l) and not l.startswith("DEBUG:aiorun:Cancelling task:")]
+            if LOG_LINE.match(l) and (raw or not l.startswith("DEBUG:aiorun:Cancelling task:"))]
     final = normal(result.stderr[-1]) if result.returncode and result.stderr else None
     return {"exit code": result.returncode, "stdout": [normal(l) for l in result.stdout],
             "log": logs, "final error line": final}

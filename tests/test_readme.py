@@ -33,3 +33,16 @@ def test_every_systemd_status_phase_is_in_the_readme():
     text = readme_text()
     missing = [p for p in phases if f"`{p}`" not in text]
     assert not missing, missing
+
+
+def test_what_differs_lists_exactly_the_accepted_differences():
+    # tests/differences.py is the one list of accepted differences from the
+    # original; the README's "What differs" list names the same, one to one.
+    from differences import ACCEPTED
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## What differs from the Python original", 1)[1]
+    section = section.split("### Choices where the specification is silent", 1)[0]
+    section = " ".join(section.split())
+    leads = re.findall(r"(?:^| )- \*\*(.+?)\*\*", section)
+    assert len(leads) == len(set(leads))
+    assert sorted(leads) == sorted(ACCEPTED)

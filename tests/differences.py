@@ -1,0 +1,69 @@
+"""Every accepted difference from aiorun 2025.1.1, by name and reason, in one
+place.  The names are the bold leads of the README's "What differs from the
+Python original" list, one to one (tests/test_readme.py checks both ways);
+tests/test_differential_scenarios.py runs the same scenarios under both
+packages and allows a transcript to differ only under one of these names,
+and then requires that it does differ, so no entry outlives its behaviour.
+"""
+
+ACCEPTED = {
+    "Signals are taken over at once, through the `signal` module.":
+        "a signal during start-up is not lost, and a storm of signals cannot run "
+        "shutdown_handler twice or raise 'Signal 2 ignored due to race condition'",
+    "The previous handlers are back":
+        "the original leaves its handlers bound to the closed loop: a Ctrl-C after "
+        "run() raises RuntimeError: Event loop is closed",
+    "The main task's exception reaches the exception handler immediately":
+        "the original relied on garbage collection to report it",
+    "A signal always wakes the loop.":
+        "a signal that lands just before the loop sleeps, or in another thread, "
+        "must not wait for the next event",
+    "Inside a running loop":
+        "the original fails half-way: it makes a loop and an executor, then "
+        "'Cannot run the event loop while another loop is running' and 'Task was "
+        "destroyed but it is pending!'",
+    "Off the main thread":
+        "the original raises ValueError from signal.signal(); a loop in a thread is "
+        "a real use (tests, embedded services)",
+    "`run()` returns the main coroutine's return value":
+        "asyncio.run() does; code that ignored the None is unaffected",
+    "The shutdown runs to its end, whatever user code does in it.":
+        "a stop() or an error in one phase must not skip the executor, the "
+        "protected work or the loop's close",
+    "A `SystemExit` (or any `BaseException` that is not an `Exception`) escaping the "
+    "loop starts the shutdown":
+        "sys.exit() in a task should still shut down gracefully, not leave the loop "
+        "open and the executor running",
+    "The main task's `KeyboardInterrupt` is not logged a second time.":
+        "run() has handled it ('Got KeyboardInterrupt'); asyncio's 'Task exception "
+        "was never retrieved' at collection is noise",
+    "Cancelled tasks are told why.":
+        "a task can tell the shutdown's cancel from any other "
+        "(aiorun.cancelled_by_shutdown)",
+    "No event-loop policy is ever installed.":
+        "policies are deprecated from 3.14; no deprecation warning on any Python",
+    "Bad arguments fail fast":
+        "the original accepted anything truthy and failed later, sometimes only "
+        "at shutdown",
+    "Argument errors read as Python's own":
+        "3.13's 'Did you mean' hint for a misspelt keyword is not given",
+    "Tasks stuck at shutdown are listed like a traceback":
+        "the original's one-line repr does not say where the task is stuck",
+    "The collector is paused while the tasks drain":
+        "with many tasks the collector took over half of the shutdown",
+    "The shutdown frees what the tasks held before `run()` returns.":
+        "objects such as stream writers are finalized while the loop is open, "
+        "not after it closed",
+    "A protected coroutine that fails after its awaiter stopped waiting":
+        "asyncio's 'Task exception was never retrieved' stopped the whole app "
+        "under stop_on_unhandled_errors",
+    "What `shutdown_waits_for()` returns is a C object, not a Python coroutine.":
+        "all of the logic is C; the names and reprs are the original's",
+    "A task awaiting `shutdown_waits_for()` waits on the protected task itself":
+        "no helper coroutine and future per call",
+    "Protected tasks are marked on the task itself":
+        "the original's WeakSet entry per call was half of what a protection cost",
+    "A DEBUG line per cancelled task":
+        "the seeds' transcript shows 'Cancelling task: ...', which 2025.1.1 dropped; "
+        "at DEBUG it does not flood a service's log",
+}
