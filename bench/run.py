@@ -102,24 +102,52 @@ def bench_shutdown(configs, runs, log):
 # ---- 2. shutdown_waits_for per call ----
 
 def bench_waits_for(runs, calls, log):
+    """{(side, loop, way): [microseconds per call, one per run]}."""
     samples = {}
-    for r, side in rounds(runs, ["ours", "original"]):
-        out = subprocess.run([PYTHON[side], os.path.join(HERE, "waits_for.py"), str(calls)],
-                             capture_output=True, text=True, check=True,
-                             timeout=CHILD_TIMEOUT).stdout
-        for line in out.splitlines():
-            way, micros = line.split()
-            samples.setdefault((side, way), []).append(float(micros))
-        log(f"  waits_for {side:8} round {r + 1}: {' '.join(out.split())}")
+    for loop in LOOPS:
+        for r, side in rounds(runs, ["ours", "original"]):
+            out = subprocess.run([PYTHON[side], os.path.join(HERE, "waits_for.py"),
+                                  str(calls), "--loop", loop],
+                                 capture_output=True, text=True, check=True,
+                                 timeout=CHILD_TIMEOUT).stdout
+            for line in out.splitlines():
+                way, micros = line.split()
+                samples.setdefault((side, loop, way), []).append(float(micros))
+            log(f"  waits_for {loop:7} {side:8} round {r + 1}: {' '.join(out.split())}")
     return samples
 
 
-# ---- 3. import time ----
+def profile_waits_for(calls, log):
+    """{loop: bench/waits_for_profile.py's figures}, or {} without valgrind."""
+    profiles = {}
+    for loop in LOOPS:
+        proc = subprocess.run([PYTHON["ours"], os.path.join(HERE, "waits_for_profile.py"),
+                               "--calls", str(calls), "--loop", loop],
+                              capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+        if proc.returncode == 3:
+            log("  profile skipped: valgrind is not installed")
+            return {}
+        if proc.returncode != 0:
+            raise SystemExit(f"waits_for_profile.py --loop {loop}: {proc.stderr[-2000:]}")
+        profiles[loop] = json.loads(proc.stdout)
+        p = profiles[loop]
+        log(f"  profile {loop:7}: task {p['task']:.0f}, waits_for {p['waits_for']:.0f} "
+            f"instructions per call")
+    return profiles
+
+
+# ---- 3. import time, and start-up to the first line of main() ----
 
 IMPORTS = {
     "import asyncio": ("ours", "import asyncio"),
     "import aiorun (ours)": ("ours", "import aiorun"),
     "import aiorun (original)": ("original", "import aiorun"),
+}
+
+STARTUPS = {
+    "asyncio.run(main())": ("ours", "asyncio"),
+    "aiorun.run(main()) (ours)": ("ours", "ours"),
+    "aiorun.run(main()) (original)": ("original", "original"),
 }
 
 
@@ -141,6 +169,24 @@ def bench_import(runs, log):
         samples[name]["cpu"].append(usage.ru_utime + usage.ru_stime)
     for name in names:
         log(f"  {name:26} median wall {statistics.median(samples[name]['wall']) * 1e3:7.2f} ms"
+            f"  cpu {statistics.median(samples[name]['cpu']) * 1e3:7.2f} ms")
+    return samples
+
+
+def bench_startup(runs, log):
+    """{name: {"wall": [...], "cpu": [...]}}: from the script's first line
+    to the first line of main(), as bench/startup.py measures it."""
+    samples = {name: {"wall": [], "cpu": []} for name in STARTUPS}
+    names = list(STARTUPS)
+    for r, name in rounds(runs, names):
+        side, way = STARTUPS[name]
+        out = subprocess.run([PYTHON[side], os.path.join(HERE, "startup.py"), way],
+                             capture_output=True, text=True, check=True,
+                             timeout=CHILD_TIMEOUT).stdout.split()
+        samples[name]["wall"].append(float(out[0]))
+        samples[name]["cpu"].append(float(out[1]))
+    for name in names:
+        log(f"  {name:30} median wall {statistics.median(samples[name]['wall']) * 1e3:7.2f} ms"
             f"  cpu {statistics.median(samples[name]['cpu']) * 1e3:7.2f} ms")
     return samples
 
@@ -207,9 +253,17 @@ def targets(shutdown, sizes, waits, imports):
                 for k in shutdown if k[3] == "ours")
     rows.append(("shutdown, every N, kind and loop: no slower than the original",
                  f"worst {worst:.2f}×", worst <= 1.0))
-    w = ratio(waits[("ours", "waits_for")], waits[("ours", "bare")])
-    rows.append(("`await shutdown_waits_for(coro)`: ≤ 2.0× a bare await", f"{w:.2f}×",
-                 w <= 2.0))
+    for loop in LOOPS:
+        w = ratio(waits[("ours", loop, "waits_for")], waits[("ours", loop, "bare")])
+        rows.append((f"`await shutdown_waits_for(coro)`, {loop}: ≤ 2.0× a bare await "
+                     "(issue 7)", f"{w:.2f}×", w <= 2.0))
+        w = ratio(waits[("ours", loop, "waits_for")], waits[("ours", loop, "task")])
+        rows.append((f"`await shutdown_waits_for(coro)`, {loop}: ≤ 1.05× `await "
+                     "loop.create_task(coro)` (issue 17)", f"{w:.2f}×", w <= 1.05))
+    for loop in LOOPS:
+        w = ratio(waits[("ours", loop, "waits_for")], waits[("original", loop, "waits_for")])
+        rows.append((f"`await shutdown_waits_for(coro)`, {loop}: below the original "
+                     "(issue 17)", f"{w:.2f}×", w < 1.0))
     i = ratio(imports["import aiorun (ours)"]["cpu"], imports["import asyncio"]["cpu"])
     rows.append(("`import aiorun`: ≤ 1.02× `import asyncio` (CPU time)", f"{i:.3f}×",
                  i <= 1.02))
@@ -221,7 +275,7 @@ def targets(shutdown, sizes, waits, imports):
     return rows
 
 
-def report(args, facts, shutdown, configs, waits, imports, command):
+def report(args, facts, shutdown, configs, waits, profiles, imports, startups, command):
     out = []
     w = out.append
     w("# Benchmark results\n")
@@ -259,21 +313,25 @@ def report(args, facts, shutdown, configs, waits, imports, command):
     w("\n![shutdown latency against N](shutdown.png)\n")
     w("## 2. `shutdown_waits_for` per call\n")
     w("`await X` of a coroutine that yields to the loop once (`asyncio.sleep(0)`), "
-      "microseconds per call, each side in its own interpreter. *task* is "
-      "`await loop.create_task(coro)`: the least any protection costs, since the "
-      "protected work must run as a task of its own that outlives its caller.\n")
-    w("| way | ours µs | original µs | ours ÷ bare await | original ÷ bare await |")
-    w("|---|---|---|---|---|")
-    for way in ("bare", "task", "shield", "waits_for"):
-        o, g = waits[("ours", way)], waits[("original", way)]
-        name = {"bare": "bare `await coro`", "task": "`await create_task(coro)`",
-                "shield": "`await asyncio.shield(coro)`",
-                "waits_for": "`await shutdown_waits_for(coro)`"}[way]
-        w(f"| {name} | {fmt_s(summary(o), 2)} | {fmt_s(summary(g), 2)} "
-          f"| {ratio(o, waits[('ours', 'bare')]):.2f} "
-          f"| {ratio(g, waits[('original', 'bare')]):.2f} |")
+      "microseconds of CPU time per call (best of three rounds of "
+      f"{args.calls:,} calls, the ways taking turns), each side in its own interpreter. "
+      "*task* is `await loop.create_task(coro)`: the least any protection costs, since "
+      "the protected work must run as a task of its own that outlives its caller.\n")
+    w("| loop | way | ours µs | original µs | ours ÷ original | ours ÷ task "
+      "| original ÷ task |")
+    w("|---|---|---|---|---|---|---|")
+    for loop in LOOPS:
+        for way in ("bare", "task", "shield", "waits_for"):
+            o, g = waits[("ours", loop, way)], waits[("original", loop, way)]
+            name = {"bare": "bare `await coro`", "task": "`await create_task(coro)`",
+                    "shield": "`await asyncio.shield(coro)`",
+                    "waits_for": "`await shutdown_waits_for(coro)`"}[way]
+            w(f"| {loop} | {name} | {fmt_s(summary(o), 2)} | {fmt_s(summary(g), 2)} "
+              f"| {ratio(o, g):.2f} | {ratio(o, waits[('ours', loop, 'task')]):.2f} "
+              f"| {ratio(g, waits[('original', loop, 'task')]):.2f} |")
     w("")
-    w("## 3. Import\n")
+    w(profile_section(profiles))
+    w("## 3. Import, and start-up to the first line of `main()`\n")
     w("`python -c \"...\"`, the whole process: its CPU time (user + system), which "
       "the target uses, and its wall time, which a busy or throttled machine "
       "stretches.\n")
@@ -281,6 +339,19 @@ def report(args, facts, shutdown, configs, waits, imports, command):
     w("|---|---|---|---|---|")
     base = imports["import asyncio"]
     for name, values in imports.items():
+        cpu = summary([v * 1e3 for v in values["cpu"]])
+        wall = summary([v * 1e3 for v in values["wall"]])
+        w(f"| `{name}` | {fmt_s(cpu, 1)} | {ratio(values['cpu'], base['cpu']):.3f} "
+          f"| {fmt_s(wall, 1)} | {ratio(values['wall'], base['wall']):.3f} |")
+    w("")
+    w("What a user waits for before their code runs (bench/startup.py): from the "
+      "script's first line, before any import, to the first line of `main()`: the "
+      "import, making the loop, the signal handlers and (for aiorun) the default "
+      "executor. CPU time of the process over that span, and wall time.\n")
+    w("| script | CPU ms | ÷ `asyncio.run` | wall ms | ÷ `asyncio.run` |")
+    w("|---|---|---|---|---|")
+    base = startups["asyncio.run(main())"]
+    for name, values in startups.items():
         cpu = summary([v * 1e3 for v in values["cpu"]])
         wall = summary([v * 1e3 for v in values["wall"]])
         w(f"| `{name}` | {fmt_s(cpu, 1)} | {ratio(values['cpu'], base['cpu']):.3f} "
@@ -297,6 +368,59 @@ def report(args, facts, shutdown, configs, waits, imports, command):
           f"| {statistics.median(s['original']):.0f} | {statistics.median(s['floor']):.0f} "
           f"| {ratio(s['ours'], s['original']):.3f} |")
     return "\n".join(out) + "\n"
+
+
+ASYNCIO_OBJECT = "_asyncio (asyncio's C)"
+
+
+def profile_section(profiles):
+    """Section 2b of RESULTS.md, from bench/waits_for_profile.py's figures."""
+    out = ["### 2b. Where the rest goes\n"]
+    w = out.append
+    if not profiles:
+        w("Not measured: valgrind is not installed (bench/waits_for_profile.py).\n")
+        return "\n".join(out)
+    w("Instructions per call, counted by callgrind (bench/waits_for_profile.py), which "
+      "a shared machine cannot disturb: each way run alone, with and without "
+      f"{next(iter(profiles.values()))['calls']:,} calls; the extra is split by the "
+      "object file that executed it.\n")
+    w("| loop | `await create_task(coro)` | `await shutdown_waits_for(coro)` | ratio "
+      "| extra | of which ours (_aiorun) | _asyncio | CPython core and ld.so "
+      "| one `asyncio.Future` made and freed |")
+    w("|---|---|---|---|---|---|---|---|---|")
+    for loop, p in profiles.items():
+        by = p["by_object"]
+        core = sum(v for k, v in by.items() if k.startswith(("CPython", "ld.so", "inlined")))
+        w(f"| {loop} | {p['task']:,.0f} | {p['waits_for']:,.0f} "
+          f"| {p['waits_for'] / p['task']:.3f} | {p['waits_for'] - p['task']:,.0f} "
+          f"| {by.get('_aiorun (ours)', 0):,.0f} | {by.get(ASYNCIO_OBJECT, 0):,.0f} "
+          f"| {core:,.0f} | {p['one_future']:,.0f} |")
+    w("")
+    loop, p = next(iter(profiles.items()))
+    w(f"The functions the extra runs in ({loop}; instructions per call, most first): "
+      + ", ".join(f"`{name.split(':')[-1]}` {cost:,.0f}" for name, cost in p["top"][:12])
+      + ".\n")
+    w("What they are, and whose:\n")
+    w("- **asyncio's generic path for a future-like (the largest share).** The awaiting "
+      "task waits on a `ShutdownWaitFuture`, the object whose `cancel()` ends only the "
+      "wait: that is what lets a cancelled awaiter leave while the work runs on. "
+      "`_asyncio`'s Task takes its fast path only for an exact `asyncio.Future` or "
+      "`Task`; for any other future-like its step looks up `_asyncio_future_blocking`, "
+      "calls `get_loop()`, sets the flag back, makes a bound `add_done_callback` and "
+      "calls it with `context=`, and its wake-up calls `result()` by name. The "
+      "instructions run in the CPython core (`_PyObject_GetMethod`, `_PyType_Lookup`, "
+      "dict lookups, `PyCMethod_New`). The fast path would need one `asyncio.Future` "
+      "per call, and making and freeing one costs about as much as this whole path "
+      "(last column).")
+    w("- **CPython's argument clinic.** The wake-up is passed on to the protected task "
+      "with `task.add_done_callback(fn, context=...)`, whose keyword parsing "
+      "(`_PyArg_UnpackKeywords`) is paid once per call.")
+    w("- **Ours.** Two small objects (the awaitable `shutdown_waits_for()` returns, and "
+      "the wait), the `_aiorun_protected` mark (the task's `__dict__`, made and freed), "
+      "and `done()`/`result()` on the task; `__tls_get_addr` is the thread-state lookup "
+      "each C API call makes in pyenv's shared libpython.")
+    w("")
+    return "\n".join(out)
 
 
 def plot(shutdown, configs, path):
@@ -333,6 +457,8 @@ def main():
                         help="task counts of the idle runs (comma-separated)")
     parser.add_argument("--calls", type=int, default=20000,
                         help="shutdown_waits_for calls per round")
+    parser.add_argument("--profile-calls", type=int, default=2000,
+                        help="calls per callgrind run of bench/waits_for_profile.py")
     parser.add_argument("--out", default=HERE, help="where RESULTS.md and the plot go")
     parser.add_argument("--sections", default="shutdown,waits_for,import",
                         help="which to measure; the others are read back from "
@@ -341,7 +467,7 @@ def main():
                         help="tiny sizes and one run, to check that it works; no files")
     args = parser.parse_args()
     if args.smoke:
-        args.runs, args.sizes, args.calls = 1, "100,300", 500
+        args.runs, args.sizes, args.calls, args.profile_calls = 1, "100,300", 500, 20
 
     # Stream runs need two descriptors a task: take the hard limit.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -378,15 +504,19 @@ def main():
     if "waits_for" in sections:
         log("2. shutdown_waits_for")
         waits = bench_waits_for(args.runs, args.calls, log)
+        profiles = profile_waits_for(args.profile_calls, log)
     else:
         waits = {tuple(k.split("/")): v for k, v in earlier["shutdown_waits_for_us"].items()}
+        profiles = earlier["shutdown_waits_for_profile"]
     if "import" in sections:
-        log("3. import")
+        log("3. import and start-up")
         imports = bench_import(max(args.runs * 8, 3), log)
+        startups = bench_startup(max(args.runs * 8, 3), log)
     else:
-        imports = earlier["import_s"]
+        imports, startups = earlier["import_s"], earlier["startup_s"]
     command = "make bench" if not args.smoke else "python bench/run.py --smoke"
-    text = report(args, facts, shutdown, configs, waits, imports, command)
+    text = report(args, facts, shutdown, configs, waits, profiles, imports, startups,
+                  command)
     log("")
     log(text)
     if not args.smoke:
@@ -396,7 +526,8 @@ def main():
         raw = {"machine": facts,
                "shutdown": {"/".join(map(str, k)): v for k, v in shutdown.items()},
                "shutdown_waits_for_us": {"/".join(k): v for k, v in waits.items()},
-               "import_s": imports}
+               "shutdown_waits_for_profile": profiles,
+               "import_s": imports, "startup_s": startups}
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(raw, f, indent=1)
         log(f"wrote {args.out}/RESULTS.md, results.json (every sample) and shutdown.png")
