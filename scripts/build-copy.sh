@@ -11,6 +11,6 @@ build_copy() {
     trap 'rm -rf "$build"' EXIT
     cp -r setup.py pyproject.toml README.md src "$build"/
     rm -f "$build"/src/aiorun/*.so
-    (cd "$build" && env "$@" "$python" setup.py -q build_ext -i 2>&1 | grep -v -i beta || true)
+    (cd "$build" && env AIORUN_STRICT_BUILD=1 "$@" "$python" setup.py -q build_ext -i 2>&1 | grep -v -i beta || true)
     ls "$build"/src/aiorun/_aiorun*.so >/dev/null
 }
