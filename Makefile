@@ -5,6 +5,8 @@
 # make bench           this aiorun against aiorun 2025.1.1 and bare asyncio:
 #                      writes bench/RESULTS.md and bench/shutdown.png (~30 min)
 # make bench-smoke     the same at tiny sizes, one run, writes nothing (CI)
+# make wheels          an sdist and a manylinux wheel per CPython into dist/,
+#                      each smoke-tested in a fresh venv without a compiler
 # make sanitize | memcheck | refleak | nomemory | storm | startup-window | fuzz
 #                      one each; long versions: make storm TRIALS=500,
 #                      make refleak REPS=100, make nomemory STEP=1,
@@ -18,7 +20,7 @@ STEP ?= 1
 EXAMPLES ?= 300
 SEED ?= 1
 
-.PHONY: demo test test-newest bench bench-smoke clean reliability sanitize memcheck refleak nomemory storm startup-window fuzz fuzz-sanitize
+.PHONY: demo test test-newest wheels bench bench-smoke clean reliability sanitize memcheck refleak nomemory storm startup-window fuzz fuzz-sanitize
 
 demo:
 	@[ -x .venvs/demo/bin/python ] || $(PYTHON) -m venv .venvs/demo
@@ -68,6 +70,9 @@ bench:
 
 bench-smoke:
 	scripts/bench --smoke
+
+wheels:
+	scripts/wheels
 
 reliability:
 	$(MAKE) sanitize
