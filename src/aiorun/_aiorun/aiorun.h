@@ -21,6 +21,7 @@
  *   reaper.c    reaping orphaned children as PID 1
  *   log.c       calls into the "aiorun" logger
  *   callargs.c  argument errors worded as Python's own
+ *   idset.c     a set of objects by identity (the shutdown's seen tasks)
  */
 #ifndef AIORUN_H
 #define AIORUN_H
@@ -327,6 +328,18 @@ int aiorun_reaper_start(RunObject *run);
 /* Cancels the timer and frees the reaper; keeps any exception set. */
 void aiorun_reaper_stop(RunObject *run);
 PyObject *aiorun_run_reap(PyObject *self, PyObject *unused);
+
+/* ---- idset.c ---- */
+typedef struct {
+    PyObject **slots;   /* NULL until the first add */
+    size_t mask;        /* number of slots - 1 */
+    size_t used;
+} aiorun_idset;
+#define AIORUN_IDSET_INIT {NULL, 0, 0}
+/* 1 if obj was added (and is now held), 0 if it was there, -1 (MemoryError). */
+int aiorun_idset_add(aiorun_idset *set, PyObject *obj);
+/* Empties the set and drops its references, which may run any code. */
+void aiorun_idset_clear(aiorun_idset *set);
 
 /* ---- shield.c ---- */
 extern PyType_Spec aiorun_waiter_type_spec;

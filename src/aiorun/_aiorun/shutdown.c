@@ -456,7 +456,7 @@ not_done(RunObject *run, PyObject *tasks, PyObject *skip)
 
 /* What a wait does with each task it sees for the first time. */
 typedef struct {
-    PyObject *seen;     /* {id(task): task} of every task already handled */
+    aiorun_idset *seen; /* every task already handled */
     int cancel;         /* cancel the unprotected ones */
     int announced;      /* "Cancelling pending tasks." said */
     int said_running;   /* "Running pending tasks till complete" said */
@@ -468,13 +468,7 @@ typedef struct {
 static int
 first_sight(wait_plan *plan, PyObject *task)
 {
-    PyObject *key = PyLong_FromVoidPtr(task);
-    int seen = key ? PyDict_Contains(plan->seen, key) : -1;
-    if (seen == 0) {
-        seen = PyDict_SetItem(plan->seen, key, task) < 0 ? -1 : 0;
-    }
-    Py_XDECREF(key);
-    return seen < 0 ? -1 : !seen;
+    return aiorun_idset_add(plan->seen, task);
 }
 
 /* Cancel the tasks of `pending` not seen before, except the protected. */
@@ -651,13 +645,10 @@ let_tasks_finish(RunObject *run)
         keep_error(run, "The \"aiorun\" logger");
     }
     Py_XDECREF(delay);
-    wait_plan plan = {PyDict_New(), 0, 0, 0, 0, NULL};
-    if (plan.seen == NULL) {
-        keep_error(run, "aiorun");
-        return;
-    }
+    aiorun_idset seen = AIORUN_IDSET_INIT;
+    wait_plan plan = {&seen, 0, 0, 0, 0, NULL};
     Py_XDECREF(wait_until(run, NULL, run->drain_delay, &plan));
-    Py_DECREF(plan.seen);
+    aiorun_idset_clear(&seen);
 }
 
 /* main_first: the main task is cancelled alone and waited for (up to
@@ -719,19 +710,15 @@ static void
 cancel_and_wait(RunObject *run, PyObject *timeout)
 {
     int gc_was_enabled = PyGC_Disable();
-    wait_plan plan = {PyDict_New(), 1, 0, 0, 0, NULL};
-    if (plan.seen == NULL) {
-        keep_error(run, "aiorun");
-        goto done;
-    }
+    aiorun_idset seen = AIORUN_IDSET_INIT;
+    wait_plan plan = {&seen, 1, 0, 0, 0, NULL};
     if (run->main_first && run->main_task != NULL) {
         cancel_main_first(run, timeout, &plan);
     }
     PyObject *stuck = wait_until(run, NULL, timeout_seconds(run, timeout), &plan);
     report_stuck(run, stuck, timeout);
     Py_XDECREF(stuck);
-done:
-    Py_XDECREF(plan.seen);
+    aiorun_idset_clear(&seen);
     if (gc_was_enabled) {
         PyGC_Enable();
     }
