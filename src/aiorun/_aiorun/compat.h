@@ -67,11 +67,47 @@ aiorun_gc_call(const char *name)
 #define Py_TPFLAGS_IMMUTABLETYPE 0
 #endif
 
-#if PY_VERSION_HEX < 0x030D0000
+#if PY_VERSION_HEX < 0x030D0000 && !defined(PYPY_VERSION)
 /* 3.13's name for what 3.9-3.12 had as _PyObject_LookupAttr: 1 and a new
  * reference, 0 and NULL if there is no such attribute (no exception set),
  * -1 on any other error. */
 #define PyObject_GetOptionalAttr _PyObject_LookupAttr
 #endif
+
+#ifdef PYPY_VERSION
+/* PyPy's C API has neither; the same through getattr(). */
+static inline int
+PyObject_GetOptionalAttr(PyObject *obj, PyObject *name, PyObject **result)
+{
+    *result = PyObject_GetAttr(obj, name);
+    if (*result != NULL) {
+        return 1;
+    }
+    if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        PyErr_Clear();
+        return 0;
+    }
+    return -1;
+}
+#endif
+
+/* 1 in the main interpreter.  PyPy has no other. */
+static inline int
+aiorun_in_main_interpreter(void)
+{
+#ifdef PYPY_VERSION
+    return 1;
+#else
+    return PyInterpreterState_Get() == PyInterpreterState_Main();
+#endif
+}
+
+/* The running thread's identifier; PyPy's PyThread_get_thread_ident()
+ * returns a long, CPython's an unsigned long. */
+static inline unsigned long
+aiorun_thread_ident(void)
+{
+    return (unsigned long)PyThread_get_thread_ident();
+}
 
 #endif /* AIORUN_COMPAT_H */

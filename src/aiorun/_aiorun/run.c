@@ -670,7 +670,7 @@ check_thread(aiorun_state *st, RunObject *run)
         /* compared while both are held.  In a subinterpreter the signal
          * module refuses handlers even on the main thread. */
         run->off_main_thread = current != main
-            || PyInterpreterState_Get() != PyInterpreterState_Main();
+            || !aiorun_in_main_interpreter();
     }
     Py_XDECREF(main);
     Py_XDECREF(current);
@@ -791,7 +791,7 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
     if (aiorun_log(st, LOG_DEBUG, "Entering run()") == 0
         && (!run->off_main_thread
             || aiorun_log(st, LOG_WARNING,
-                          PyInterpreterState_Get() == PyInterpreterState_Main()
+                          aiorun_in_main_interpreter()
                               ? OFF_MAIN_THREAD : IN_SUBINTERPRETER) == 0)
         && check_arguments(st, &a, &f) == 0
         && check_watchdog_arguments(&a, &w, !run->off_main_thread) == 0
@@ -834,8 +834,8 @@ aiorun_run(PyObject *module, PyObject *args, PyObject *kwargs)
      * (signals.c says why). */
     aiorun_state *st = aiorun_get_state(module);
     aiorun_held_signals held;
-    aiorun_signals_hold(&held, PyThread_get_thread_ident() == st->main_thread_ident
-                                   && PyInterpreterState_Get() == PyInterpreterState_Main());
+    aiorun_signals_hold(&held, aiorun_thread_ident() == st->main_thread_ident
+                                   && aiorun_in_main_interpreter());
     PyObject *result = run_holding_signals(module, args, kwargs, &held);
     aiorun_signals_release(&held, 0);
     return result;

@@ -8,23 +8,80 @@
 #include "aiorun.h"
 
 #include <frameobject.h>  /* PyFrame_Check, PyFrame_GetBack before 3.11 */
+#include <string.h>
+
+/* Where a frame is: its file and function names (new references) and its
+ * line.  0, or -1 with an exception set.  PyPy's C API has no frame
+ * functions: there the frame's attributes say it. */
+static int
+frame_location(PyObject *frame, PyObject **filename, PyObject **name, int *lineno)
+{
+#ifndef PYPY_VERSION
+    PyCodeObject *code = PyFrame_GetCode((PyFrameObject *)frame);
+    *lineno = PyFrame_GetLineNumber((PyFrameObject *)frame);
+    *filename = Py_NewRef(code->co_filename);
+    *name = Py_NewRef(code->co_name);
+    Py_DECREF(code);
+    return 0;
+#else
+    PyObject *code = PyObject_GetAttrString(frame, "f_code");
+    PyObject *line = code ? PyObject_GetAttrString(frame, "f_lineno") : NULL;
+    *filename = line ? PyObject_GetAttrString(code, "co_filename") : NULL;
+    *name = *filename ? PyObject_GetAttrString(code, "co_name") : NULL;
+    *lineno = *name ? PyLong_AsLong(line) : -1;
+    Py_XDECREF(code);
+    Py_XDECREF(line);
+    if (*name == NULL || (*lineno == -1 && PyErr_Occurred())) {
+        Py_CLEAR(*filename);
+        Py_CLEAR(*name);
+        return -1;
+    }
+    return 0;
+#endif
+}
+
+/* 1 if obj is a frame. */
+static int
+is_frame(PyObject *obj)
+{
+#ifndef PYPY_VERSION
+    return PyFrame_Check(obj);
+#else
+    return strcmp(Py_TYPE(obj)->tp_name, "frame") == 0;
+#endif
+}
+
+/* The frame's caller (a new reference), or NULL, with an exception set only
+ * if it could not be read. */
+static PyObject *
+frame_back(PyObject *frame)
+{
+#ifndef PYPY_VERSION
+    return (PyObject *)PyFrame_GetBack((PyFrameObject *)frame);
+#else
+    PyObject *back = PyObject_GetAttrString(frame, "f_back");
+    if (back == Py_None) {
+        Py_CLEAR(back);
+    }
+    return back;
+#endif
+}
 
 /* One frame as two traceback lines; the source line is left out when
  * linecache has none (code typed at a prompt, a deleted file). */
 static int
 append_frame(PyObject *parts, PyObject *getline, PyObject *frame)
 {
-    PyCodeObject *code = PyFrame_GetCode((PyFrameObject *)frame);
-    int lineno = PyFrame_GetLineNumber((PyFrameObject *)frame);
-    PyObject *line = NULL, *source = NULL, *stripped = NULL;
-    int rc = -1;
-
-    line = PyUnicode_FromFormat("  File \"%U\", line %d, in %U\n",
-                                code->co_filename, lineno, code->co_name);
+    PyObject *filename, *name, *line = NULL, *source = NULL, *stripped = NULL;
+    int lineno, rc = -1;
+    if (frame_location(frame, &filename, &name, &lineno) < 0) {
+        return -1;
+    }
+    line = PyUnicode_FromFormat("  File \"%U\", line %d, in %U\n", filename, lineno, name);
     if (line == NULL || PyList_Append(parts, line) < 0) {
         goto done;
     }
-    source = PyObject_CallFunction(getline, "Oi", code->co_filename, lineno);
+    source = PyObject_CallFunction(getline, "Oi", filename, lineno);
     if (source == NULL) {
         goto done;
     }
@@ -40,7 +97,8 @@ append_frame(PyObject *parts, PyObject *getline, PyObject *frame)
     }
     rc = 0;
 done:
-    Py_DECREF(code);
+    Py_DECREF(filename);
+    Py_DECREF(name);
     Py_XDECREF(line);
     Py_XDECREF(source);
     Py_XDECREF(stripped);
@@ -67,7 +125,7 @@ aiorun_format_frames(PyObject *frames)
     }
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
         PyObject *frame = PySequence_Fast_GET_ITEM(seq, i);
-        if (!PyFrame_Check(frame)) {
+        if (!is_frame(frame)) {
             PyErr_Format(PyExc_TypeError, "expected a frame, not %.200s",
                          Py_TYPE(frame)->tp_name);
             goto done;
@@ -115,7 +173,7 @@ await_chain(PyObject *coro)
             }
             break;   /* a future, or something else that is not a coroutine */
         }
-        if (PyFrame_Check(frame) && PyList_Append(frames, frame) < 0) {
+        if (is_frame(frame) && PyList_Append(frames, frame) < 0) {
             Py_CLEAR(frames);
         }
         Py_DECREF(frame);
@@ -166,14 +224,18 @@ aiorun_frame_chain(PyObject *frame)
     if (chain == NULL) {
         return NULL;
     }
-    PyFrameObject *f = (PyFrameObject *)Py_NewRef(frame);
+    PyObject *f = Py_NewRef(frame);
     while (f != NULL) {
-        if (PyList_Append(chain, (PyObject *)f) < 0) {
+        if (PyList_Append(chain, f) < 0) {
             Py_DECREF(f);
             Py_DECREF(chain);
             return NULL;
         }
-        Py_SETREF(f, PyFrame_GetBack(f));
+        Py_SETREF(f, frame_back(f));
+    }
+    if (PyErr_Occurred()) {
+        Py_DECREF(chain);
+        return NULL;
     }
     if (PyList_Reverse(chain) < 0) {
         Py_DECREF(chain);

@@ -711,7 +711,7 @@ watchdog_after_fork(RunObject *run)
 {
     aiorun_watchdog *wd = run->watchdog;
     if (wd == NULL || wd->pid == getpid()
-        || PyThread_get_thread_ident() != wd->loop_thread) {
+        || aiorun_thread_ident() != wd->loop_thread) {
         return;
     }
     /* The parent's copies may be locked: new ones, never destroyed.  On a
@@ -793,7 +793,7 @@ aiorun_watchdog_start(RunObject *run, double deadline, int exit_on_repeat,
     wd->run = run;
     wd->deadline = deadline;
     wd->exit_on_repeat = exit_on_repeat;
-    wd->loop_thread = PyThread_get_thread_ident();
+    wd->loop_thread = aiorun_thread_ident();
     wd->pid = getpid();
     atomic_init(&wd->stage, run->phase == PHASE_SETUP ? STAGE_STARTING : STAGE_RUNNING);
     atomic_init(&wd->python_request, run->shutdown_requested ? REQUEST_SIGNAL : 0);
