@@ -103,6 +103,18 @@ aiorun_get_state_by_type(PyTypeObject *type)
     return (aiorun_state *)PyType_GetModuleState(type);
 }
 
+/* tp_new of the types that only run() and shutdown_waits_for() create (with
+ * PyObject_GC_New): one made from Python would have no state behind it.  A
+ * slot, not tp_new = NULL after the fact, which PyPy's types do not see. */
+static inline PyObject *
+aiorun_refuse_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    (void)args;
+    (void)kwargs;
+    PyErr_Format(PyExc_TypeError, "cannot create '%s' instances", type->tp_name);
+    return NULL;
+}
+
 /* obj.name() as a truth value: 1, 0, or -1 with an exception set.  For
  * done(), cancelled() and the like on futures and tasks. */
 static inline int

@@ -207,7 +207,10 @@ resolve_target(PyObject *parser, PyObject *target)
         return usage_error(parser, PyUnicode_FromFormat(
             "TARGET must be module:function, not %R", target));
     }
-    Py_ssize_t len = PyUnicode_GET_LENGTH(target);
+    Py_ssize_t len = PyUnicode_GetLength(target);
+    if (len < 0) {
+        return NULL;
+    }
     Py_ssize_t colon = PyUnicode_FindChar(target, ':', 0, len, 1);
     if (colon == -2) {
         return NULL;

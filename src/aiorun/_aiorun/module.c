@@ -264,11 +264,6 @@ aiorun_exec(PyObject *module)
     if (st->ShutdownMessageType == NULL || (st->runs = PyDict_New()) == NULL) {
         return -1;
     }
-    /* Only run() and shutdown_waits_for() create these objects: one made
-     * from Python would have no state behind it. */
-    ((PyTypeObject *)st->RunType)->tp_new = NULL;
-    ((PyTypeObject *)st->WaiterType)->tp_new = NULL;
-    ((PyTypeObject *)st->WaitFutureType)->tp_new = NULL;
 
     PyObject *get_logger = import_attr("logging", "getLogger");
     if (get_logger == NULL) {

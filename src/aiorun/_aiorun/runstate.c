@@ -151,6 +151,7 @@ static PyMethodDef run_methods[] = {
 };
 
 static PyType_Slot run_slots[] = {
+    {Py_tp_new, aiorun_refuse_new},
     {Py_tp_dealloc, run_dealloc},
     {Py_tp_traverse, run_traverse},
     {Py_tp_clear, aiorun_run_clear},

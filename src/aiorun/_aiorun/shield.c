@@ -410,6 +410,7 @@ static PyMemberDef waiter_members[] = {
 };
 
 static PyType_Slot waiter_slots[] = {
+    {Py_tp_new, aiorun_refuse_new},
     {Py_tp_dealloc, waiter_dealloc},
     {Py_tp_finalize, waiter_finalize},
     {Py_tp_traverse, waiter_traverse},

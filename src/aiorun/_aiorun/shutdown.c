@@ -568,8 +568,9 @@ describe_stuck_task(PyObject *parts, PyObject *task)
     if (line == NULL) {
         return -1;
     }
-    Py_ssize_t len = PyUnicode_GET_LENGTH(line);
-    if (len > 0 && PyUnicode_READ_CHAR(line, len - 1) == '\n') {
+    /* The functions, not the macros: PyPy's strings are not "ready". */
+    Py_ssize_t len = PyUnicode_GetLength(line);
+    if (len > 0 && PyUnicode_ReadChar(line, len - 1) == '\n') {
         Py_SETREF(line, PyUnicode_Substring(line, 0, len - 1));
     }
     int rc = line ? PyList_Append(parts, line) : -1;

@@ -89,7 +89,7 @@ append_frame(PyObject *parts, PyObject *getline, PyObject *frame)
     if (stripped == NULL) {
         goto done;
     }
-    if (PyUnicode_Check(stripped) && PyUnicode_GET_LENGTH(stripped) > 0) {
+    if (PyUnicode_Check(stripped) && PyUnicode_GetLength(stripped) > 0) {
         Py_SETREF(line, PyUnicode_FromFormat("    %U\n", stripped));
         if (line == NULL || PyList_Append(parts, line) < 0) {
             goto done;

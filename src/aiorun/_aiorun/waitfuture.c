@@ -567,6 +567,7 @@ static PyGetSetDef wait_getset[] = {
 };
 
 static PyType_Slot wait_slots[] = {
+    {Py_tp_new, aiorun_refuse_new},
     {Py_tp_dealloc, wait_dealloc},
     {Py_tp_traverse, wait_traverse},
     {Py_tp_clear, wait_clear},
