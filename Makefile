@@ -1,6 +1,7 @@
 # make demo            the echo server and client of the seeds, stopped by SIGINT
 # make test            build and test on every CPython 3.9-3.13 (see scripts/test)
 # make test-newest     the same on 3.14 and 3.15 from Debian unstable (debootstrap, cached)
+# make test-pypy       the same on Debian's PyPy (pypy3, Python 3.9)
 # make reliability     the quick reliability set CI runs (RELIABILITY.md)
 # make bench           this aiorun against aiorun 2025.1.1 and bare asyncio:
 #                      writes bench/RESULTS.md and bench/shutdown.png (~30 min)
@@ -20,7 +21,7 @@ STEP ?= 1
 EXAMPLES ?= 300
 SEED ?= 1
 
-.PHONY: demo test test-newest wheels bench bench-smoke clean reliability sanitize memcheck refleak nomemory storm startup-window fuzz fuzz-sanitize
+.PHONY: demo test test-newest test-pypy wheels bench bench-smoke clean reliability sanitize memcheck refleak nomemory storm startup-window fuzz fuzz-sanitize
 
 demo:
 	@[ -x .venvs/demo/bin/python ] || $(PYTHON) -m venv .venvs/demo
@@ -73,6 +74,9 @@ bench-smoke:
 
 wheels:
 	scripts/wheels
+
+test-pypy:
+	scripts/test-pypy
 
 reliability:
 	$(MAKE) sanitize

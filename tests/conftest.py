@@ -238,3 +238,13 @@ def line_of(path, marker):
         if marker in line:
             return number
     raise AssertionError(f"{marker!r} not in {path}")
+
+
+PYPY = sys.implementation.name == "pypy"
+# What PyPy cannot do, each listed in the README's platform table.
+PYPY_GC = ("on PyPy, a task's or a waiter's unretrieved exception is reported when "
+           "the garbage collector frees it, not when it is dropped (the original too)")
+PYPY_STACKS = ("on PyPy, other threads' stacks (faulthandler) have approximate line "
+               "numbers")
+skip_on_pypy_gc = pytest.mark.skipif(PYPY, reason=PYPY_GC)
+skip_on_pypy_stacks = pytest.mark.skipif(PYPY, reason=PYPY_STACKS)

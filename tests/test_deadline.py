@@ -15,7 +15,7 @@ import time
 import pytest
 
 import aiorun
-from conftest import line_of, run_app, subsequence
+from conftest import PYPY, line_of, run_app, skip_on_pypy_stacks, subsequence
 
 FORCED = 124
 
@@ -64,6 +64,7 @@ def task_frame(a, marker, func):
     return f'File "{a.script}", line {line_of(a.script, marker)}, in {func}'
 
 
+@skip_on_pypy_stacks
 def test_blocking_sleep_in_a_coroutine(app):
     a = app("""
         async def job():
@@ -88,6 +89,7 @@ def test_blocking_sleep_in_a_coroutine(app):
     assert thread_frame(a, "# BLOCKS THE LOOP", "job") in text[first_dump:]
 
 
+@pytest.mark.skipif(PYPY, reason="ctypes.PyDLL (a C call that holds the GIL) is CPython's")
 def test_call_that_holds_the_gil(app):
     a = app("""
         import ctypes
@@ -112,6 +114,7 @@ def test_call_that_holds_the_gil(app):
     assert r.stdout == ["READY"]
 
 
+@skip_on_pypy_stacks
 def test_executor_job_that_never_returns(app):
     a = app("""
         never = threading.Event()

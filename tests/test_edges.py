@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from conftest import SHUTDOWN_TAIL, subsequence
+from conftest import PYPY, SHUTDOWN_TAIL, subsequence
 
 NOT_CRASHED = ("Segmentation fault", "Fatal Python error", "SystemError",
                "returned a result with an exception set", "AddressSanitizer",
@@ -711,6 +711,7 @@ def test_a_task_dump_request_after_the_loop_closed_is_dropped_quietly(app):
     assert not any(m.startswith("ERROR:") for m in r.log), r
 
 
+@pytest.mark.skipif(PYPY, reason="PyPy has no subinterpreters")
 def test_a_legacy_subinterpreter_uses_the_off_main_thread_mode(app, tmp_path):
     try:
         import _testcapi  # noqa: F401

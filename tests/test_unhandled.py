@@ -1,7 +1,7 @@
 """SPEC steps 4 and 5: stop_on_unhandled_errors."""
 import signal
 
-from conftest import SHUTDOWN_TAIL, line_of, run_app, subsequence
+from conftest import SHUTDOWN_TAIL, line_of, run_app, skip_on_pypy_gc, subsequence
 
 STOPPING = "ERROR:Unhandled exception; stopping loop: 'Task exception was never retrieved'"
 
@@ -52,6 +52,7 @@ def test_exception_from_main_is_reported_while_the_task_is_still_referenced(app)
     assert r.stdout == ["raised KeyError('k')"]
 
 
+@skip_on_pypy_gc
 def test_exception_from_a_background_task(app):
     r = run_app(app, """
         async def job():

@@ -151,7 +151,15 @@ shown_value(const char *value)
     if (text == NULL) {
         return NULL;
     }
-    Py_SETREF(text, PyUnicode_FromFormat("%.60U", text));
+    /* A substring, not "%.60U": PyPy's PyUnicode_FromFormat ignores the
+     * precision. */
+    Py_ssize_t len = PyUnicode_GetLength(text);
+    if (len < 0) {
+        Py_CLEAR(text);
+    }
+    else if (len > 60) {
+        Py_SETREF(text, PyUnicode_Substring(text, 0, 60));
+    }
     return text;
 }
 

@@ -371,9 +371,15 @@ static void
 waiter_dealloc(WaiterObject *self)
 {
     PyTypeObject *type = Py_TYPE(self);
+#ifdef PYPY_VERSION
+    /* PyPy's cpyext has no tp_finalize (a type with one dies with "missing
+     * slot wrapper wrap_del"): the same work here, which resurrects nothing. */
+    waiter_finalize(self);
+#else
     if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) {
         return;   /* resurrected by the finalizer */
     }
+#endif
     PyObject_GC_UnTrack(self);
     if (self->weakreflist != NULL) {
         PyObject_ClearWeakRefs((PyObject *)self);
@@ -412,7 +418,9 @@ static PyMemberDef waiter_members[] = {
 static PyType_Slot waiter_slots[] = {
     {Py_tp_new, aiorun_refuse_new},
     {Py_tp_dealloc, waiter_dealloc},
+#ifndef PYPY_VERSION
     {Py_tp_finalize, waiter_finalize},
+#endif
     {Py_tp_traverse, waiter_traverse},
     {Py_tp_clear, waiter_clear},
     {Py_tp_repr, waiter_repr},
