@@ -373,9 +373,6 @@ int aiorun_waitfuture_arm(PyObject *wait);
 void aiorun_waitfuture_detach(PyObject *wait);
 /* 1 if the wait was cancelled (the awaiting task gave up), else 0. */
 int aiorun_waitfuture_cancelled(PyObject *wait);
-/* The protected task's result as the wait's result() last returned it (a
- * new reference, given up by the wait), or NULL (no exception set). */
-PyObject *aiorun_waitfuture_take_result(PyObject *wait);
 
 /* ---- watchdog.c ---- */
 /* Where the shutdown is; the watchdog names it when it ends the process. */

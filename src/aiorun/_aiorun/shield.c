@@ -131,14 +131,6 @@ waiter_step(WaiterObject *self, PyObject **result)
                         "cannot reuse already awaited coroutine");
         return STEP_ERROR;
     }
-    /* Woken: the awaiting task's wake-up has just had the protected task's
-     * result from the wait, which only an ended task gives. */
-    PyObject *known = self->wait ? aiorun_waitfuture_take_result(self->wait) : NULL;
-    if (known != NULL) {
-        waiter_finish(self, 1);
-        *result = known;
-        return STEP_RETURN;
-    }
     int done = aiorun_call_predicate(self->task, st->s_done);
     if (done < 0) {
         waiter_detach(self);
@@ -216,22 +208,46 @@ waiter_am_send(WaiterObject *self, PyObject *value, PyObject **result)
 }
 #endif
 
-/* In throw(): was the awaiting task woken by the protected task's end?
- * Then what is thrown in is that task's own exception, which the wait's
- * result() retrieved for it: nobody stopped waiting, there is no orphan. */
+/* In throw(): is what is thrown in the protected task's own outcome, which
+ * the awaiting task's wake-up (given straight to that task) has just
+ * retrieved?  Then nobody stopped waiting and there is no orphan.  Anything
+ * else (the wait cancelled, an exception of the app's own thrown in) leaves
+ * the task's outcome to watch_orphan().  `thrown` may be NULL. */
 static int
-outcome_delivered(WaiterObject *self)
+outcome_delivered(WaiterObject *self, PyObject *thrown)
 {
     if (self->phase != WAITER_WAITING || self->wait == NULL
         || aiorun_waitfuture_cancelled(self->wait)) {
         return 0;
     }
-    int done = aiorun_call_predicate(self->task, waiter_state(self)->s_done);
-    if (done < 0) {
-        PyErr_WriteUnraisable((PyObject *)self);
-        return 0;
+    aiorun_state *st = waiter_state(self);
+    /* Our own references: done() and the rest may run code that sends a
+     * new wait in, or closes this waiter. */
+    PyObject *wait = Py_NewRef(self->wait), *task = Py_NewRef(self->task);
+    PyObject *outcome = NULL;
+    int delivered = aiorun_call_predicate(task, st->s_done);
+    int cancelled = delivered > 0 ? aiorun_call_predicate(task, st->s_cancelled) : 0;
+    if (cancelled > 0) {
+        delivered = thrown != NULL && PyObject_TypeCheck(thrown,
+                                                         (PyTypeObject *)st->CancelledError);
     }
-    return done;
+    else if (delivered > 0 && cancelled == 0) {
+        outcome = PyObject_CallMethodNoArgs(task, st->s_exception);
+        delivered = outcome == NULL ? -1 : outcome == thrown;
+    }
+    else if (cancelled < 0) {
+        delivered = -1;
+    }
+    if (delivered < 0) {
+        PyErr_WriteUnraisable((PyObject *)self);
+        delivered = 0;
+    }
+    /* The verdict is for this wait only. */
+    delivered = delivered && self->wait == wait;
+    Py_XDECREF(outcome);
+    Py_DECREF(wait);
+    Py_DECREF(task);
+    return delivered;
 }
 
 /* throw(exc) / throw(type[, value[, tb]]): the exception surfaces at the
@@ -243,7 +259,9 @@ waiter_throw(WaiterObject *self, PyObject *args)
     if (!PyArg_UnpackTuple(args, "throw", 1, 3, &type, &value, &tb)) {
         return NULL;
     }
-    waiter_finish(self, outcome_delivered(self));
+    PyObject *thrown = PyExceptionInstance_Check(type) ? type
+                       : value != NULL && PyExceptionInstance_Check(value) ? value : NULL;
+    waiter_finish(self, outcome_delivered(self, thrown));
     if (tb == Py_None) {
         tb = NULL;
     }
@@ -373,7 +391,9 @@ waiter_dealloc(WaiterObject *self)
     PyTypeObject *type = Py_TYPE(self);
 #ifdef PYPY_VERSION
     /* PyPy's cpyext has no tp_finalize (a type with one dies with "missing
-     * slot wrapper wrap_del"): the same work here, which resurrects nothing. */
+     * slot wrapper wrap_del"): the same work here.  It never hands `self`
+     * to Python code, so nothing can resurrect it, and waiter_finish()
+     * holds its own references to the task and the wait. */
     waiter_finalize(self);
 #else
     if (PyObject_CallFinalizerFromDealloc((PyObject *)self) < 0) {
@@ -504,7 +524,8 @@ mark_protected(aiorun_state *st, PyObject *task)
     if (PyObject_SetAttr(task, st->s_protected, Py_True) == 0) {
         return 0;
     }
-    if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+    /* Refused (no __dict__, a frozen task class): the WeakSet instead. */
+    if (PyErr_ExceptionMatches(PyExc_MemoryError)) {
         return -1;
     }
     PyErr_Clear();
@@ -525,7 +546,9 @@ aiorun_is_protected(aiorun_state *st, PyObject *task)
     PyObject *mark;
     int found = PyObject_GetOptionalAttr(task, st->s_protected, &mark);
     if (found > 0) {
-        found = PyObject_IsTrue(mark);
+        /* True itself: a task-like whose __getattr__ answers anything is
+         * not protected by that, and no __bool__ of the app's runs. */
+        found = mark == Py_True;
         Py_DECREF(mark);
     }
     if (found != 0) {
@@ -639,8 +662,19 @@ aiorun_shutdown_waits_for(PyObject *module, PyObject *const *args, Py_ssize_t na
         task = call_kwargs ? PyObject_Call(st->ensure_future, call_args, call_kwargs)
                            : NULL;
     }
-    /* The shutdown phase does not cancel a marked task. */
-    if (task == NULL || mark_protected(st, task) < 0) {
+    /* The shutdown phase does not cancel a marked task.  One that cannot be
+     * marked is cancelled: nobody would await it or know of it. */
+    if (task == NULL) {
+        goto done;
+    }
+    if (mark_protected(st, task) < 0) {
+        PyObject *exc = aiorun_take_error();
+        PyObject *res = PyObject_CallMethodNoArgs(task, st->s_cancel);
+        Py_XDECREF(res);
+        PyErr_Clear();
+        if (exc != NULL) {
+            aiorun_restore_error(exc);
+        }
         goto done;
     }
     waiter = PyObject_GC_New(WaiterObject, (PyTypeObject *)st->WaiterType);

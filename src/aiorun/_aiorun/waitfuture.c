@@ -26,9 +26,6 @@ typedef struct {
                             * wake-up allocates nothing of ours */
     PyObject *more;        /* list of (fn, context) for any further ones */
     PyObject *cancel_msg;  /* once cancelled: the message, or None */
-    PyObject *result;      /* the task's result, as result() returned it:
-                            * the awaiting task's wake-up asks for it and
-                            * drops it, so the waiter need not ask again */
     int blocking;          /* _asyncio_future_blocking */
     int cancelled;
     int cancelling;        /* cancel() is scheduling the wake-ups */
@@ -113,15 +110,6 @@ aiorun_waitfuture_cancelled(PyObject *wait)
     return ((WaitFutureObject *)wait)->cancelled;
 }
 
-PyObject *
-aiorun_waitfuture_take_result(PyObject *wait)
-{
-    WaitFutureObject *self = (WaitFutureObject *)wait;
-    PyObject *result = self->result;
-    self->result = NULL;
-    return result;
-}
-
 int
 aiorun_waitfuture_arm(PyObject *wait)
 {
@@ -147,7 +135,6 @@ aiorun_waitfuture_new(aiorun_state *st, PyObject *task, PyObject *loop)
     self->context = NULL;
     self->more = NULL;
     self->cancel_msg = NULL;
-    self->result = NULL;
     self->blocking = 1;   /* made to be yielded */
     self->cancelled = 0;
     self->cancelling = 0;
@@ -432,11 +419,7 @@ static PyObject *
 wait_result(WaitFutureObject *self, PyObject *unused)
 {
     (void)unused;
-    PyObject *result = ask_task(self, wait_state(self)->s_result);
-    if (result != NULL) {
-        Py_XSETREF(self->result, Py_NewRef(result));
-    }
-    return result;
+    return ask_task(self, wait_state(self)->s_result);
 }
 
 static PyObject *
@@ -515,7 +498,6 @@ wait_traverse(WaitFutureObject *self, visitproc visit, void *arg)
     Py_VISIT(self->context);
     Py_VISIT(self->more);
     Py_VISIT(self->cancel_msg);
-    Py_VISIT(self->result);
     return 0;
 }
 
@@ -528,7 +510,6 @@ wait_clear(WaitFutureObject *self)
     Py_CLEAR(self->context);
     Py_CLEAR(self->more);
     Py_CLEAR(self->cancel_msg);
-    Py_CLEAR(self->result);
     return 0;
 }
 
