@@ -498,8 +498,8 @@ scenario("the collector while the tasks drain", """
 
 scenario("what a cancelled task held, against the end of run()", """
     class Held:
-        def __del__(self):
-            say("held object finalized")
+        def __del__(self):   # logged: its place among aiorun's lines shows
+            logging.getLogger("app").info("held object finalized")
     async def worker():
         held = Held()
         await asyncio.sleep(3600)
