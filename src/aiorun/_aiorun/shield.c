@@ -225,18 +225,19 @@ outcome_delivered(WaiterObject *self, PyObject *thrown)
      * new wait in, or closes this waiter. */
     PyObject *wait = Py_NewRef(self->wait), *task = Py_NewRef(self->task);
     PyObject *outcome = NULL;
-    int delivered = aiorun_call_predicate(task, st->s_done);
-    int cancelled = delivered > 0 ? aiorun_call_predicate(task, st->s_cancelled) : 0;
-    if (cancelled > 0) {
+    int done = aiorun_call_predicate(task, st->s_done);
+    int cancelled = done > 0 ? aiorun_call_predicate(task, st->s_cancelled) : 0;
+    int delivered = 0;
+    if (done < 0 || cancelled < 0) {
+        delivered = -1;
+    }
+    else if (cancelled) {
         delivered = thrown != NULL && PyObject_TypeCheck(thrown,
                                                          (PyTypeObject *)st->CancelledError);
     }
-    else if (delivered > 0 && cancelled == 0) {
+    else if (done) {
         outcome = PyObject_CallMethodNoArgs(task, st->s_exception);
         delivered = outcome == NULL ? -1 : outcome == thrown;
-    }
-    else if (cancelled < 0) {
-        delivered = -1;
     }
     if (delivered < 0) {
         PyErr_WriteUnraisable((PyObject *)self);
