@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import threading
 import time
@@ -248,3 +249,6 @@ PYPY_STACKS = ("on PyPy, other threads' stacks (faulthandler) have approximate l
                "numbers")
 skip_on_pypy_gc = pytest.mark.skipif(PYPY, reason=PYPY_GC)
 skip_on_pypy_stacks = pytest.mark.skipif(PYPY, reason=PYPY_STACKS)
+
+# A free-threaded CPython (3.13t and later), where the GIL can be off.
+FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))

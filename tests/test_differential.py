@@ -10,6 +10,7 @@ The one intended difference: this project logs a DEBUG line per cancelled
 task ("Cancelling task: ...", as in the seeds' transcript), which 2025.1.1
 dropped; those lines are left out of the comparison.
 """
+import fcntl
 import os
 import re
 import signal
@@ -19,7 +20,7 @@ import venv
 
 import pytest
 
-from conftest import EXAMPLES, PYPY, PYPY_GC, ROOT, App, example_argv
+from conftest import EXAMPLES, FREE_THREADED, PYPY, PYPY_GC, ROOT, App, example_argv
 
 ORIGINAL = "aiorun==2025.1.1"
 
@@ -28,12 +29,22 @@ ORIGINAL = "aiorun==2025.1.1"
 def original_python():
     python = os.environ.get("AIORUN_ORIGINAL_PYTHON")
     if not python:
-        home = ROOT / ".venvs" / f"original-{sys.version_info[0]}.{sys.version_info[1]}"
+        tag = f"{sys.version_info[0]}.{sys.version_info[1]}{'t' if FREE_THREADED else ''}"
+        home = ROOT / ".venvs" / f"original-{tag}"
         python = str(home / "bin" / "python")
-        if not os.path.exists(python):
-            venv.create(home, with_pip=True)
-            subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                            ORIGINAL, "uvloop"], check=True)
+        (ROOT / ".venvs").mkdir(exist_ok=True)
+        # One maker at a time: the test workers (pytest-xdist) all want it.
+        with open(ROOT / ".venvs" / f"original-{tag}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.exists(home / "made"):
+                venv.create(home, with_pip=True, clear=True)
+                subprocess.run([python, "-m", "pip", "install", "-q",
+                                "--disable-pip-version-check", ORIGINAL], check=True)
+                # Where uvloop has no wheel (free-threaded builds), none.
+                subprocess.run([python, "-m", "pip", "install", "-q",
+                                "--disable-pip-version-check", "--only-binary=:all:",
+                                "uvloop"], capture_output=True)
+                (home / "made").touch()
     where = subprocess.run([python, "-c", "import aiorun; print(aiorun.__file__)"],
                            capture_output=True, text=True, env=clean_env(), check=True)
     assert where.stdout.strip().endswith(os.path.join("aiorun", "__init__.py"))
