@@ -29,7 +29,10 @@ ORIGINAL = "aiorun==2025.1.1"
 def original_python():
     python = os.environ.get("AIORUN_ORIGINAL_PYTHON")
     if not python:
-        tag = f"{sys.version_info[0]}.{sys.version_info[1]}{'t' if FREE_THREADED else ''}"
+        # The original on this very interpreter: PyPy and free-threaded
+        # builds get venvs of their own.
+        tag = (f"{'pypy' if PYPY else ''}{sys.version_info[0]}.{sys.version_info[1]}"
+               f"{'t' if FREE_THREADED else ''}")
         home = ROOT / ".venvs" / f"original-{tag}"
         python = str(home / "bin" / "python")
         (ROOT / ".venvs").mkdir(exist_ok=True)
@@ -117,7 +120,7 @@ def run_both(python_ours, python_orig, name, drive):
 def test_example_matches_the_original(original_python, name):
     if "uvloop" in name:
         pytest.importorskip("uvloop")
-    if PYPY and name in ("stop_unhandled_loop.py", "custom_stop.py"):
+    if PYPY and name in ("stop_unhandled_loop.py", "custom_stop.py", "stop_demo.py"):
         pytest.skip(PYPY_GC)
     results = run_both(sys.executable, original_python, name, SCENARIOS[name])
     assert results["ours"] == results["original"]

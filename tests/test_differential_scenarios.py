@@ -580,13 +580,27 @@ def run_scenario(python, body, drive, tmp_path, side, raw):
     return transcript(app.finish(), raw=raw)
 
 
+PYPY_GC_SCENARIOS = {
+    "stop_on_unhandled_errors: a task raises",
+    "stop_on_unhandled_errors: main raises",
+    "KeyboardInterrupt raised by the main coroutine",
+    "what a cancelled task held, against the end of run()",
+}
+assert PYPY_GC_SCENARIOS <= set(SCENARIOS), PYPY_GC_SCENARIOS - set(SCENARIOS)
+
+
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_scenario_against_the_original(original_python, tmp_path, name):  # noqa: F811
     body, drive, differs = SCENARIOS[name]
     if "uvloop" in body:
         pytest.importorskip("uvloop")
-    if PYPY and name == "stop_on_unhandled_errors: a task raises":
+    # On PyPy the original runs on PyPy too, where what it leaves to the
+    # garbage collector comes late or never.
+    if PYPY and name in PYPY_GC_SCENARIOS:
         pytest.skip(PYPY_GC)
+    if PYPY and name == "a non-exception context['exception'] under stop_on_unhandled_errors":
+        pytest.skip("PyPy words the TypeError of raising a class that is not an "
+                    "exception its own way (', not type') in pure Python only")
     # The DEBUG "Cancelling task:" lines are an accepted difference of their
     # own: left out, except where a scenario shows that difference.
     raw = "A DEBUG line per cancelled task" in differs
