@@ -29,6 +29,7 @@
 #include "compat.h"
 
 #include <signal.h>
+#include <stdatomic.h>
 
 /* Module state.  Every object field is listed once here; the struct,
  * m_traverse and m_clear are all generated from this list. */
@@ -43,7 +44,6 @@
     X(do_not_cancel)            /* weakref.WeakSet of protected coros */    \
     X(AbstractEventLoop)                                                    \
     X(Executor)                 /* concurrent.futures.Executor */           \
-    X(ThreadPoolExecutor)       /* imported by the first run() needing it */\
     X(all_tasks)                /* asyncio.all_tasks */                     \
     X(ensure_future)                                                        \
     X(new_event_loop)                                                       \
@@ -87,7 +87,7 @@ typedef struct {
     /* threading.main_thread().ident at import: run() must know, before it
      * calls any Python code, whether it is there. */
     unsigned long main_thread_ident;
-    int fork_hook_registered;   /* os.register_at_fork() done (watchdog.c) */
+    atomic_int fork_hook_registered;   /* os.register_at_fork() done (watchdog.c) */
 } aiorun_state;
 
 static inline aiorun_state *
@@ -167,6 +167,43 @@ aiorun_restore_error(PyObject *exc)
     PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc,
                   PyException_GetTraceback(exc));
 }
+
+/* Free-threaded builds.  Without the GIL, two threads may call into one of
+ * our objects at once: a Run's exception handler called from a worker
+ * thread, a ShutdownWaitFuture cancelled from two loops.  Each object keeps
+ * the GIL's rule for its own fields: run() and every entry point of the
+ * object hold a critical section on it.  Like the GIL, the section is let
+ * go while its thread blocks, which a call into Python may do, and the
+ * code already looks at its fields again after each such call.  With the
+ * GIL the sections compile to nothing.  Shared state of the module is set
+ * at import and only read afterwards, but for the `runs` dict (whose items
+ * are taken as new references) and the atomic fork-hook flag. */
+#define AIORUN_LOCKED(obj, result, call)  \
+    do {                                  \
+        Py_BEGIN_CRITICAL_SECTION(obj);   \
+        (result) = (call);                \
+        Py_END_CRITICAL_SECTION();        \
+    } while (0)
+
+/* Wrappers that call impl under a critical section on self, one per
+ * calling convention of the method tables; impl may take self as its
+ * own object type. */
+#define AIORUN_LOCKED_NOARGS(name, impl)                                  \
+    static PyObject *name(PyObject *self, PyObject *unused)              \
+    {                                                                     \
+        PyObject *res;                                                    \
+        AIORUN_LOCKED(self, res, impl((void *)self, unused));                     \
+        return res;                                                       \
+    }
+#define AIORUN_LOCKED_O(name, impl) AIORUN_LOCKED_NOARGS(name, impl)
+#define AIORUN_LOCKED_FASTCALL(name, impl)                                \
+    static PyObject *name(PyObject *self, PyObject *const *args,         \
+                          Py_ssize_t nargs)                               \
+    {                                                                     \
+        PyObject *res;                                                    \
+        AIORUN_LOCKED(self, res, impl((void *)self, args, nargs));                \
+        return res;                                                       \
+    }
 
 /* Logging levels of the logging module. */
 enum { LOG_DEBUG = 10, LOG_INFO = 20, LOG_WARNING = 30, LOG_ERROR = 40 };
@@ -406,6 +443,8 @@ PyObject *aiorun_after_fork_child(PyObject *module, PyObject *unused);
 /* Joins the watchdog's threads; keeps any exception set.  No-op without. */
 void aiorun_watchdog_stop(RunObject *run);
 void aiorun_watchdog_stage(RunObject *run, aiorun_stage stage);
+/* Called once run->loop is set: the loop whose tasks a forced exit lists. */
+void aiorun_watchdog_loop_ready(RunObject *run);
 /* A shutdown was requested from Python code; the first request counts. */
 void aiorun_watchdog_request(RunObject *run, aiorun_request_reason reason);
 

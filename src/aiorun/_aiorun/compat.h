@@ -91,6 +91,37 @@ PyObject_GetOptionalAttr(PyObject *obj, PyObject *name, PyObject **result)
 }
 #endif
 
+/* Critical sections (3.13): on a free-threaded build they lock an object;
+ * with the GIL, and on older Pythons, they are plain braces. */
+#if PY_VERSION_HEX < 0x030D0000 || defined(PYPY_VERSION)
+#define Py_BEGIN_CRITICAL_SECTION(op) {
+#define Py_END_CRITICAL_SECTION() }
+#endif
+
+#if PY_VERSION_HEX < 0x030D0000
+/* 3.13's PyDict_GetItemRef: 1 and a new reference, 0 and NULL if the key
+ * is missing (no exception), -1 on error.  A borrowed item of a shared
+ * dict is not safe once another thread may delete it. */
+static inline int
+PyDict_GetItemRef(PyObject *dict, PyObject *key, PyObject **result)
+{
+    PyObject *item = PyDict_GetItemWithError(dict, key);
+    *result = Py_XNewRef(item);
+    return item != NULL ? 1 : PyErr_Occurred() ? -1 : 0;
+}
+#endif
+
+/* sys.<name> as a new reference, or NULL with an exception set.
+ * PySys_GetObject() lends it, and another thread may replace it. */
+static inline PyObject *
+aiorun_sys_attr(const char *name)
+{
+    PyObject *sys = PyImport_ImportModule("sys");
+    PyObject *value = sys ? PyObject_GetAttrString(sys, name) : NULL;
+    Py_XDECREF(sys);
+    return value;
+}
+
 /* 1 in the main interpreter.  PyPy has no other. */
 static inline int
 aiorun_in_main_interpreter(void)

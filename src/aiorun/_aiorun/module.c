@@ -233,7 +233,7 @@ aiorun_exec(PyObject *module)
     if (PyErr_Occurred()) {
         return -1;
     }
-    st->fork_hook_registered = 0;
+    atomic_init(&st->fork_hook_registered, 0);
     /* Kept here, not looked up by name when needed: a waiter may be
      * finalized while the interpreter is clearing module dicts. */
     st->orphan_done = PyObject_GetAttrString(module, "_protected_orphan_done");
@@ -336,6 +336,11 @@ aiorun_free(void *module)
 
 static PyModuleDef_Slot aiorun_slots[] = {
     {Py_mod_exec, aiorun_exec},
+#if PY_VERSION_HEX >= 0x030D0000 && !defined(PYPY_VERSION)
+    /* Safe without the GIL (aiorun.h says how): importing aiorun leaves a
+     * free-threaded build free-threaded. */
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
+#endif
     {0, NULL},
 };
 

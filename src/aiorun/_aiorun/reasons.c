@@ -119,38 +119,12 @@ PyType_Spec aiorun_message_type_spec = {
 
 /* ---- shutdown_event() ---- */
 
-PyObject *
-aiorun_shutdown_event(PyObject *module, PyObject *args, PyObject *kwargs)
+/* The event of `run`, made on the first request.  Called under a critical
+ * section on run: run() itself and other threads may ask at once. */
+static PyObject *
+run_shutdown_event(RunObject *run)
 {
-    static char *kwlist[] = {"loop", NULL};
-    aiorun_state *st = aiorun_get_state(module);
-    PyObject *loop = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:shutdown_event", kwlist, &loop)) {
-        return NULL;
-    }
-    if (loop == Py_None) {
-        loop = PyObject_CallNoArgs(st->get_running_loop);
-        if (loop == NULL) {
-            return NULL;
-        }
-    }
-    else {
-        Py_INCREF(loop);
-    }
-    /* Our own reference at once: Event() below runs Python code, during
-     * which the run() that owns it may end (called from another thread). */
-    PyObject *found = loop == Py_None ? NULL
-        : Py_XNewRef(PyDict_GetItemWithError(st->runs, loop));
-    Py_DECREF(loop);
-    if (found == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_RuntimeError,
-                            "shutdown_event() must be called from code running in "
-                            "the event loop of aiorun.run(), or be given that loop");
-        }
-        return NULL;
-    }
-    RunObject *run = (RunObject *)found;
+    aiorun_state *st = run->state;
     PyObject *event = NULL;
     if (run->shutdown_event == NULL) {
         /* Made on first request, on the loop's thread: on 3.9 an Event
@@ -180,6 +154,45 @@ aiorun_shutdown_event(PyObject *module, PyObject *args, PyObject *kwargs)
                         "has ended");
     }
 done:
+    return event;
+}
+
+PyObject *
+aiorun_shutdown_event(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"loop", NULL};
+    aiorun_state *st = aiorun_get_state(module);
+    PyObject *loop = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|O:shutdown_event", kwlist, &loop)) {
+        return NULL;
+    }
+    if (loop == Py_None) {
+        loop = PyObject_CallNoArgs(st->get_running_loop);
+        if (loop == NULL) {
+            return NULL;
+        }
+    }
+    else {
+        Py_INCREF(loop);
+    }
+    /* Our own reference at once: Event() below runs Python code, during
+     * which the run() that owns it may end (called from another thread). */
+    PyObject *found = NULL;
+    if (loop != Py_None) {
+        (void)PyDict_GetItemRef(st->runs, loop, &found);
+    }
+    Py_DECREF(loop);
+    if (found == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_RuntimeError,
+                            "shutdown_event() must be called from code running in "
+                            "the event loop of aiorun.run(), or be given that loop");
+        }
+        return NULL;
+    }
+    RunObject *run = (RunObject *)found;
+    PyObject *event;
+    AIORUN_LOCKED(run, event, run_shutdown_event(run));
     Py_DECREF(run);
     return event;
 }

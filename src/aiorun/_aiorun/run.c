@@ -398,21 +398,18 @@ set_up_executor(RunObject *run, run_args *a)
             return NULL;
         }
         /* Imported here, not with aiorun: it costs `import aiorun` more
-         * than the rest of the module, and many runs pass an executor. */
-        if (st->ThreadPoolExecutor == NULL) {
-            PyObject *module = PyImport_ImportModule("concurrent.futures.thread");
-            st->ThreadPoolExecutor = module ? PyObject_GetAttrString(module,
-                                                                     "ThreadPoolExecutor")
-                                            : NULL;
-            Py_XDECREF(module);
-            if (st->ThreadPoolExecutor == NULL) {
-                return NULL;
-            }
-        }
-        PyObject *args = PyTuple_New(0);
+         * than the rest of the module, and many runs pass an executor.  Not
+         * kept in the module state: runs on other threads would race to
+         * set it, and sys.modules has it after the first import. */
+        PyObject *module = PyImport_ImportModule("concurrent.futures.thread");
+        PyObject *pool_type = module ? PyObject_GetAttrString(module, "ThreadPoolExecutor")
+                                     : NULL;
+        Py_XDECREF(module);
+        PyObject *args = pool_type ? PyTuple_New(0) : NULL;
         PyObject *kwargs = args ? Py_BuildValue("{sO}", "max_workers",
                                                 a->executor_workers) : NULL;
-        executor = kwargs ? PyObject_Call(st->ThreadPoolExecutor, args, kwargs) : NULL;
+        executor = kwargs ? PyObject_Call(pool_type, args, kwargs) : NULL;
+        Py_XDECREF(pool_type);
         Py_XDECREF(args);
         Py_XDECREF(kwargs);
         if (executor == NULL) {
@@ -520,11 +517,13 @@ unregister_run(RunObject *run)
     }
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    PyObject *found = PyDict_GetItemWithError(runs, run->loop);
-    if (found == (PyObject *)run && PyDict_DelItem(runs, run->loop) < 0) {
-        found = NULL;
+    PyObject *found;
+    int rc = PyDict_GetItemRef(runs, run->loop, &found);
+    if (rc > 0 && found == (PyObject *)run) {
+        rc = PyDict_DelItem(runs, run->loop);
     }
-    if (found == NULL && PyErr_Occurred()) {
+    Py_XDECREF(found);
+    if (rc < 0) {
         PyErr_WriteUnraisable((PyObject *)run);
     }
     PyErr_Restore(type, value, tb);
@@ -559,6 +558,7 @@ run_with_signals(RunObject *run, run_args *a, run_flags *f)
         run->loop = Py_NewRef(a->loop);
     }
     aiorun_signals_loop_ready(run);
+    aiorun_watchdog_loop_ready(run);
     if (register_run(run) < 0 || install_exception_handler(run, f->stop_on_errors) < 0) {
         goto fail;
     }
@@ -729,6 +729,66 @@ close_refused(PyObject *coro)
     PyErr_Restore(type, value, tb);
 }
 
+/* run() once its arguments are parsed, under a critical section on run. */
+static PyObject *
+run_locked(PyObject *module, RunObject *run, run_args *a, watchdog_args *w,
+           run_flags *f, aiorun_held_signals *held)
+{
+    aiorun_state *st = run->state;
+    PyObject *result = NULL;
+    run->shutdown_handler = a->shutdown_handler != Py_None
+        ? Py_NewRef(a->shutdown_handler)
+        : PyObject_GetAttrString(module, "_shutdown_handler");
+    if (run->shutdown_handler == NULL) {
+        goto done;
+    }
+    if (check_thread(st, run) < 0) {
+        goto done;
+    }
+    /* First of all, so that a signal arriving from here on is neither
+     * fatal nor lost; until now it was held back. */
+    int taken = aiorun_signals_take_over(run);
+    aiorun_signals_release(held, 0);
+    if (taken < 0) {
+        goto done;
+    }
+    if (aiorun_log(st, LOG_DEBUG, "Entering run()") == 0
+        && (!run->off_main_thread
+            || aiorun_log(st, LOG_WARNING,
+                          aiorun_in_main_interpreter()
+                              ? OFF_MAIN_THREAD : IN_SUBINTERPRETER) == 0)
+        && check_arguments(st, a, f) == 0
+        && check_watchdog_arguments(a, w, !run->off_main_thread) == 0
+        && check_watchdog_thread(run, a, w) == 0
+        && ((w->deadline == 0 && !w->exit_on_repeat)
+            || aiorun_watchdog_start(run, w->deadline, w->exit_on_repeat,
+                                     f->dump_signum) == 0)
+        && aiorun_notify_start(run, f->task_timeout) == 0) {
+        result = run_with_signals(run, a, f);
+    }
+    forget_main_task(run);
+    aiorun_reaper_stop(run);
+    aiorun_notify_stop(run);
+    aiorun_watchdog_stop(run);
+    unregister_run(run);
+    aiorun_signals_unwake_loop(run);
+    remove_exception_handler(run);
+    run->phase = PHASE_DONE;
+    aiorun_signals_restore(run);
+    /* A Python signal handler that raised while the handlers were given
+     * back: its exception is what run() raises. */
+    if (result != NULL && PyErr_Occurred()) {
+        Py_CLEAR(result);
+    }
+done:
+    if (result == NULL && run->main_task == NULL) {
+        close_refused(a->coro);
+    }
+    /* Break the cycles through the loop and the tasks at once. */
+    (void)aiorun_run_clear(run);
+    return result;
+}
+
 static PyObject *
 run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
                     aiorun_held_signals *held)
@@ -772,56 +832,9 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
         Py_XDECREF(default_timeout);
         return NULL;
     }
-    run->shutdown_handler = a.shutdown_handler != Py_None
-        ? Py_NewRef(a.shutdown_handler)
-        : PyObject_GetAttrString(module, "_shutdown_handler");
-    if (run->shutdown_handler == NULL) {
-        goto done;
-    }
-    if (check_thread(st, run) < 0) {
-        goto done;
-    }
-    /* First of all, so that a signal arriving from here on is neither
-     * fatal nor lost; until now it was held back. */
-    int taken = aiorun_signals_take_over(run);
-    aiorun_signals_release(held, 0);
-    if (taken < 0) {
-        goto done;
-    }
-    if (aiorun_log(st, LOG_DEBUG, "Entering run()") == 0
-        && (!run->off_main_thread
-            || aiorun_log(st, LOG_WARNING,
-                          aiorun_in_main_interpreter()
-                              ? OFF_MAIN_THREAD : IN_SUBINTERPRETER) == 0)
-        && check_arguments(st, &a, &f) == 0
-        && check_watchdog_arguments(&a, &w, !run->off_main_thread) == 0
-        && check_watchdog_thread(run, &a, &w) == 0
-        && ((w.deadline == 0 && !w.exit_on_repeat)
-            || aiorun_watchdog_start(run, w.deadline, w.exit_on_repeat,
-                                     f.dump_signum) == 0)
-        && aiorun_notify_start(run, f.task_timeout) == 0) {
-        result = run_with_signals(run, &a, &f);
-    }
-    forget_main_task(run);
-    aiorun_reaper_stop(run);
-    aiorun_notify_stop(run);
-    aiorun_watchdog_stop(run);
-    unregister_run(run);
-    aiorun_signals_unwake_loop(run);
-    remove_exception_handler(run);
-    run->phase = PHASE_DONE;
-    aiorun_signals_restore(run);
-    /* A Python signal handler that raised while the handlers were given
-     * back: its exception is what run() raises. */
-    if (result != NULL && PyErr_Occurred()) {
-        Py_CLEAR(result);
-    }
-done:
-    if (result == NULL && run->main_task == NULL) {
-        close_refused(a.coro);
-    }
-    /* Break the cycles through the loop and the tasks at once. */
-    (void)aiorun_run_clear(run);
+    /* run() holds a critical section on its Run throughout, as the
+     * entry points of the Run do (aiorun.h). */
+    AIORUN_LOCKED(run, result, run_locked(module, run, &a, &w, &f, held));
     Py_DECREF(run);
     Py_XDECREF(default_timeout);
     return result;

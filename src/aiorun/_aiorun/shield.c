@@ -122,7 +122,7 @@ waiter_yield(WaiterObject *self, PyObject **result)
 }
 
 static step_result
-waiter_step(WaiterObject *self, PyObject **result)
+waiter_step_impl(WaiterObject *self, PyObject **result)
 {
     aiorun_state *st = waiter_state(self);
     *result = NULL;
@@ -144,6 +144,16 @@ waiter_step(WaiterObject *self, PyObject **result)
      * CancelledError if it was cancelled directly. */
     *result = PyObject_CallMethodNoArgs(self->task, st->s_result);
     return *result ? STEP_RETURN : STEP_ERROR;
+}
+
+/* Every way in (send, __next__, am_send, throw, close) holds a critical
+ * section on the waiter (aiorun.h). */
+static step_result
+waiter_step(WaiterObject *self, PyObject **result)
+{
+    step_result rc;
+    AIORUN_LOCKED(self, rc, waiter_step_impl(self, result));
+    return rc;
 }
 
 /* Turn a STEP_RETURN into StopIteration(value), as generators do. */
@@ -254,7 +264,7 @@ outcome_delivered(WaiterObject *self, PyObject *thrown)
 /* throw(exc) / throw(type[, value[, tb]]): the exception surfaces at the
  * await, so it propagates to the awaiting task; the protected task runs on. */
 static PyObject *
-waiter_throw(WaiterObject *self, PyObject *args)
+waiter_throw_impl(WaiterObject *self, PyObject *args)
 {
     PyObject *type, *value = NULL, *tb = NULL;
     if (!PyArg_UnpackTuple(args, "throw", 1, 3, &type, &value, &tb)) {
@@ -293,12 +303,15 @@ waiter_throw(WaiterObject *self, PyObject *args)
 }
 
 static PyObject *
-waiter_close(WaiterObject *self, PyObject *unused)
+waiter_close_impl(WaiterObject *self, PyObject *unused)
 {
     (void)unused;
     waiter_detach(self);
     Py_RETURN_NONE;
 }
+
+AIORUN_LOCKED_O(waiter_throw, waiter_throw_impl)
+AIORUN_LOCKED_NOARGS(waiter_close, waiter_close_impl)
 
 static PyObject *
 waiter_await(WaiterObject *self)
@@ -326,7 +339,9 @@ static PyObject *
 waiter_get_await(WaiterObject *self, void *closure)
 {
     (void)closure;
-    return Py_NewRef(self->wait ? self->wait : Py_None);
+    PyObject *wait;
+    AIORUN_LOCKED(self, wait, Py_NewRef(self->wait ? self->wait : Py_None));
+    return wait;
 }
 
 static PyObject *

@@ -100,25 +100,32 @@ aiorun_waitfuture_detach(PyObject *wait)
 {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
+    Py_BEGIN_CRITICAL_SECTION(wait);
     take_back_all((WaitFutureObject *)wait);
+    Py_END_CRITICAL_SECTION();
     PyErr_Restore(type, value, tb);
 }
 
 int
 aiorun_waitfuture_cancelled(PyObject *wait)
 {
-    return ((WaitFutureObject *)wait)->cancelled;
+    int cancelled;
+    AIORUN_LOCKED(wait, cancelled, ((WaitFutureObject *)wait)->cancelled);
+    return cancelled;
 }
 
 int
 aiorun_waitfuture_arm(PyObject *wait)
 {
     WaitFutureObject *self = (WaitFutureObject *)wait;
-    if (self->cancelled) {
-        return 0;
+    int armed;
+    Py_BEGIN_CRITICAL_SECTION(wait);
+    armed = !self->cancelled;
+    if (armed) {
+        self->blocking = 1;
     }
-    self->blocking = 1;
-    return 1;
+    Py_END_CRITICAL_SECTION();
+    return armed;
 }
 
 PyObject *
@@ -182,7 +189,7 @@ drop_record(WaitFutureObject *self, PyObject *fn, PyObject *record)
 }
 
 static PyObject *
-wait_add_done_callback(WaitFutureObject *self, PyObject *const *args, Py_ssize_t nargs,
+wait_add_done_callback_impl(WaitFutureObject *self, PyObject *const *args, Py_ssize_t nargs,
                        PyObject *kwnames)
 {
     aiorun_state *st = wait_state(self);
@@ -250,7 +257,7 @@ wait_add_done_callback(WaitFutureObject *self, PyObject *const *args, Py_ssize_t
 }
 
 static PyObject *
-wait_remove_done_callback(WaitFutureObject *self, PyObject *fn)
+wait_remove_done_callback_impl(WaitFutureObject *self, PyObject *fn)
 {
     Py_ssize_t removed = 0;
     PyObject *records = NULL, *kept = NULL;
@@ -318,7 +325,7 @@ wait_is_done(WaitFutureObject *self)
 }
 
 static PyObject *
-wait_cancel(WaitFutureObject *self, PyObject *args, PyObject *kwargs)
+wait_cancel_impl(WaitFutureObject *self, PyObject *args, PyObject *kwargs)
 {
     static char *kwlist[] = {"msg", NULL};
     PyObject *msg = Py_None;
@@ -416,21 +423,21 @@ ask_task(WaitFutureObject *self, PyObject *method)
 }
 
 static PyObject *
-wait_result(WaitFutureObject *self, PyObject *unused)
+wait_result_impl(WaitFutureObject *self, PyObject *unused)
 {
     (void)unused;
     return ask_task(self, wait_state(self)->s_result);
 }
 
 static PyObject *
-wait_exception(WaitFutureObject *self, PyObject *unused)
+wait_exception_impl(WaitFutureObject *self, PyObject *unused)
 {
     (void)unused;
     return ask_task(self, wait_state(self)->s_exception);
 }
 
 static PyObject *
-wait_done(WaitFutureObject *self, PyObject *unused)
+wait_done_impl(WaitFutureObject *self, PyObject *unused)
 {
     (void)unused;
     int done = wait_is_done(self);
@@ -438,7 +445,7 @@ wait_done(WaitFutureObject *self, PyObject *unused)
 }
 
 static PyObject *
-wait_cancelled(WaitFutureObject *self, PyObject *unused)
+wait_cancelled_impl(WaitFutureObject *self, PyObject *unused)
 {
     (void)unused;
     return PyBool_FromLong(self->cancelled);
@@ -452,14 +459,14 @@ wait_get_loop(WaitFutureObject *self, PyObject *unused)
 }
 
 static PyObject *
-wait_get_blocking(WaitFutureObject *self, void *closure)
+wait_get_blocking_impl(WaitFutureObject *self, void *closure)
 {
     (void)closure;
     return PyBool_FromLong(self->blocking);
 }
 
 static int
-wait_set_blocking(WaitFutureObject *self, PyObject *value, void *closure)
+wait_set_blocking_impl(WaitFutureObject *self, PyObject *value, void *closure)
 {
     (void)closure;
     if (value == NULL) {
@@ -482,10 +489,59 @@ wait_get_task(WaitFutureObject *self, void *closure)
 }
 
 static PyObject *
-wait_repr(WaitFutureObject *self)
+wait_repr_impl(WaitFutureObject *self)
 {
     return PyUnicode_FromFormat("<shutdown_waits_for wait%s on %R>",
                                 self->cancelled ? " (cancelled)" : "", self->task);
+}
+
+/* ---- every way in holds a critical section on the wait (aiorun.h) ---- */
+
+static PyObject *
+wait_add_done_callback(WaitFutureObject *self, PyObject *const *args, Py_ssize_t nargs,
+                       PyObject *kwnames)
+{
+    PyObject *res;
+    AIORUN_LOCKED(self, res, wait_add_done_callback_impl(self, args, nargs, kwnames));
+    return res;
+}
+
+static PyObject *
+wait_cancel(WaitFutureObject *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *res;
+    AIORUN_LOCKED(self, res, wait_cancel_impl(self, args, kwargs));
+    return res;
+}
+
+AIORUN_LOCKED_O(wait_remove_done_callback, wait_remove_done_callback_impl)
+AIORUN_LOCKED_NOARGS(wait_result, wait_result_impl)
+AIORUN_LOCKED_NOARGS(wait_exception, wait_exception_impl)
+AIORUN_LOCKED_NOARGS(wait_done, wait_done_impl)
+AIORUN_LOCKED_NOARGS(wait_cancelled, wait_cancelled_impl)
+
+static PyObject *
+wait_get_blocking(WaitFutureObject *self, void *closure)
+{
+    PyObject *res;
+    AIORUN_LOCKED(self, res, wait_get_blocking_impl(self, closure));
+    return res;
+}
+
+static int
+wait_set_blocking(WaitFutureObject *self, PyObject *value, void *closure)
+{
+    int rc;
+    AIORUN_LOCKED(self, rc, wait_set_blocking_impl(self, value, closure));
+    return rc;
+}
+
+static PyObject *
+wait_repr(WaitFutureObject *self)
+{
+    PyObject *res;
+    AIORUN_LOCKED(self, res, wait_repr_impl(self));
+    return res;
 }
 
 static int

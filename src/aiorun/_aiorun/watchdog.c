@@ -48,7 +48,7 @@
 enum { JOB_LATE = 1, JOB_FINAL = 2, JOB_STACKS = 4 };
 
 struct aiorun_watchdog {
-    RunObject *run;              /* borrowed; used only with the GIL */
+    RunObject *run;              /* borrowed; the helper reads only its state */
     double deadline;             /* seconds; 0 for none */
     int exit_on_repeat;
     int wake_fd;                 /* read end of the sigwake pipe */
@@ -78,6 +78,9 @@ struct aiorun_watchdog {
     int helper_quit;
     int jobs;
     int jobs_done;
+    PyObject *loop;              /* run()'s loop once it has one: the helper
+                                  * reads it here, not in the Run, whose
+                                  * critical section run() holds */
 };
 
 static const char *const stage_names[] = {
@@ -215,11 +218,14 @@ helper_late_warning(aiorun_watchdog *wd)
         || atomic_load(&wd->stage) > STAGE_RUNNING) {
         return;  /* given already, or the loop got to it meanwhile */
     }
-    PyObject *sys_frames = Py_XNewRef(PySys_GetObject("_current_frames"));
+    PyObject *sys_frames = aiorun_sys_attr("_current_frames");
     frames = sys_frames ? PyObject_CallNoArgs(sys_frames) : NULL;
     Py_XDECREF(sys_frames);
     PyObject *key = frames ? PyLong_FromUnsignedLong(wd->loop_thread) : NULL;
-    PyObject *frame = key ? PyDict_GetItemWithError(frames, key) : NULL;
+    PyObject *frame = NULL;   /* borrowed: the dict is ours alone */
+    if (key != NULL) {
+        frame = PyDict_GetItemWithError(frames, key);
+    }
     Py_XDECREF(key);
     if (frame != NULL) {
         chain = aiorun_frame_chain(frame);
@@ -238,7 +244,7 @@ helper_late_warning(aiorun_watchdog *wd)
     }
     if (message == NULL
         || aiorun_log_exc(run->state, LOG_WARNING, "%s", message, NULL) < 0) {
-        if (PyErr_Occurred()) {  /* sys._current_frames missing sets none */
+        if (PyErr_Occurred()) {
             PyErr_WriteUnraisable((PyObject *)run);
         }
     }
@@ -252,8 +258,9 @@ static void
 flush_stream(const char *name)
 {
     /* Ours: flush() may replace sys.stderr and drop the old one. */
-    PyObject *stream = Py_XNewRef(PySys_GetObject(name));
+    PyObject *stream = aiorun_sys_attr(name);
     if (stream == NULL || stream == Py_None) {
+        PyErr_Clear();
         Py_XDECREF(stream);
         return;
     }
@@ -267,10 +274,11 @@ flush_stream(const char *name)
 
 /* The unfinished tasks of the loop, as text; NULL with an exception. */
 static PyObject *
-describe_tasks(RunObject *run)
+describe_tasks(aiorun_state *st, PyObject *loop)
 {
-    aiorun_state *st = run->state;
-    PyObject *tasks = aiorun_run_tasks(run);
+    PyObject *task_set = PyObject_CallOneArg(st->all_tasks, loop);
+    PyObject *tasks = task_set ? PySequence_List(task_set) : NULL;
+    Py_XDECREF(task_set);
     if (tasks == NULL) {
         return NULL;
     }
@@ -324,10 +332,14 @@ helper_final_report(aiorun_watchdog *wd)
     RunObject *run = wd->run;
     flush_stream("stdout");
     flush_stream("stderr");
-    if (run->loop == NULL) {
+    pthread_mutex_lock(&wd->mu);
+    PyObject *loop = Py_XNewRef(wd->loop);
+    pthread_mutex_unlock(&wd->mu);
+    if (loop == NULL) {
         return;
     }
-    PyObject *text = describe_tasks(run);
+    PyObject *text = describe_tasks(run->state, loop);
+    Py_DECREF(loop);
     PyObject *bytes = text ? PyUnicode_AsEncodedString(text, "utf-8", "backslashreplace")
                            : NULL;
     if (bytes == NULL) {
@@ -388,7 +400,9 @@ helper_main(void *arg)
         PyGILState_STATE gil = PyGILState_Ensure();
         if (!atomic_load(&wd->quit)) {  /* else run() is returning: moot */
             /* With the GIL held here, no thread is changing its frames
-             * while faulthandler walks them. */
+             * while faulthandler walks them.  A free-threaded build has no
+             * such pause: there the stacks are as faulthandler's are after
+             * a crash, read while the other threads run on. */
             if ((todo & JOB_STACKS) && !atomic_exchange(&wd->stacks_claimed, 1)) {
                 raise(wd->dump_signum);
             }
@@ -738,7 +752,8 @@ watchdog_after_fork(RunObject *run)
 static int
 register_fork_hook(aiorun_state *st)
 {
-    if (st->fork_hook_registered) {
+    /* Claimed before the calls into Python, which let other threads in. */
+    if (atomic_exchange(&st->fork_hook_registered, 1)) {
         return 0;
     }
     PyObject *module = PyType_GetModule((PyTypeObject *)st->RunType);
@@ -754,10 +769,10 @@ register_fork_hook(aiorun_state *st)
     Py_XDECREF(args);
     Py_XDECREF(kwargs);
     if (res == NULL) {
+        atomic_store(&st->fork_hook_registered, 0);
         return -1;
     }
     Py_DECREF(res);
-    st->fork_hook_registered = 1;
     return 0;
 }
 
@@ -849,6 +864,7 @@ aiorun_watchdog_stop(RunObject *run)
         aiorun_sigwake_uninstall();
         unregister_dump_signal(wd->dump_signum);
         run->watchdog = NULL;
+        Py_CLEAR(wd->loop);   /* the rest is the parent's: leaked, not freed */
         PyErr_Restore(type, value, tb);
         return;
     }
@@ -869,9 +885,23 @@ aiorun_watchdog_stop(RunObject *run)
     unregister_dump_signal(wd->dump_signum);
     pthread_mutex_destroy(&wd->mu);
     pthread_cond_destroy(&wd->cv);
+    PyObject *loop = wd->loop;
     PyMem_RawFree(wd);
     run->watchdog = NULL;
+    Py_XDECREF(loop);
     PyErr_Restore(type, value, tb);
+}
+
+void
+aiorun_watchdog_loop_ready(RunObject *run)
+{
+    aiorun_watchdog *wd = run->watchdog;
+    if (wd == NULL || run->loop == NULL) {
+        return;
+    }
+    pthread_mutex_lock(&wd->mu);
+    Py_XSETREF(wd->loop, Py_NewRef(run->loop));
+    pthread_mutex_unlock(&wd->mu);
 }
 
 void
@@ -923,6 +953,18 @@ void
 aiorun_watchdog_stop(RunObject *run)
 {
     (void)run;
+}
+
+void
+aiorun_watchdog_loop_ready(RunObject *run)
+{
+    aiorun_watchdog *wd = run->watchdog;
+    if (wd == NULL || run->loop == NULL) {
+        return;
+    }
+    pthread_mutex_lock(&wd->mu);
+    Py_XSETREF(wd->loop, Py_NewRef(run->loop));
+    pthread_mutex_unlock(&wd->mu);
 }
 
 void
