@@ -2,6 +2,9 @@
 # make test            build and test on every CPython 3.9-3.13 (see scripts/test)
 # make test-newest     the same on 3.14 and 3.15 from Debian unstable (debootstrap, cached)
 # make test-pypy       the same on Debian's PyPy (pypy3, Python 3.9)
+# make test-freethreaded  the same on a free-threaded CPython 3.13t with the
+#                      GIL off, plus the threads stress test (the 3.13t is
+#                      built from Debian's source once, ~4 min, and cached)
 # make reliability     the quick reliability set CI runs (RELIABILITY.md)
 # make bench           this aiorun against aiorun 2025.1.1 and bare asyncio:
 #                      writes bench/RESULTS.md and bench/shutdown.png (~30 min)
@@ -21,7 +24,7 @@ STEP ?= 1
 EXAMPLES ?= 300
 SEED ?= 1
 
-.PHONY: demo test test-newest test-pypy wheels bench bench-smoke clean reliability sanitize memcheck refleak nomemory storm startup-window fuzz fuzz-sanitize
+.PHONY: demo test test-newest test-pypy test-freethreaded wheels bench bench-smoke clean reliability sanitize memcheck refleak nomemory storm startup-window fuzz fuzz-sanitize
 
 demo:
 	@[ -x .venvs/demo/bin/python ] || $(PYTHON) -m venv .venvs/demo
@@ -77,6 +80,9 @@ wheels:
 
 test-pypy:
 	scripts/test-pypy
+
+test-freethreaded:
+	scripts/test-freethreaded
 
 reliability:
 	$(MAKE) sanitize
