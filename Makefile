@@ -11,6 +11,8 @@
 # make bench-smoke     the same at tiny sizes, one run, writes nothing (CI)
 # make wheels          an sdist and a manylinux wheel per CPython into dist/,
 #                      each smoke-tested in a fresh venv without a compiler
+# make tsan            the threads stress test under ThreadSanitizer on a
+#                      3.13t built with it (~10 min once, cached; not in CI)
 # make sanitize | memcheck | refleak | nomemory | storm | startup-window | fuzz
 #                      one each; long versions: make storm TRIALS=500,
 #                      make refleak REPS=100, make nomemory STEP=1,
@@ -24,7 +26,7 @@ STEP ?= 1
 EXAMPLES ?= 300
 SEED ?= 1
 
-.PHONY: demo test test-newest test-pypy test-freethreaded wheels bench bench-smoke clean reliability sanitize memcheck refleak nomemory storm startup-window fuzz fuzz-sanitize
+.PHONY: demo test test-newest test-pypy test-freethreaded tsan wheels bench bench-smoke clean reliability sanitize memcheck refleak nomemory storm startup-window fuzz fuzz-sanitize
 
 demo:
 	@[ -x .venvs/demo/bin/python ] || $(PYTHON) -m venv .venvs/demo
@@ -83,6 +85,9 @@ test-pypy:
 
 test-freethreaded:
 	scripts/test-freethreaded
+
+tsan:
+	scripts/tsan
 
 reliability:
 	$(MAKE) sanitize

@@ -63,6 +63,8 @@ def check_import():
             fail(f"{module.__name__} comes from {module.__file__}, not from {site}")
     if not ext.__file__.endswith(".so"):
         fail(f"aiorun._aiorun is not the C extension: {ext.__file__}")
+    if sysconfig.get_config_var("Py_GIL_DISABLED") and sys._is_gil_enabled():
+        fail("importing aiorun turned the GIL on in this free-threaded build")
 
 
 def check_app():
