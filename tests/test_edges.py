@@ -47,6 +47,29 @@ def test_a_non_exception_reported_as_the_exception_is_a_type_error(app, payload)
     assert "Leaving. Bye!" in r.messages
 
 
+def test_a_log_handler_reporting_an_error_as_the_pending_one_is_reraised(app):
+    """The "Reraising unhandled exception" line's handler calls the loop's
+    exception handler again, which replaces the pending exception: the one
+    taken for re-raising must still be raised (it was a crash)."""
+    r = app("""
+        class Rereport(logging.Handler):
+            def emit(self, record):
+                if record.getMessage() == "Reraising unhandled exception":
+                    loop.call_exception_handler({"message": "from the log handler"})
+        logging.getLogger("aiorun").addHandler(Rereport())
+        loop = asyncio.new_event_loop()
+
+        async def main():
+            raise KeyError("the app's own")
+        try:
+            run(main(), loop=loop, stop_on_unhandled_errors=True)
+        except KeyError as e:
+            say("raised:", e)
+    """).finish()
+    healthy(r)
+    assert r.stdout == ["raised: \"the app's own\""]
+
+
 def test_an_exception_class_reported_as_the_exception_is_raised_as_an_instance(app):
     r = app("""
         async def main():

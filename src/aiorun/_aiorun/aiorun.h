@@ -29,7 +29,6 @@
 #include "compat.h"
 
 #include <signal.h>
-#include <stdatomic.h>
 
 /* Module state.  Every object field is listed once here; the struct,
  * m_traverse and m_clear are all generated from this list. */
@@ -87,7 +86,7 @@ typedef struct {
     /* threading.main_thread().ident at import: run() must know, before it
      * calls any Python code, whether it is there. */
     unsigned long main_thread_ident;
-    atomic_int fork_hook_registered;   /* os.register_at_fork() done (watchdog.c) */
+    int fork_hook_registered;   /* os.register_at_fork() done (watchdog.c) */
 } aiorun_state;
 
 static inline aiorun_state *
@@ -169,15 +168,23 @@ aiorun_restore_error(PyObject *exc)
 }
 
 /* Free-threaded builds.  Without the GIL, two threads may call into one of
- * our objects at once: a Run's exception handler called from a worker
- * thread, a ShutdownWaitFuture cancelled from two loops.  Each object keeps
- * the GIL's rule for its own fields: run() and every entry point of the
- * object hold a critical section on it.  Like the GIL, the section is let
- * go while its thread blocks, which a call into Python may do, and the
- * code already looks at its fields again after each such call.  With the
- * GIL the sections compile to nothing.  Shared state of the module is set
- * at import and only read afterwards, but for the `runs` dict (whose items
- * are taken as new references) and the atomic fork-hook flag. */
+ * our objects at once.
+ * - A Run belongs to the thread of its run(), as its loop does: its
+ *   callbacks run there.  Other threads reach it in two ways only:
+ *   shutdown_event(loop=...), which reads and sets shutdown_event and
+ *   shutdown_began under the Run's critical section (as the loop's thread
+ *   writes them, and clears loop, reasons.c and runstate.c), and the
+ *   watchdog's helper, which keeps a loop of its own under its own mutex.
+ *   run() itself holds no section: the loop's callbacks would each
+ *   re-enter it, which 3.13 makes slow (a spin, then a park).
+ * - A ShutdownWaiter and a ShutdownWaitFuture can be handed to any thread:
+ *   every way in holds a critical section on the object, the GIL's rule
+ *   per object.  Like the GIL, the section is let go while its thread
+ *   blocks, which a call into Python may do, and the code already looks at
+ *   its fields again after each such call.
+ * - The module state is set at import and only read afterwards; the `runs`
+ *   dict hands out new references (PyDict_GetItemRef).
+ * With the GIL the sections compile to nothing. */
 #define AIORUN_LOCKED(obj, result, call)  \
     do {                                  \
         Py_BEGIN_CRITICAL_SECTION(obj);   \
@@ -185,25 +192,16 @@ aiorun_restore_error(PyObject *exc)
         Py_END_CRITICAL_SECTION();        \
     } while (0)
 
-/* Wrappers that call impl under a critical section on self, one per
- * calling convention of the method tables; impl may take self as its
- * own object type. */
+/* Wrappers that call impl under a critical section on self, for the
+ * method tables; impl may take self as its own object type. */
 #define AIORUN_LOCKED_NOARGS(name, impl)                                  \
     static PyObject *name(PyObject *self, PyObject *unused)              \
     {                                                                     \
         PyObject *res;                                                    \
-        AIORUN_LOCKED(self, res, impl((void *)self, unused));                     \
+        AIORUN_LOCKED(self, res, impl((void *)self, unused));             \
         return res;                                                       \
     }
 #define AIORUN_LOCKED_O(name, impl) AIORUN_LOCKED_NOARGS(name, impl)
-#define AIORUN_LOCKED_FASTCALL(name, impl)                                \
-    static PyObject *name(PyObject *self, PyObject *const *args,         \
-                          Py_ssize_t nargs)                               \
-    {                                                                     \
-        PyObject *res;                                                    \
-        AIORUN_LOCKED(self, res, impl((void *)self, args, nargs));                \
-        return res;                                                       \
-    }
 
 /* Logging levels of the logging module. */
 enum { LOG_DEBUG = 10, LOG_INFO = 20, LOG_WARNING = 30, LOG_ERROR = 40 };

@@ -233,7 +233,7 @@ aiorun_exec(PyObject *module)
     if (PyErr_Occurred()) {
         return -1;
     }
-    atomic_init(&st->fork_hook_registered, 0);
+    st->fork_hook_registered = 0;
     /* Kept here, not looked up by name when needed: a waiter may be
      * finalized while the interpreter is clearing module dicts. */
     st->orphan_done = PyObject_GetAttrString(module, "_protected_orphan_done");

@@ -119,8 +119,8 @@ PyType_Spec aiorun_message_type_spec = {
 
 /* ---- shutdown_event() ---- */
 
-/* The event of `run`, made on the first request.  Called under a critical
- * section on run: run() itself and other threads may ask at once. */
+/* The event of `run`, made on the first request.  Called under the Run's
+ * critical section: the loop's thread and others may ask at once. */
 static PyObject *
 run_shutdown_event(RunObject *run)
 {
@@ -197,8 +197,8 @@ aiorun_shutdown_event(PyObject *module, PyObject *args, PyObject *kwargs)
     return event;
 }
 
-int
-aiorun_run_begin_shutdown(RunObject *run)
+static int
+begin_shutdown(RunObject *run)
 {
     if (run->shutdown_began) {
         return 0;
@@ -215,4 +215,14 @@ aiorun_run_begin_shutdown(RunObject *run)
     }
     Py_DECREF(res);
     return 0;
+}
+
+/* Under the Run's critical section: shutdown_event() on another thread
+ * reads shutdown_began and sets shutdown_event. */
+int
+aiorun_run_begin_shutdown(RunObject *run)
+{
+    int rc;
+    AIORUN_LOCKED(run, rc, begin_shutdown(run));
+    return rc;
 }

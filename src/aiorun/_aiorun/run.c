@@ -729,9 +729,9 @@ close_refused(PyObject *coro)
     PyErr_Restore(type, value, tb);
 }
 
-/* run() once its arguments are parsed, under a critical section on run. */
+/* run() once its arguments are parsed. */
 static PyObject *
-run_locked(PyObject *module, RunObject *run, run_args *a, watchdog_args *w,
+run_body(PyObject *module, RunObject *run, run_args *a, watchdog_args *w,
            run_flags *f, aiorun_held_signals *held)
 {
     aiorun_state *st = run->state;
@@ -832,9 +832,7 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
         Py_XDECREF(default_timeout);
         return NULL;
     }
-    /* run() holds a critical section on its Run throughout, as the
-     * entry points of the Run do (aiorun.h). */
-    AIORUN_LOCKED(run, result, run_locked(module, run, &a, &w, &f, held));
+    result = run_body(module, run, &a, &w, &f, held);
     Py_DECREF(run);
     Py_XDECREF(default_timeout);
     return result;

@@ -87,7 +87,15 @@ run_traverse(RunObject *self, visitproc visit, void *arg)
 int
 aiorun_run_clear(RunObject *self)
 {
-    Py_CLEAR(self->loop);
+    /* shutdown_event() may be reading these two on another thread. */
+    PyObject *loop, *event;
+    Py_BEGIN_CRITICAL_SECTION(self);
+    loop = self->loop;
+    event = self->shutdown_event;
+    self->loop = self->shutdown_event = NULL;
+    Py_END_CRITICAL_SECTION();
+    Py_XDECREF(loop);
+    Py_XDECREF(event);
     Py_CLEAR(self->shutdown_handler);
     Py_CLEAR(self->pending_exc);
     Py_CLEAR(self->main_task);
@@ -95,7 +103,6 @@ aiorun_run_clear(RunObject *self)
     Py_CLEAR(self->drain_waiter);
     Py_CLEAR(self->ping_timer);
     Py_CLEAR(self->cancel_msg);
-    Py_CLEAR(self->shutdown_event);
     Py_CLEAR(self->reap_timer);
     return 0;
 }
@@ -117,51 +124,34 @@ run_repr(RunObject *self)
     return PyUnicode_FromFormat("<aiorun run state phase=%s>", phases[self->phase]);
 }
 
-/* The entry points, each under a critical section on the Run (aiorun.h). */
-AIORUN_LOCKED_FASTCALL(locked_on_signal, aiorun_run_on_signal)
-AIORUN_LOCKED_NOARGS(locked_call_shutdown_handler, aiorun_run_call_shutdown_handler)
-AIORUN_LOCKED_FASTCALL(locked_exception_handler, aiorun_run_exception_handler)
-AIORUN_LOCKED_O(locked_main_done, aiorun_run_main_done)
-AIORUN_LOCKED_NOARGS(locked_drain_wakeups, aiorun_run_drain_wakeups)
-AIORUN_LOCKED_FASTCALL(locked_task_done, aiorun_run_task_done)
-AIORUN_LOCKED_FASTCALL(locked_drain_timeout, aiorun_run_drain_timeout)
-AIORUN_LOCKED_NOARGS(locked_notify_ready, aiorun_run_notify_ready)
-AIORUN_LOCKED_NOARGS(locked_notify_watchdog, aiorun_run_notify_watchdog)
-AIORUN_LOCKED_FASTCALL(locked_on_dump_signal, aiorun_run_on_dump_signal)
-AIORUN_LOCKED_NOARGS(locked_dump_tasks, aiorun_run_dump_tasks)
-AIORUN_LOCKED_NOARGS(locked_reap, aiorun_run_reap)
-#ifdef MS_WINDOWS
-AIORUN_LOCKED_NOARGS(locked_windows_wakeup, aiorun_run_windows_wakeup)
-#endif
-
 static PyMethodDef run_methods[] = {
-    {"_on_signal", (PyCFunction)(void (*)(void))locked_on_signal,
+    {"_on_signal", (PyCFunction)(void (*)(void))aiorun_run_on_signal,
      METH_FASTCALL, "Signal handler installed while run() is active."},
-    {"_call_shutdown_handler", locked_call_shutdown_handler, METH_NOARGS,
+    {"_call_shutdown_handler", aiorun_run_call_shutdown_handler, METH_NOARGS,
      "Calls shutdown_handler(loop) on the loop's thread, while it runs."},
-    {"_exception_handler", (PyCFunction)(void (*)(void))locked_exception_handler,
+    {"_exception_handler", (PyCFunction)(void (*)(void))aiorun_run_exception_handler,
      METH_FASTCALL, "Loop exception handler for stop_on_unhandled_errors."},
-    {"_main_done", locked_main_done, METH_O,
+    {"_main_done", aiorun_run_main_done, METH_O,
      "Done callback of the main task: reports its exception at once."},
-    {"_drain_wakeups", locked_drain_wakeups, METH_NOARGS,
+    {"_drain_wakeups", aiorun_run_drain_wakeups, METH_NOARGS,
      "Reader of the signal wake-up pipe: empties it."},
-    {"_task_done", (PyCFunction)(void (*)(void))locked_task_done, METH_FASTCALL,
+    {"_task_done", (PyCFunction)(void (*)(void))aiorun_run_task_done, METH_FASTCALL,
      "Done callback of a task the shutdown waits for."},
-    {"_drain_timeout", (PyCFunction)(void (*)(void))locked_drain_timeout,
+    {"_drain_timeout", (PyCFunction)(void (*)(void))aiorun_run_drain_timeout,
      METH_FASTCALL,
      "Ends the wait for cancelled tasks when timeout_task_shutdown passes."},
-    {"_notify_ready", locked_notify_ready, METH_NOARGS,
+    {"_notify_ready", aiorun_run_notify_ready, METH_NOARGS,
      "Sends READY=1 once the main coroutine has started."},
-    {"_notify_watchdog", locked_notify_watchdog, METH_NOARGS,
+    {"_notify_watchdog", aiorun_run_notify_watchdog, METH_NOARGS,
      "Sends WATCHDOG=1 and schedules the next ping on the loop."},
-    {"_on_dump_signal", (PyCFunction)(void (*)(void))locked_on_dump_signal,
+    {"_on_dump_signal", (PyCFunction)(void (*)(void))aiorun_run_on_dump_signal,
      METH_FASTCALL, "Handler of task_dump_signal: has the loop dump its tasks."},
-    {"_dump_tasks", locked_dump_tasks, METH_NOARGS,
+    {"_dump_tasks", aiorun_run_dump_tasks, METH_NOARGS,
      "Logs every task of the loop with its await chain."},
-    {"_reap", locked_reap, METH_NOARGS,
+    {"_reap", aiorun_run_reap, METH_NOARGS,
      "Reaps orphaned children that stayed zombies since the last call."},
 #ifdef MS_WINDOWS
-    {"_windows_wakeup", locked_windows_wakeup, METH_NOARGS,
+    {"_windows_wakeup", aiorun_run_windows_wakeup, METH_NOARGS,
      "Wakes the loop periodically so Ctrl-C is noticed on Windows."},
 #endif
     {NULL, NULL, 0, NULL},

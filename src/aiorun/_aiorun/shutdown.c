@@ -830,7 +830,11 @@ aiorun_shutdown(RunObject *run, PyObject *shutdown_callback, PyObject *executor,
     }
     aiorun_run_stage(run, STAGE_LEAVING);
     say(run, LOG_INFO, "Leaving. Bye!");
-    if (run->pending_exc == NULL) {
+    /* Out of the field before the log call: a logging handler may call the
+     * loop's exception handler, which sets and clears the field. */
+    PyObject *exc = run->pending_exc;
+    run->pending_exc = NULL;
+    if (exc == NULL) {
         return result;
     }
     Py_DECREF(result);
@@ -839,8 +843,6 @@ aiorun_shutdown(RunObject *run, PyObject *shutdown_callback, PyObject *executor,
     }
     /* Raise it with the traceback it already carries, so the user sees
      * where it came from. */
-    PyObject *exc = run->pending_exc;
-    run->pending_exc = NULL;
     aiorun_restore_error(exc);
     return NULL;
 }

@@ -207,6 +207,69 @@ stage_text(const aiorun_watchdog *wd)
 
 /* ---- the helper: everything that needs the GIL ---- */
 
+#ifdef Py_GIL_DISABLED
+/* faulthandler.dump_traceback(file=fd, all_threads=True): faulthandler
+ * stops the world while it reads the threads (3.13.2 and later).  On a
+ * free-threaded build nothing else keeps a running thread's frames still
+ * while another thread walks them.  0, or -1 with an exception. */
+static int
+dump_all_threads_stopped(PyObject *fd)
+{
+    PyObject *faulthandler = PyImport_ImportModule("faulthandler");
+    PyObject *res = faulthandler
+        ? PyObject_CallMethod(faulthandler, "dump_traceback", "OO", fd, Py_True) : NULL;
+    Py_XDECREF(faulthandler);
+    Py_XDECREF(res);
+    return res ? 0 : -1;
+}
+
+/* The stack of thread `ident` as faulthandler writes it (most recent call
+ * first), through a temporary file; NULL with an exception. */
+static PyObject *
+stopped_thread_stack(unsigned long ident)
+{
+    PyObject *tempfile = PyImport_ImportModule("tempfile");
+    PyObject *file = tempfile ? PyObject_CallMethod(tempfile, "TemporaryFile", NULL) : NULL;
+    Py_XDECREF(tempfile);
+    if (file == NULL) {
+        return NULL;
+    }
+    PyObject *fd = PyObject_CallMethod(file, "fileno", NULL);
+    PyObject *data = NULL, *text = NULL, *found = NULL;
+    PyObject *res = fd && dump_all_threads_stopped(fd) == 0
+        ? PyObject_CallMethod(file, "seek", "i", 0) : NULL;
+    data = res ? PyObject_CallMethod(file, "read", NULL) : NULL;
+    Py_XDECREF(res);
+    text = data ? PyUnicode_FromEncodedObject(data, "utf-8", "backslashreplace") : NULL;
+    Py_XDECREF(fd);
+    Py_XDECREF(data);
+    res = PyObject_CallMethod(file, "close", NULL);
+    Py_XDECREF(res);
+    Py_DECREF(file);
+    if (text == NULL) {
+        return NULL;
+    }
+    /* faulthandler heads each thread "Thread 0x<ident> (most recent call
+     * first):" and ends it with a blank line. */
+    char head[64];
+    snprintf(head, sizeof(head), "Thread 0x%0*lx", (int)(sizeof(unsigned long) * 2), ident);
+    const char *all = PyUnicode_AsUTF8(text);
+    const char *start = all ? strstr(all, head) : NULL;
+    if (start != NULL) {
+        const char *body = strchr(start, '\n');
+        const char *end = body ? strstr(body + 1, "\n\n") : NULL;
+        found = body ? PyUnicode_FromStringAndSize(
+                           body + 1, end ? end - body : (Py_ssize_t)strlen(body + 1))
+                     : NULL;
+    }
+    else if (all != NULL) {
+        found = PyUnicode_FromString("  (no Python frame)\n");
+    }
+    Py_DECREF(text);
+    return found;
+}
+#endif
+
 /* Log, once, where the loop thread is while it ignores the request. */
 static void
 helper_late_warning(aiorun_watchdog *wd)
@@ -218,6 +281,10 @@ helper_late_warning(aiorun_watchdog *wd)
         || atomic_load(&wd->stage) > STAGE_RUNNING) {
         return;  /* given already, or the loop got to it meanwhile */
     }
+#ifdef Py_GIL_DISABLED
+    text = stopped_thread_stack(wd->loop_thread);
+    const char *order = "first";
+#else
     PyObject *sys_frames = aiorun_sys_attr("_current_frames");
     frames = sys_frames ? PyObject_CallNoArgs(sys_frames) : NULL;
     Py_XDECREF(sys_frames);
@@ -234,13 +301,15 @@ helper_late_warning(aiorun_watchdog *wd)
     else if (!PyErr_Occurred()) {
         text = PyUnicode_FromString("  (no Python frame)\n");
     }
+    const char *order = "last";
+#endif
     if (text != NULL) {
         char ago[32];
         snprintf(ago, sizeof(ago), "%.1f", wd->late_ago);
         message = PyUnicode_FromFormat(
             "Shutdown requested %s s ago by %s, but the event loop has not "
-            "acted on it: its thread is blocked here (most recent call last):\n%U",
-            ago, reason_text(wd), text);
+            "acted on it: its thread is blocked here (most recent call %s):\n%U",
+            ago, reason_text(wd), order, text);
     }
     if (message == NULL
         || aiorun_log_exc(run->state, LOG_WARNING, "%s", message, NULL) < 0) {
@@ -401,10 +470,17 @@ helper_main(void *arg)
         if (!atomic_load(&wd->quit)) {  /* else run() is returning: moot */
             /* With the GIL held here, no thread is changing its frames
              * while faulthandler walks them.  A free-threaded build has no
-             * such pause: there the stacks are as faulthandler's are after
-             * a crash, read while the other threads run on. */
+             * GIL: faulthandler's dump_traceback() stops the world there. */
             if ((todo & JOB_STACKS) && !atomic_exchange(&wd->stacks_claimed, 1)) {
+#ifdef Py_GIL_DISABLED
+                PyObject *fd = PyLong_FromLong(STDERR_FILENO);
+                if (fd == NULL || dump_all_threads_stopped(fd) < 0) {
+                    PyErr_WriteUnraisable(NULL);
+                }
+                Py_XDECREF(fd);
+#else
                 raise(wd->dump_signum);
+#endif
             }
             if (todo & JOB_LATE) {
                 helper_late_warning(wd);
@@ -752,8 +828,9 @@ watchdog_after_fork(RunObject *run)
 static int
 register_fork_hook(aiorun_state *st)
 {
-    /* Claimed before the calls into Python, which let other threads in. */
-    if (atomic_exchange(&st->fork_hook_registered, 1)) {
+    /* Only run() in the main thread starts a watchdog: no other thread
+     * registers at the same time. */
+    if (st->fork_hook_registered) {
         return 0;
     }
     PyObject *module = PyType_GetModule((PyTypeObject *)st->RunType);
@@ -769,10 +846,10 @@ register_fork_hook(aiorun_state *st)
     Py_XDECREF(args);
     Py_XDECREF(kwargs);
     if (res == NULL) {
-        atomic_store(&st->fork_hook_registered, 0);
         return -1;
     }
     Py_DECREF(res);
+    st->fork_hook_registered = 1;
     return 0;
 }
 
@@ -900,8 +977,10 @@ aiorun_watchdog_loop_ready(RunObject *run)
         return;
     }
     pthread_mutex_lock(&wd->mu);
-    Py_XSETREF(wd->loop, Py_NewRef(run->loop));
+    PyObject *old = wd->loop;
+    wd->loop = Py_NewRef(run->loop);
     pthread_mutex_unlock(&wd->mu);
+    Py_XDECREF(old);   /* not under the mutex: it may run any code */
 }
 
 void
@@ -958,13 +1037,7 @@ aiorun_watchdog_stop(RunObject *run)
 void
 aiorun_watchdog_loop_ready(RunObject *run)
 {
-    aiorun_watchdog *wd = run->watchdog;
-    if (wd == NULL || run->loop == NULL) {
-        return;
-    }
-    pthread_mutex_lock(&wd->mu);
-    Py_XSETREF(wd->loop, Py_NewRef(run->loop));
-    pthread_mutex_unlock(&wd->mu);
+    (void)run;
 }
 
 void
