@@ -93,7 +93,7 @@ PyObject_GetOptionalAttr(PyObject *obj, PyObject *name, PyObject **result)
 
 /* Critical sections (3.13): on a free-threaded build they lock an object;
  * with the GIL, and on older Pythons, they are plain braces. */
-#if PY_VERSION_HEX < 0x030D0000 || defined(PYPY_VERSION)
+#ifndef Py_BEGIN_CRITICAL_SECTION
 #define Py_BEGIN_CRITICAL_SECTION(op) {
 #define Py_END_CRITICAL_SECTION() }
 #endif
