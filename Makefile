@@ -11,6 +11,9 @@
 # make bench-smoke     the same at tiny sizes, one run, writes nothing (CI)
 # make wheels          an sdist and a manylinux wheel per CPython into dist/,
 #                      each smoke-tested in a fresh venv without a compiler
+# make test-systemd    under a real systemd: a Debian bookworm root booted with
+#                      systemd-nspawn (cached), the README's units driven with
+#                      systemctl and journalctl (as root)
 # make tsan            the threads stress test under ThreadSanitizer on a
 #                      3.13t built with it (~10 min once, cached; not in CI)
 # make sanitize | memcheck | refleak | nomemory | storm | startup-window | fuzz
@@ -26,7 +29,7 @@ STEP ?= 1
 EXAMPLES ?= 300
 SEED ?= 1
 
-.PHONY: demo test test-newest test-pypy test-freethreaded tsan wheels bench bench-smoke clean reliability sanitize memcheck refleak nomemory storm startup-window fuzz fuzz-sanitize
+.PHONY: demo test test-newest test-pypy test-freethreaded test-systemd tsan wheels bench bench-smoke clean reliability sanitize memcheck refleak nomemory storm startup-window fuzz fuzz-sanitize
 
 demo:
 	@[ -x .venvs/demo/bin/python ] || $(PYTHON) -m venv .venvs/demo
@@ -88,6 +91,9 @@ test-freethreaded:
 
 tsan:
 	scripts/tsan
+
+test-systemd:
+	scripts/test-systemd
 
 reliability:
 	$(MAKE) sanitize

@@ -1,5 +1,6 @@
 """The README is the contract: the lists it gives of what the C code says
 are checked against the C code, so the two cannot drift apart."""
+import importlib.util
 import re
 from pathlib import Path
 
@@ -46,3 +47,18 @@ def test_what_differs_lists_exactly_the_accepted_differences():
     leads = re.findall(r"(?:^| )- \*\*(.+?)\*\*", section)
     assert len(leads) == len(set(leads))
     assert sorted(leads) == sorted(ACCEPTED)
+
+
+def test_every_systemd_unit_of_the_readme_is_driven_by_a_test():
+    """The README shows the units make test-systemd uses, verbatim (they are
+    written from the README); each has its test, and each app exists."""
+    spec = importlib.util.spec_from_file_location("units", ROOT / "tests/systemd/units.py")
+    units = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(units)
+    shown = units.units(ROOT / "README.md")
+    tests = (ROOT / "tests/systemd/test_under_systemd.py").read_text()
+    driven = set(re.findall(r'\["(aiorun-[\w-]+\.service)"\], indirect=True', tests))
+    assert set(shown) == driven
+    for text in shown.values():
+        for app in re.findall(r"/opt/app/(\w+\.py)", text):
+            assert (ROOT / "tests/systemd/apps" / app).exists(), app

@@ -1,0 +1,192 @@
+"""aiorun under a real systemd, in a booted container (make test-systemd).
+
+Each test drives a unit of the README's "Tested under a real systemd"
+section with systemctl inside the container, and asserts what systemd
+reports (systemctl show, journalctl), not only what the app printed."""
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+INIT = os.environ.get("AIORUN_SYSTEMD_INIT")
+pytestmark = pytest.mark.skipif(not INIT, reason="needs the container of make test-systemd")
+
+
+def inside(*argv, check=True, timeout=120):
+    """A command in the container's namespaces (its systemd's bus included)."""
+    return subprocess.run(["nsenter", "-t", INIT, "-a", *argv], capture_output=True,
+                          text=True, check=check, timeout=timeout)
+
+
+def show(unit, *props):
+    out = inside("systemctl", "show", unit, "-p", ",".join(props)).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def entries(unit):
+    """This boot's journal of the unit: (monotonic µs, message) pairs."""
+    out = inside("journalctl", "--no-pager", "-b", "-o", "json", "-u", unit).stdout
+    return [(int(e["__MONOTONIC_TIMESTAMP"]), e.get("MESSAGE"))
+            for e in map(json.loads, out.splitlines())]
+
+
+def stopped_cleanly(unit):
+    """What systemd said of the stop: an inactive unit is unloaded at once,
+    so `systemctl show` no longer knows its result; the journal does.
+    Returns the stop's duration in µs, by systemd's clock."""
+    log = entries(unit)
+    texts = [m for _, m in log if isinstance(m, str)]
+    assert any(m.endswith("Deactivated successfully.") for m in texts), texts
+    assert not any("Failed with result" in m or "Main process exited" in m
+                   for m in texts), texts
+    began = [t for t, m in log if isinstance(m, str) and m.startswith("Stopping ")]
+    ended = [t for t, m in log if isinstance(m, str) and m.startswith("Stopped ")]
+    assert began and ended, texts
+    return ended[-1] - began[-1]
+
+
+def journal(unit):
+    return inside("journalctl", "--no-pager", "-b", "-o", "cat", "-u", unit).stdout
+
+
+def wait_for(predicate, what, tries=600, pause=0.05):
+    """Polls systemd's state: a handshake with systemd, not a fixed sleep."""
+    for _ in range(tries):
+        value = predicate()
+        if value:
+            return value
+        time.sleep(pause)
+    raise AssertionError(f"never happened: {what}")
+
+
+@pytest.fixture
+def unit(request):
+    """Each test's unit starts from scratch and is stopped at the end."""
+    name = request.param
+    inside("systemctl", "reset-failed", name, check=False)
+    yield name
+    inside("systemctl", "stop", name, check=False)
+    inside("systemctl", "reset-failed", name, check=False)
+
+
+def usec(props, name):
+    return int(props[name])
+
+
+@pytest.mark.parametrize("unit", ["aiorun-ready.service"], indirect=True)
+def test_start_returns_after_the_first_step_and_the_status_follows_the_phases(unit):
+    inside("rm", "-f", "/run/aiorun-ready.first-step")
+    inside("systemctl", "start", unit)   # blocks until READY=1
+    # The first step wrote this before READY=1 could go out.
+    assert inside("test", "-e", "/run/aiorun-ready.first-step", check=False).returncode == 0
+    p = show(unit, "ActiveState", "StatusText", "ExecMainStartTimestampMonotonic",
+             "ActiveEnterTimestampMonotonic")
+    assert (p["ActiveState"], p["StatusText"]) == ("active", "running")
+    # systemd's own clock: active only after the 2 s first step.
+    assert usec(p, "ActiveEnterTimestampMonotonic") - \
+        usec(p, "ExecMainStartTimestampMonotonic") >= 2_000_000, p
+
+    inside("systemctl", "stop", "--no-block", unit)
+    seen = []
+
+    def stopped():
+        q = show(unit, "ActiveState", "StatusText")
+        if q["StatusText"] and (not seen or seen[-1] != q["StatusText"]):
+            seen.append(q["StatusText"])
+        return q["ActiveState"] in ("inactive", "failed")
+    wait_for(stopped, "the unit stopped")
+    # The callback takes 3 s, so it is seen; the faster phases may not be.
+    assert "shutdown: running shutdown_callback" in seen, seen
+    assert set(seen) <= {"running", "stopping: SIGTERM received", "shutdown: the loop stopped",
+                         "shutdown: running shutdown_callback", "shutdown: cancelling tasks",
+                         "shutdown: waiting for tasks", "shutdown: shutting down the executor",
+                         "shutdown: closing async generators", "shutdown: closing the loop",
+                         "stopped"}, seen
+    stopped_cleanly(unit)
+
+
+@pytest.mark.parametrize("unit", ["aiorun-listen.service"], indirect=True)
+def test_start_returns_once_a_client_can_connect(unit):
+    inside("systemctl", "start", unit)
+    # At once, no retry: the server must already listen.
+    r = inside("/opt/app/venv/bin/python", "-c",
+               "import socket\n"
+               "s = socket.create_connection(('127.0.0.1', 18080), timeout=10)\n"
+               "s.sendall(b'hello\\n')\n"
+               "print(s.makefile().readline().strip())")
+    assert r.stdout.strip() == "hello"
+    assert show(unit, "StatusText")["StatusText"] == "serving on :18080"
+
+
+@pytest.mark.parametrize("unit", ["aiorun-listen-early.service"], indirect=True)
+def test_the_default_ready_comes_before_a_server_listens(unit):
+    """What the README warns of: the default READY=1 follows the first step."""
+    inside("systemctl", "start", unit)
+    r = inside("/opt/app/venv/bin/python", "-c",
+               "import socket\n"
+               "socket.create_connection(('127.0.0.1', 18081), timeout=10)",
+               check=False)
+    assert "ConnectionRefusedError" in r.stderr, r
+
+
+@pytest.mark.parametrize("unit", ["aiorun-watchdog.service"], indirect=True)
+def test_the_watchdog_restarts_a_blocked_loop_and_leaves_a_healthy_one_alone(unit):
+    inside("rm", "-f", "/run/aiorun-block")
+    inside("systemctl", "start", unit)
+    first = show(unit, "MainPID")["MainPID"]
+    # Three watchdog periods (WatchdogSec=2) of a healthy loop: untouched.
+    # Waiting is the point here: nothing must happen meanwhile.
+    time.sleep(6)
+    p = show(unit, "ActiveState", "NRestarts", "MainPID")
+    assert p == {"ActiveState": "active", "NRestarts": "0", "MainPID": first}
+
+    inside("touch", "/run/aiorun-block")    # the app's loop now blocks in time.sleep()
+    wait_for(lambda: int(show(unit, "NRestarts")["NRestarts"]) >= 1, "a restart", tries=400)
+    assert "Watchdog timeout" in journal(unit)
+    assert "blocking the loop" in journal(unit)
+    # The restarted service is healthy again, in a new process.
+    wait_for(lambda: show(unit, "ActiveState")["ActiveState"] == "active", "active again")
+    assert show(unit, "MainPID")["MainPID"] not in ("0", first)
+
+
+@pytest.mark.parametrize("unit", ["aiorun-extend.service"], indirect=True)
+def test_a_shutdown_that_keeps_moving_runs_past_timeout_stop_sec(unit):
+    inside("systemctl", "start", unit)
+    inside("systemctl", "stop", unit)    # blocks until it has stopped
+    # Exit 0, and by systemd's own clock the stop took longer than
+    # TimeoutStopSec=2.
+    assert stopped_cleanly(unit) > 2_000_000
+    log = journal(unit)
+    assert "worker cleaned up" in log
+    assert "Leaving. Bye!" in log
+    assert "timed out" not in log
+
+
+@pytest.mark.parametrize("unit", ["aiorun-hung.service"], indirect=True)
+def test_a_hung_shutdown_ends_at_the_deadline_with_its_diagnosis_before_the_kill(unit):
+    inside("systemctl", "start", unit)
+    inside("systemctl", "stop", unit)
+    p = show(unit, "Result", "ExecMainStatus", "ActiveExitTimestampMonotonic",
+             "InactiveEnterTimestampMonotonic")
+    assert (p["Result"], p["ExecMainStatus"]) == ("exit-code", "124"), p
+    # Ended by the deadline (3 s), not by systemd at TimeoutStopSec=10.
+    assert usec(p, "InactiveEnterTimestampMonotonic") - \
+        usec(p, "ActiveExitTimestampMonotonic") < 10_000_000, p
+    log = journal(unit)
+    assert "aiorun: the shutdown deadline of 3 s passed" in log, log
+    assert 'File "/opt/app/hung.py"' in log and "in hang" in log, log
+    assert "aiorun: exiting with code 124" in log
+    assert "timed out" not in log and "Killing" not in log, log
+
+
+@pytest.mark.parametrize("unit", ["aiorun-jobs.service"], indirect=True)
+def test_python_m_aiorun_waits_for_the_executor_job_under_killmode_mixed(unit):
+    inside("systemctl", "start", unit)
+    wait_for(lambda: "job started" in journal(unit), "the executor job started")
+    inside("systemctl", "stop", unit)
+    stopped_cleanly(unit)
+    log = journal(unit)
+    assert log.index("Waiting for executor shutdown.") < log.index("job done"), log
+    assert "Leaving. Bye!" in log
