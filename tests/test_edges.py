@@ -1004,3 +1004,46 @@ def test_a_failing_shutdown_callback_and_an_escaping_error_in_the_same_turn(app)
     # One is re-raised, the other logged: both are seen.
     assert "callback failed" in r.stderr_text + r.stdout[0]
     assert "from a callback" in r.stderr_text + r.stdout[0]
+
+
+@pytest.mark.parametrize("failures, outcome", [(15, "clean"), (25, "RuntimeError")])
+def test_all_tasks_giving_up_under_other_threads_is_asked_again(app, failures, outcome):
+    """asyncio.all_tasks() (3.9-3.13) gives up with RuntimeError when other
+    threads' loops keep changing the WeakSet it copies (seen under
+    ThreadSanitizer on a free-threaded build).  The shutdown asks again, up
+    to 20 times; here asyncio's function is made to give up `failures` times
+    in a row, before aiorun binds it."""
+    r = app(f"""
+        import asyncio, sys
+        real_all_tasks = asyncio.all_tasks
+        left = [{failures}]
+        def all_tasks(loop=None):
+            if left[0]:
+                left[0] -= 1
+                raise RuntimeError("Set changed size during iteration")
+            return real_all_tasks(loop)
+        asyncio.all_tasks = all_tasks
+        from aiorun import run
+
+        async def worker():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                print("worker cancelled", flush=True)
+                raise
+
+        async def main():
+            asyncio.get_running_loop().create_task(worker())
+            await asyncio.sleep(0)
+            asyncio.get_running_loop().stop()
+        try:
+            run(main())
+            print("clean", flush=True)
+        except RuntimeError as e:
+            print("RuntimeError:", e, flush=True)
+    """, prelude=False).finish()
+    assert r.returncode == 0, r
+    if outcome == "clean":
+        assert r.stdout == ["worker cancelled", "clean"]
+    else:
+        assert r.stdout[-1] == "RuntimeError: Set changed size during iteration", r

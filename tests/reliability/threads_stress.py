@@ -4,7 +4,7 @@ Every run protects coroutines with shutdown_waits_for(), leaves other tasks
 to be cancelled by its shutdown, and stops its loop itself.  Meanwhile a
 hammer thread asks every run for its shutdown_event() from outside (the
 runs registry and each Run's critical section under contention) and reads
-the ShutdownWaitFutures the other loops' tasks are waiting on.
+the ShutdownWaiters and ShutdownWaitFutures of the other loops.
 
 What a user would check, for every round of every thread:
 - run() returned what the main coroutine returned;
@@ -24,6 +24,7 @@ import logging
 import sys
 import sysconfig
 import threading
+import traceback
 
 import aiorun
 from aiorun import run, shutdown_waits_for
@@ -42,8 +43,8 @@ def one_run(tid, rnd, tasks_per_run, live_loops, live_waits, lock):
         finished.append(k)
         return k
 
-    async def awaiter(k):
-        return await shutdown_waits_for(protected(k))
+    async def awaiter(waiter):
+        return await waiter
 
     async def sleeper():
         await asyncio.sleep(3600)
@@ -51,12 +52,13 @@ def one_run(tid, rnd, tasks_per_run, live_loops, live_waits, lock):
     async def main():
         loop = asyncio.get_running_loop()
         event = aiorun.shutdown_event()
-        awaiters = [loop.create_task(awaiter(k)) for k in range(tasks_per_run)]
+        waiters = [shutdown_waits_for(protected(k)) for k in range(tasks_per_run)]
+        awaiters = [loop.create_task(awaiter(w)) for w in waiters]
         sleepers = [loop.create_task(sleeper()) for _ in range(tasks_per_run)]
         await asyncio.sleep(0)
         with lock:
             live_loops[tid] = loop
-            live_waits[tid] = [t for t in awaiters]
+            live_waits[tid] = waiters
         # Half the awaiters are seen through; the rest are cancelled by the
         # shutdown while their protected coroutines run on.
         got = await asyncio.gather(*awaiters[: tasks_per_run // 2])
@@ -100,19 +102,20 @@ def hammer(stop, live_loops, live_waits, lock, counts):
     while not stop.is_set():
         with lock:
             loops = list(live_loops.values())
-            tasks = [t for ts in live_waits.values() for t in ts]
+            waiters = [w for ws in live_waits.values() for w in ws]
         for loop in loops:
             try:
                 aiorun.shutdown_event(loop=loop)
                 counts["events"] += 1
             except RuntimeError:
                 counts["ended"] += 1   # that run() ended meanwhile
-        for task in tasks:
-            # The awaiter coroutine awaits a ShutdownWaiter, which yields a
-            # ShutdownWaitFuture: read that wait's state from here.
-            waiter = getattr(task.get_coro(), "cr_await", None)
-            wait = getattr(waiter, "cr_await", None)
-            if type(wait).__name__ == "ShutdownWaitFuture":
+        for waiter in waiters:
+            # What a ShutdownWaiter awaits (a ShutdownWaitFuture, or None),
+            # and that wait's state, read from here while its loop runs.
+            # Only aiorun's objects: asyncio's and CPython's coroutines are
+            # not made to be read from another thread while they run.
+            wait = waiter.cr_await
+            if wait is not None:
                 wait.cancelled()
                 wait._asyncio_future_blocking
                 counts["waits"] += 1
@@ -139,8 +142,10 @@ def main():
                 with lock:
                     problems.extend(found)
         except BaseException as exc:  # noqa: BLE001 - reported below
+            where = traceback.extract_tb(exc.__traceback__)[-1]
             with lock:
-                errors.append(f"thread {tid}: {type(exc).__name__}: {exc}")
+                errors.append(f"thread {tid}: {type(exc).__name__}: {exc} "
+                              f"(at {where.filename}:{where.lineno} in {where.name})")
 
     stop = threading.Event()
     hammering = threading.Thread(target=hammer, args=(stop, live_loops, live_waits, lock,

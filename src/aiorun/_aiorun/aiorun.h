@@ -281,7 +281,10 @@ RunObject *aiorun_run_new(aiorun_state *st);
 int aiorun_run_clear(RunObject *run);
 /* Bound method `name` of run: a callable to hand to asyncio or signal. */
 PyObject *aiorun_run_method(RunObject *run, const char *name);
-/* asyncio.all_tasks(run->loop) as a new list. */
+/* asyncio.all_tasks(loop) as a new list (asked again when another thread's
+ * loop makes asyncio give up, see runstate.c). */
+PyObject *aiorun_all_tasks(aiorun_state *st, PyObject *loop);
+/* The same for run->loop. */
 PyObject *aiorun_run_tasks(RunObject *run);
 /* run has reached `stage`: tells the watchdog and the supervisor. */
 void aiorun_run_stage(RunObject *run, int stage);

@@ -51,13 +51,36 @@ aiorun_run_method(RunObject *run, const char *name)
     return PyObject_GetAttrString((PyObject *)run, name);
 }
 
+/* asyncio.all_tasks() (3.9-3.13) copies one WeakSet that the loops of all
+ * threads add their tasks to, and gives up with RuntimeError ("Set changed
+ * size during iteration") after 1000 tries.  Busy threads on a
+ * free-threaded build make that happen (seen under ThreadSanitizer, 16
+ * threads): the shutdown must still find its tasks, so it asks again. */
+#define ALL_TASKS_ATTEMPTS 20
+
+PyObject *
+aiorun_all_tasks(aiorun_state *st, PyObject *loop)
+{
+    PyObject *task_set = NULL;
+    for (int attempt = 1; task_set == NULL; attempt++) {
+        task_set = PyObject_CallOneArg(st->all_tasks, loop);
+        if (task_set == NULL && (attempt == ALL_TASKS_ATTEMPTS
+                                 || !PyErr_ExceptionMatches(PyExc_RuntimeError))) {
+            return NULL;
+        }
+        if (task_set == NULL) {
+            PyErr_Clear();
+        }
+    }
+    PyObject *tasks = PySequence_List(task_set);
+    Py_DECREF(task_set);
+    return tasks;
+}
+
 PyObject *
 aiorun_run_tasks(RunObject *run)
 {
-    PyObject *task_set = PyObject_CallOneArg(run->state->all_tasks, run->loop);
-    PyObject *tasks = task_set ? PySequence_List(task_set) : NULL;
-    Py_XDECREF(task_set);
-    return tasks;
+    return aiorun_all_tasks(run->state, run->loop);
 }
 
 void

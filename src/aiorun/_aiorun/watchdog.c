@@ -345,9 +345,7 @@ flush_stream(const char *name)
 static PyObject *
 describe_tasks(aiorun_state *st, PyObject *loop)
 {
-    PyObject *task_set = PyObject_CallOneArg(st->all_tasks, loop);
-    PyObject *tasks = task_set ? PySequence_List(task_set) : NULL;
-    Py_XDECREF(task_set);
+    PyObject *tasks = aiorun_all_tasks(st, loop);
     if (tasks == NULL) {
         return NULL;
     }
