@@ -8,45 +8,37 @@
 # builds (AIORUN_FT_PREFIX), else python3.13t on PATH.
 PYENV_ROOT="${PYENV_ROOT:-$HOME/.pyenv}"
 
-find_python() {
+# The first of the candidates that is CPython MINOR (3.13, or 3.13t for a
+# free-threaded build, which is a platform of its own) and can make a venv.
+first_usable() {
     local minor=$1 candidate
-    local candidates=()
-    if [ "${minor%t}" != "$minor" ]; then
-        find_free_threaded_python "$minor"
-        return
-    fi
-    # pyenv: the newest patch release of this minor version.
-    candidate=$(ls -d "$PYENV_ROOT"/versions/"$minor".* 2>/dev/null | grep -E "/$minor\.[0-9]+$" \
-                | sort -V | tail -1)
-    [ -n "$candidate" ] && candidates+=("$candidate/bin/python")
-    candidates+=("/usr/bin/python$minor")
-    candidate=$(command -v "python$minor" 2>/dev/null || true)
-    [ -n "$candidate" ] && candidates+=("$candidate")
-    candidate=$(command -v python3 2>/dev/null || true)
-    [ -n "$candidate" ] && candidates+=("$candidate")
-    for candidate in "${candidates[@]}"; do
-        [ -x "$candidate" ] || continue
-        [ "$("$candidate" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)" \
+    shift
+    local gil_disabled=0
+    [ "${minor%t}" != "$minor" ] && gil_disabled=1
+    for candidate in "$@"; do
+        [ -n "$candidate" ] && [ -x "$candidate" ] || continue
+        [ "$("$candidate" -c 'import sys, sysconfig
+print("%d.%d%s" % (sys.version_info[0], sys.version_info[1],
+                   "t" if sysconfig.get_config_var("Py_GIL_DISABLED") else ""))' 2>/dev/null)" \
             = "$minor" ] || continue
-        # A free-threaded build is a platform of its own, not this one.
-        [ "$("$candidate" -c 'import sysconfig; print(sysconfig.get_config_var("Py_GIL_DISABLED") or 0)')" \
-            = 0 ] || continue
         "$candidate" -c 'import ensurepip, venv' 2>/dev/null || continue
         echo "$candidate"
         return
     done
 }
 
-
-find_free_threaded_python() {
-    local minor=${1%t} candidate
-    local prefix=${AIORUN_FT_PREFIX:-$HOME/.cache/aiorun/python$minor""t}
-    for candidate in "$prefix/bin/python${minor}t" "$(command -v "python${minor}t" 2>/dev/null || true)"; do
-        [ -n "$candidate" ] && [ -x "$candidate" ] || continue
-        [ "$("$candidate" -c 'import sysconfig; print(sysconfig.get_config_var("Py_GIL_DISABLED") or 0)' 2>/dev/null)" \
-            = 1 ] || continue
-        "$candidate" -c 'import ensurepip, venv' 2>/dev/null || continue
-        echo "$candidate"
+find_python() {
+    local minor=$1 candidate
+    if [ "${minor%t}" != "$minor" ]; then
+        local prefix=${AIORUN_FT_PREFIX:-$HOME/.cache/aiorun/python$minor}
+        first_usable "$minor" "$prefix/bin/python$minor" \
+            "$(command -v "python$minor" 2>/dev/null || true)"
         return
-    done
+    fi
+    # pyenv: the newest patch release of this minor version.
+    candidate=$(ls -d "$PYENV_ROOT"/versions/"$minor".* 2>/dev/null | grep -E "/$minor\.[0-9]+$" \
+                | sort -V | tail -1)
+    first_usable "$minor" "${candidate:+$candidate/bin/python}" "/usr/bin/python$minor" \
+        "$(command -v "python$minor" 2>/dev/null || true)" \
+        "$(command -v python3 2>/dev/null || true)"
 }
