@@ -78,9 +78,9 @@ struct aiorun_watchdog {
     int helper_quit;
     int jobs;
     int jobs_done;
-    PyObject *loop;              /* run()'s loop once it has one: the helper
-                                  * reads it here, not in the Run, whose
-                                  * critical section run() holds */
+    PyObject *loop;              /* run()'s loop once it has one, under mu:
+                                  * the helper reads it here, not in the
+                                  * Run, which belongs to run()'s thread */
 };
 
 static const char *const stage_names[] = {
@@ -243,9 +243,17 @@ stopped_thread_stack(unsigned long ident)
     text = data ? PyUnicode_FromEncodedObject(data, "utf-8", "backslashreplace") : NULL;
     Py_XDECREF(fd);
     Py_XDECREF(data);
+    /* close() is Python code: not called with an exception set. */
+    PyObject *exc = aiorun_take_error();
     res = PyObject_CallMethod(file, "close", NULL);
+    if (res == NULL) {
+        PyErr_Clear();   /* the dump is read already */
+    }
     Py_XDECREF(res);
     Py_DECREF(file);
+    if (exc != NULL) {
+        aiorun_restore_error(exc);
+    }
     if (text == NULL) {
         return NULL;
     }
