@@ -439,6 +439,19 @@ scenario("sys.exit() in a task", """
               "escaping the loop starts the shutdown"])
 
 
+scenario("a report without an exception after an error", """
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.call_exception_handler({"message": "a", "exception": ValueError("1")})
+        loop.call_exception_handler({"message": "just a note"})
+    try:
+        run(main(), stop_on_unhandled_errors=True)
+        say("run returned")
+    except ValueError as e:
+        say("run raised", repr(e))
+""", differs=["The error that stopped the loop is the one `run()` raises."])
+
+
 scenario("loop.stop() in the shutdown_callback", """
     async def bye():
         asyncio.get_running_loop().stop()

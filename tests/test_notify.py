@@ -122,10 +122,11 @@ def test_loop_stop_and_shutdown_callback_are_named(app, receiver):
     assert r.stdout == ["READY", "callback"]
     extend = "EXTEND_TIMEOUT_USEC=12000000"   # 7 s + 5 s
     phases = [p.replace(EXTEND, extend) for p in PHASES if "tasks" not in p]
-    assert receiver.without_pings() == [   # no task left: none to cancel or wait for
+    # No STOPPING=1: the app stopped its loop, which another run() may
+    # follow; no task left: none to cancel or wait for.
+    assert receiver.without_pings() == [
         "STATUS=starting",
         "READY=1\nSTATUS=running",
-        "STOPPING=1\nSTATUS=stopping: the loop stopped",
         phases[0],
         "STATUS=shutdown: running shutdown_callback\n" + extend,
         *phases[1:],
@@ -361,3 +362,110 @@ def test_the_drain_phase_extends_by_drain_delay_and_the_rest_by_the_task_timeout
     assert "STATUS=shutdown: letting tasks finish\nEXTEND_TIMEOUT_USEC=7000000" in messages
     assert "STATUS=shutdown: shutting down the executor\nEXTEND_TIMEOUT_USEC=15000000" \
         in messages, messages
+
+
+def test_a_helper_thread_run_says_nothing_to_systemd(app, receiver):
+    # The main thread's run() owns the service: a run() on a helper thread,
+    # started before it is ready and ended while it serves, sends nothing
+    # (no READY=1 of its own, no STOPPING=1 that systemd would take as a
+    # stop request, no pings).
+    env = dict(receiver.env, WATCHDOG_USEC="100000")
+    a = app("""
+        helper_may_end = threading.Event()
+        def helper():
+            async def work():
+                say("HELPER RUNNING")
+                await asyncio.get_running_loop().run_in_executor(None, helper_may_end.wait)
+                asyncio.get_running_loop().stop()
+            run(work())
+            say("HELPER DONE")
+        t = threading.Thread(target=helper)
+        t.start()
+        async def main():
+            await asyncio.sleep(0.3)       # the helper runs meanwhile
+            say("MAIN READY")
+            sys.stdin.readline()
+            helper_may_end.set()
+            await asyncio.get_running_loop().run_in_executor(None, t.join)
+            say("SERVING ON")
+            await asyncio.sleep(3600)
+        run(main())
+    """, env=env, stdin=True)
+    a.wait_line("MAIN READY")
+    receiver.wait_for("READY=1\nSTATUS=running")
+    a.write("go\n")
+    a.wait_line("SERVING ON")
+    before_stop = [m for m in receiver.messages if m != "WATCHDOG=1"]
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout[:2] == ["HELPER RUNNING", "MAIN READY"] or \
+        r.stdout[:2] == ["MAIN READY", "HELPER RUNNING"], r.stdout
+    assert "HELPER DONE" in r.stdout
+    # While the main run() served, the helper's end said nothing.
+    assert before_stop == ["STATUS=starting", "READY=1\nSTATUS=running"], before_stop
+    msgs = receiver.without_pings()
+    assert msgs.count("READY=1\nSTATUS=running") == 1
+    assert sum(m.startswith("STOPPING=1") for m in msgs) == 1
+    assert msgs.count("STATUS=stopped") == 1
+    assert msgs[2] == "STOPPING=1\nSTATUS=stopping: SIGTERM received", msgs
+
+
+def test_two_runs_in_sequence_stop_the_service_once(app, receiver):
+    # The first run() ends because the app stopped its loop: the service
+    # goes on with the second, so no STOPPING=1 until the signal that
+    # stops the second, and no READY=1 after it.
+    a = app("""
+        async def first():
+            say("FIRST")
+            asyncio.get_running_loop().stop()
+        run(first())
+        async def second():
+            say("SECOND")
+            await asyncio.sleep(3600)
+        run(second())
+        say("AFTER")
+    """, env=receiver.env)
+    a.wait_line("SECOND")
+    receiver.wait_for("READY=1\nSTATUS=running")
+    with receiver.arrived:
+        assert receiver.arrived.wait_for(
+            lambda: receiver.messages.count("READY=1\nSTATUS=running") == 2, 30)
+    assert not any(m.startswith("STOPPING=1") for m in receiver.messages)
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["FIRST", "SECOND", "AFTER"]
+    receiver.wait_for("STOPPING=1\nSTATUS=stopping: SIGTERM received")
+    msgs = [m for m in receiver.messages if m != "WATCHDOG=1"]
+    stopping = msgs.index("STOPPING=1\nSTATUS=stopping: SIGTERM received")
+    assert sum(m.startswith("STOPPING=1") for m in msgs) == 1
+    assert not any(m.startswith("READY=1") for m in msgs[stopping:]), msgs
+
+
+def test_after_a_signal_no_later_run_says_ready(app, receiver):
+    # A run() stopped by SIGTERM told systemd the service is stopping; a
+    # run() the app starts afterwards (its clean-up, say) must not take
+    # that back with READY=1.
+    a = app("""
+        async def first():
+            say("FIRST")
+            await asyncio.sleep(3600)
+        run(first())
+        async def cleanup():
+            await asyncio.sleep(0)
+            say("CLEANUP")
+            asyncio.get_running_loop().stop()
+        run(cleanup())
+    """, env=receiver.env)
+    a.wait_line("FIRST")
+    receiver.wait_for("READY=1\nSTATUS=running")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["FIRST", "CLEANUP"]
+    with receiver.arrived:
+        assert receiver.arrived.wait_for(
+            lambda: receiver.messages.count("STATUS=stopped") == 2, 30), receiver.messages
+    msgs = [m for m in receiver.messages if m != "WATCHDOG=1"]
+    assert [m for m in msgs if m.startswith("READY=1")] == ["READY=1\nSTATUS=running"]

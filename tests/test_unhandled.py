@@ -1,6 +1,8 @@
 """SPEC steps 4 and 5: stop_on_unhandled_errors."""
 import signal
 
+import pytest
+
 from conftest import SHUTDOWN_TAIL, line_of, run_app, skip_on_pypy_gc, subsequence
 
 STOPPING = "ERROR:Unhandled exception; stopping loop: 'Task exception was never retrieved'"
@@ -182,3 +184,120 @@ def test_keyboard_interrupt_from_main_under_stop_on_unhandled_errors(app):
     assert "Got KeyboardInterrupt" in r.messages
     assert "Leaving. Bye!" in r.messages
     assert "Reraising unhandled exception" not in r.messages
+
+
+# The error rule: the error that stopped the loop is what run() raises;
+# whatever is reported after the loop stopped is logged, never replaces or
+# erases it.
+
+def _aiohttp_or_skip():
+    return pytest.importorskip("aiohttp", reason="aiohttp is not installed for this Python")
+
+
+def test_an_unclosed_aiohttp_session_does_not_erase_the_fatal_error(app):
+    _aiohttp_or_skip()
+    r = run_app(app, """
+        import aiohttp
+        async def holder():
+            session = aiohttp.ClientSession()   # never closed: its __del__ reports it
+            await asyncio.sleep(3600)
+        async def main():
+            asyncio.get_running_loop().create_task(holder())
+            await asyncio.sleep(0.05)
+            raise RuntimeError("fatal")
+        run(main(), stop_on_unhandled_errors=True)
+    """)
+    assert r.returncode == 1, r
+    assert r.stderr[-1] == "RuntimeError: fatal", r
+    assert any("Unclosed client session" in line for line in r.stderr), r
+
+
+def test_sys_exit_in_a_task_keeps_its_code_beside_an_unclosed_session(app):
+    _aiohttp_or_skip()
+    r = run_app(app, """
+        import aiohttp
+        async def holder():
+            session = aiohttp.ClientSession()
+            await asyncio.sleep(3600)
+        async def quitter():
+            await asyncio.sleep(0.05)
+            sys.exit(3)
+        async def main():
+            loop = asyncio.get_running_loop()
+            loop.create_task(holder())
+            loop.create_task(quitter())
+            await asyncio.sleep(3600)
+        run(main(), stop_on_unhandled_errors=True)
+    """)
+    assert r.returncode == 3, r
+    assert any("Unclosed client session" in line for line in r.stderr), r
+
+
+def test_an_error_raised_while_cancelled_is_logged_not_raised(app):
+    r = run_app(app, """
+        async def worker():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                raise ValueError("secondary, from the clean-up")
+        async def main():
+            asyncio.get_running_loop().create_task(worker())
+            await asyncio.sleep(0.05)
+            raise RuntimeError("fatal")
+        run(main(), stop_on_unhandled_errors=True)
+    """)
+    assert r.returncode == 1, r
+    assert r.stderr[-1] == "RuntimeError: fatal", r
+    assert "ValueError: secondary, from the clean-up" in r.stderr, r
+
+
+def test_mains_finally_that_raises_does_not_replace_the_fatal_error(app):
+    r = run_app(app, """
+        async def crasher():
+            await asyncio.sleep(0.05)
+            raise RuntimeError("fatal")
+        async def main():
+            asyncio.get_running_loop().create_task(crasher())
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                raise KeyError("secondary, from main's finally")
+        run(main(), stop_on_unhandled_errors=True)
+    """)
+    assert r.returncode == 1, r
+    assert r.stderr[-1] == "RuntimeError: fatal", r
+    assert any("KeyError: \"secondary, from main's finally\"" in l for l in r.stderr), r
+
+
+def test_a_report_without_an_exception_erases_nothing(app):
+    r = run_app(app, """
+        async def main():
+            loop = asyncio.get_running_loop()
+            loop.call_exception_handler({"message": "a", "exception": ValueError("1")})
+            loop.call_exception_handler({"message": "just a note"})
+        run(main(), stop_on_unhandled_errors=True)
+    """)
+    assert r.returncode == 1, r
+    assert r.stderr[-1] == "ValueError: 1"
+
+
+def test_an_error_reported_during_a_signal_shutdown_is_raised(app):
+    # Nothing stopped the loop with an error: the first error of the
+    # shutdown is the one to raise.
+    a = app("""
+        async def worker():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                raise ValueError("from the clean-up")
+        async def main():
+            asyncio.get_running_loop().create_task(worker())
+            say("READY")
+            await asyncio.sleep(3600)
+        run(main(), stop_on_unhandled_errors=True)
+    """)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 1, r
+    assert r.stderr[-1] == "ValueError: from the clean-up", r

@@ -30,6 +30,37 @@
 
 #include <signal.h>
 
+/* Who owns what.
+ *
+ * The process.  Some effects of run() belong to the whole process, not to
+ * one loop: SIGINT/SIGTERM and the task dump signal, the watchdog (the
+ * shutdown deadline and the forced exit), systemd's notifications and its
+ * WATCHDOG=1 keep-alive, the garbage collector's pause during the drain,
+ * and reaping orphans as PID 1.  One run() at a time holds them: the one
+ * on the main thread of the main interpreter that began when no other
+ * run() held them (the outermost: a run() nested in another's plain
+ * shutdown_callback does not).  It is aiorun_state.owner from its start to
+ * its return; a later run() in sequence becomes the owner in turn.  Every
+ * other run() (on a helper thread, in a subinterpreter, nested) drives its
+ * own loop and leaves all of them alone; asking one for the deadline, the
+ * dump signal or reaping is a ValueError, and the environment variables
+ * that turn them on do not apply to it.
+ *
+ * The service.  The owner speaks for it to systemd: STATUS= as it goes,
+ * READY=1 once, STOPPING=1 only when the process was asked to stop (a
+ * signal, or Ctrl-C's KeyboardInterrupt): a run() that ends because its
+ * loop stopped or an error stopped it may be followed by another run(),
+ * and its process exits by itself when not.  Nothing says READY=1 after
+ * STOPPING=1.
+ *
+ * The error.  The exception run() raises is the one that stopped the loop:
+ * until the loop has stopped, the latest report that carries an exception
+ * (the exception handler of stop_on_unhandled_errors), or a BaseException
+ * escaping the loop when nothing was reported; a report without an
+ * exception erases nothing.  From the moment the loop has stopped, a
+ * report or error is logged and kept only if nothing is kept yet; a
+ * SystemExit kept keeps its code. */
+
 /* Module state.  Every object field is listed once here; the struct,
  * m_traverse and m_clear are all generated from this list. */
 #define AIORUN_STATE_OBJECTS(X)                                             \
@@ -83,6 +114,12 @@ typedef struct {
 #define AIORUN_FIELD(name) PyObject *name;
     AIORUN_STATE_OBJECTS(AIORUN_FIELD)
 #undef AIORUN_FIELD
+    /* The run() that holds the process's effects, or NULL (the ownership
+     * rule above).  Borrowed: that run() clears it before it returns.  Read
+     * and written on the main thread only. */
+    struct RunObject *owner;
+    int service_stopping;       /* STOPPING=1 was sent: no READY=1 after it */
+    int gc_paused;              /* the owner's drain turned the collector off */
     /* threading.main_thread().ident at import: run() must know, before it
      * calls any Python code, whether it is there. */
     unsigned long main_thread_ident;
@@ -242,7 +279,7 @@ typedef enum {
     CAUSE_KEYBOARD_INTERRUPT
 } aiorun_cause;
 
-typedef struct {
+typedef struct RunObject {
     PyObject_HEAD
     aiorun_state *state;       /* borrowed: the type keeps the module alive */
     PyObject *loop;
@@ -257,7 +294,7 @@ typedef struct {
     int own_loop;              /* run() created the loop, so it closes it */
     int handler_installed;     /* our exception handler is on the loop */
     int shutdown_requested;    /* a signal came, or the shutdown began */
-    int off_main_thread;       /* no signal handling: only the main thread can */
+    int owns_process;          /* this run() is aiorun_state.owner */
     int handler_scheduled;     /* shutdown_handler has been handed to the loop */
     int wake_fds[2];           /* pipe the signal module writes to, or -1s */
     aiorun_watchdog *watchdog; /* NULL unless a deadline or forced exit is on */
@@ -439,7 +476,11 @@ typedef enum {
  * signal is never avoid_signum (task_dump_signal's). */
 int aiorun_watchdog_start(RunObject *run, double deadline, int exit_on_repeat,
                           int avoid_signum);
-/* os.register_at_fork() hook: a child forked during run() gets a watchdog. */
+/* os.register_at_fork(after_in_child=_after_fork_child), once per module;
+ * 0, or -1 with an exception. */
+int aiorun_register_fork_hook(aiorun_state *st);
+/* os.register_at_fork() hook: a child forked during run() gets a watchdog,
+ * and the collector back on if the drain had paused it. */
 PyObject *aiorun_after_fork_child(PyObject *module, PyObject *unused);
 /* Joins the watchdog's threads; keeps any exception set.  No-op without. */
 void aiorun_watchdog_stop(RunObject *run);
@@ -456,7 +497,7 @@ int aiorun_notify_start(RunObject *run, double task_timeout);
 /* Once the loop and main task exist: queues READY=1 (when ready_on_start)
  * and the first watchdog ping. */
 int aiorun_notify_loop_ready(RunObject *run, int ready_on_start);
-/* STOPPING=1, once; signum 0 when the loop stopped without a signal. */
+/* STOPPING=1, once; signum 0 for a KeyboardInterrupt out of the loop. */
 void aiorun_notify_stopping(RunObject *run, int signum);
 void aiorun_notify_stage(RunObject *run, aiorun_stage stage);
 /* Cancels the pings and closes the socket; keeps any exception set. */

@@ -234,6 +234,9 @@ aiorun_exec(PyObject *module)
         return -1;
     }
     st->fork_hook_registered = 0;
+    st->owner = NULL;
+    st->service_stopping = 0;
+    st->gc_paused = 0;
     /* Kept here, not looked up by name when needed: a waiter may be
      * finalized while the interpreter is clearing module dicts. */
     st->orphan_done = PyObject_GetAttrString(module, "_protected_orphan_done");

@@ -6,9 +6,13 @@
  *   STATUS=starting                        run() has begun setting up
  *   READY=1 + STATUS=running               the main coroutine has started
  *                                          (or notify_ready(), when asked)
- *   STOPPING=1 + STATUS=stopping: <why>    the first signal, or loop stop
+ *   STOPPING=1 + STATUS=stopping: <why>    the first signal (or Ctrl-C's
+ *                                          KeyboardInterrupt); not when the
+ *                                          loop stopped or an error stopped
+ *                                          it: another run() may follow
  *   STATUS=shutdown: <phase> + EXTEND_TIMEOUT_USEC=<us>   each phase
  *   STATUS=stopped                         run() is returning
+ * Only the run() that owns the process says anything (aiorun.h).
  * and WATCHDOG=1 every WATCHDOG_USEC / 2, sent by a timer on the event loop
  * itself, so a blocked loop stops the pings and systemd acts on it.
  *
@@ -297,7 +301,7 @@ aiorun_run_notify_ready(PyObject *self, PyObject *unused)
     RunObject *run = (RunObject *)self;
     (void)unused;
     aiorun_notifier *nt = live_notifier(run);
-    if (nt != NULL && !nt->stopping_sent) {
+    if (nt != NULL && !nt->stopping_sent && !run->state->service_stopping) {
         say(run, "READY=1\nSTATUS=running");
     }
     Py_RETURN_NONE;
@@ -331,16 +335,12 @@ aiorun_notify_stopping(RunObject *run, int signum)
         return;
     }
     nt->stopping_sent = 1;
+    run->state->service_stopping = 1;
+    const char *name = signum == SIGINT ? "SIGINT received"
+                     : signum == SIGTERM ? "SIGTERM received"
+                     : signum > 0 ? "a signal received" : "KeyboardInterrupt";
     char message[120];
-    if (signum > 0) {
-        const char *name = signum == SIGINT ? "SIGINT"
-                         : signum == SIGTERM ? "SIGTERM" : "a signal";
-        snprintf(message, sizeof message, "STOPPING=1\nSTATUS=stopping: %s received",
-                 name);
-    }
-    else {
-        snprintf(message, sizeof message, "STOPPING=1\nSTATUS=stopping: the loop stopped");
-    }
+    snprintf(message, sizeof message, "STOPPING=1\nSTATUS=stopping: %s", name);
     say(run, message);
 }
 
@@ -358,7 +358,11 @@ aiorun_notify_stage(RunObject *run, aiorun_stage stage)
     if (status == NULL) {
         return;
     }
-    aiorun_notify_stopping(run, 0);   /* a phase of the shutdown: it began */
+    /* Only a stop request stops the service (aiorun.h): after loop.stop()
+     * or an error another run() may follow. */
+    if (run->cause == CAUSE_SIGNAL || run->cause == CAUSE_KEYBOARD_INTERRUPT) {
+        aiorun_notify_stopping(run, run->cause == CAUSE_SIGNAL ? run->cause_signum : 0);
+    }
     aiorun_notifier *nt = live_notifier(run);
     if (nt == NULL) {
         return;

@@ -232,7 +232,7 @@ check_watchdog_arguments(run_args *a, watchdog_args *w, int use_env)
 }
 
 static int
-check_arguments(aiorun_state *st, run_args *a, run_flags *f)
+check_arguments(aiorun_state *st, run_args *a, run_flags *f, int use_env)
 {
     int ok;
 
@@ -299,8 +299,8 @@ check_arguments(aiorun_state *st, run_args *a, run_flags *f)
     if (f->drain_delay < 0) {
         f->drain_delay = 0;   /* None: no drain */
     }
-    return flag_or_env(a->reap_orphans, "reap_orphans", REAP_ORPHANS_ENV,
-                       &f->reap_orphans);
+    return flag_or_env(a->reap_orphans, "reap_orphans",
+                       use_env ? REAP_ORPHANS_ENV : NULL, &f->reap_orphans);
 }
 
 static PyObject *
@@ -652,7 +652,7 @@ remove_exception_handler(RunObject *run)
 /* Refuses a call from inside a running loop, before anything is touched,
  * and notes whether this is the main thread (the only one signals reach). */
 static int
-check_thread(aiorun_state *st, RunObject *run)
+check_thread(aiorun_state *st, int *on_main)
 {
     PyObject *running = PyObject_CallNoArgs(st->get_running_loop);
     if (running == NULL) {
@@ -669,12 +669,31 @@ check_thread(aiorun_state *st, RunObject *run)
     if (current != NULL) {
         /* compared while both are held.  In a subinterpreter the signal
          * module refuses handlers even on the main thread. */
-        run->off_main_thread = current != main
-            || !aiorun_in_main_interpreter();
+        *on_main = current == main && aiorun_in_main_interpreter();
     }
     Py_XDECREF(main);
     Py_XDECREF(current);
     return current == NULL ? -1 : 0;
+}
+
+/* The ownership rule (aiorun.h): the run() on the main thread that finds
+ * nobody holding the process takes it, until it returns. */
+static void
+claim_process(aiorun_state *st, RunObject *run, int on_main)
+{
+    if (on_main && st->owner == NULL) {
+        st->owner = run;
+        run->owns_process = 1;
+    }
+}
+
+static void
+release_process(aiorun_state *st, RunObject *run)
+{
+    if (run->owns_process && st->owner == run) {
+        st->owner = NULL;
+    }
+    run->owns_process = 0;
 }
 
 #define OFF_MAIN_THREAD                                                       \
@@ -685,28 +704,45 @@ check_thread(aiorun_state *st, RunObject *run)
     "run() is in a subinterpreter, where the signal module takes no "         \
     "handlers, so SIGINT and SIGTERM are left alone: stop it with "           \
     "loop.stop() (from another thread, loop.call_soon_threadsafe(loop.stop))"
+#define NESTED                                                                \
+    "run() is called while another run() is under way on the main thread; "  \
+    "that one keeps SIGINT, SIGTERM and the rest of the process: stop this "  \
+    "one with loop.stop()"
 
-/* The watchdog hears signals and dumps stacks through process-wide signal
- * handlers; off the main thread an explicit request for it is an error,
- * and the environment variables do not apply. */
-static int
-check_watchdog_thread(RunObject *run, run_args *a, watchdog_args *w)
+/* Why this run() does not own the process, for its WARNING. */
+static const char *
+not_owner_reason(int on_main)
 {
-    if (!run->off_main_thread) {
+    return on_main ? NESTED
+        : aiorun_in_main_interpreter() ? OFF_MAIN_THREAD : IN_SUBINTERPRETER;
+}
+
+/* The watchdog, the dump signal and the reaper belong to the process
+ * (aiorun.h): asking a run() that does not own it for one is an error,
+ * and the environment variables do not apply to it. */
+static int
+check_owner_only(RunObject *run, int on_main, run_args *a, watchdog_args *w,
+                 run_flags *f)
+{
+    if (run->owns_process) {
         return 0;
     }
     const char *asked = a->shutdown_deadline != Py_None ? "shutdown_deadline"
         : a->exit_on_repeated_signal != Py_None && w->exit_on_repeat
             ? "exit_on_repeated_signal"
         : a->task_dump_signal != Py_None && a->task_dump_signal != Py_False
-            ? "task_dump_signal" : NULL;
+            ? "task_dump_signal"
+        : a->reap_orphans != Py_None && f->reap_orphans ? "reap_orphans" : NULL;
     if (asked != NULL) {
-        PyErr_Format(PyExc_ValueError,
-                     "run() argument '%s' needs run() in the main thread", asked);
+        PyErr_Format(PyExc_ValueError, on_main
+                     ? "run() argument '%s' needs the outermost run(): another "
+                       "run() under way on the main thread owns the process"
+                     : "run() argument '%s' needs run() in the main thread", asked);
         return -1;
     }
     w->deadline = 0;
     w->exit_on_repeat = 0;
+    f->reap_orphans = 0;
     return 0;
 }
 
@@ -742,9 +778,11 @@ run_body(PyObject *module, RunObject *run, run_args *a, watchdog_args *w,
     if (run->shutdown_handler == NULL) {
         goto done;
     }
-    if (check_thread(st, run) < 0) {
+    int on_main = 0;
+    if (check_thread(st, &on_main) < 0) {
         goto done;
     }
+    claim_process(st, run, on_main);
     /* First of all, so that a signal arriving from here on is neither
      * fatal nor lost; until now it was held back. */
     int taken = aiorun_signals_take_over(run);
@@ -753,17 +791,15 @@ run_body(PyObject *module, RunObject *run, run_args *a, watchdog_args *w,
         goto done;
     }
     if (aiorun_log(st, LOG_DEBUG, "Entering run()") == 0
-        && (!run->off_main_thread
-            || aiorun_log(st, LOG_WARNING,
-                          aiorun_in_main_interpreter()
-                              ? OFF_MAIN_THREAD : IN_SUBINTERPRETER) == 0)
-        && check_arguments(st, a, f) == 0
-        && check_watchdog_arguments(a, w, !run->off_main_thread) == 0
-        && check_watchdog_thread(run, a, w) == 0
+        && (run->owns_process
+            || aiorun_log(st, LOG_WARNING, not_owner_reason(on_main)) == 0)
+        && check_arguments(st, a, f, run->owns_process) == 0
+        && check_watchdog_arguments(a, w, run->owns_process) == 0
+        && check_owner_only(run, on_main, a, w, f) == 0
         && ((w->deadline == 0 && !w->exit_on_repeat)
             || aiorun_watchdog_start(run, w->deadline, w->exit_on_repeat,
                                      f->dump_signum) == 0)
-        && aiorun_notify_start(run, f->task_timeout) == 0) {
+        && (!run->owns_process || aiorun_notify_start(run, f->task_timeout) == 0)) {
         result = run_with_signals(run, a, f);
     }
     forget_main_task(run);
@@ -775,12 +811,14 @@ run_body(PyObject *module, RunObject *run, run_args *a, watchdog_args *w,
     remove_exception_handler(run);
     run->phase = PHASE_DONE;
     aiorun_signals_restore(run);
+    release_process(st, run);
     /* A Python signal handler that raised while the handlers were given
      * back: its exception is what run() raises. */
     if (result != NULL && PyErr_Occurred()) {
         Py_CLEAR(result);
     }
 done:
+    release_process(st, run);
     if (result == NULL && run->main_task == NULL) {
         close_refused(a->coro);
     }

@@ -25,7 +25,7 @@ aiorun_run_new(aiorun_state *st)
     run->own_loop = 0;
     run->handler_installed = 0;
     run->shutdown_requested = 0;
-    run->off_main_thread = 0;
+    run->owns_process = 0;
     run->handler_scheduled = 0;
     run->wake_fds[0] = run->wake_fds[1] = -1;
     run->watchdog = NULL;

@@ -710,7 +710,17 @@ done:
 static void
 cancel_and_wait(RunObject *run, PyObject *timeout)
 {
-    int gc_was_enabled = PyGC_Disable();
+    /* The collector belongs to the process (aiorun.h).  A child forked
+     * meanwhile gets it back on (aiorun_after_fork_child). */
+    aiorun_state *st = run->state;
+    int gc_was_enabled = 0;
+    if (run->owns_process && aiorun_register_fork_hook(st) == 0) {
+        gc_was_enabled = PyGC_Disable();
+        st->gc_paused = gc_was_enabled;
+    }
+    else {
+        PyErr_Clear();   /* no hook, no pause: the drain is only slower */
+    }
     aiorun_idset seen = AIORUN_IDSET_INIT;
     wait_plan plan = {&seen, 1, 0, 0, 0, NULL};
     if (run->main_first && run->main_task != NULL) {
@@ -720,7 +730,8 @@ cancel_and_wait(RunObject *run, PyObject *timeout)
     report_stuck(run, stuck, timeout);
     Py_XDECREF(stuck);
     aiorun_idset_clear(&seen);
-    if (gc_was_enabled) {
+    if (gc_was_enabled && st->gc_paused) {
+        st->gc_paused = 0;
         PyGC_Enable();
     }
 }

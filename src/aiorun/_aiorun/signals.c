@@ -83,8 +83,8 @@ int
 aiorun_signals_take_over(RunObject *run)
 {
     aiorun_state *st = run->state;
-    if (run->off_main_thread) {
-        return 0;   /* signal.signal() would refuse; run() says so in a WARNING */
+    if (!run->owns_process) {
+        return 0;   /* the owner's, or signal.signal() would refuse (aiorun.h) */
     }
     PyObject *handler = aiorun_run_method(run, "_on_signal");
     if (handler == NULL) {
@@ -214,7 +214,7 @@ aiorun_signals_restore(RunObject *run)
 {
     PyObject *type, *value, *tb;
     aiorun_held_signals held;
-    aiorun_signals_hold(&held, !run->off_main_thread);
+    aiorun_signals_hold(&held, run->owns_process);
     PyErr_Fetch(&type, &value, &tb);
     /* Signals that arrived during run() but whose Python-level handlers
      * have not run yet would otherwise reach the restored handlers (a late
@@ -263,7 +263,7 @@ aiorun_signals_wake_loop(RunObject *run)
 #else
     aiorun_state *st = run->state;
     int fds[2];
-    if (run->wake_fds[0] >= 0 || run->off_main_thread) {
+    if (run->wake_fds[0] >= 0 || !run->owns_process) {
         return 0;
     }
     if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0) {

@@ -70,19 +70,25 @@ aiorun_run_exception_handler(PyObject *self, PyObject *const *args,
     if (message == NULL) {
         goto done;
     }
-    /* The latest report wins, as in aiorun; a report without an exception
-     * leaves nothing to re-raise. */
-    Py_XSETREF(run->pending_exc, exc == Py_None ? NULL : Py_NewRef(exc));
-    /* Once the shutdown has begun the loop runs only to finish it; stopping
-     * it then would abort the shutdown half-way.  Stopped before the log
-     * line, so that a logging handler that raises cannot keep it running. */
+    /* The error rule (aiorun.h): until the loop has stopped, the latest
+     * report with an exception is the one to re-raise; after, a report is
+     * only logged, and kept only when nothing else is. */
     if (run->phase < PHASE_SHUTDOWN) {
+        if (exc != Py_None) {
+            Py_XSETREF(run->pending_exc, Py_NewRef(exc));
+        }
+        /* Stopped before the log line, so that a logging handler that
+         * raises cannot keep it running.  Once the shutdown has begun the
+         * loop runs only to finish it: stopping it then would abort it. */
         aiorun_run_request(run, CAUSE_UNHANDLED_ERROR, 0);
         res = PyObject_CallMethod(loop, "stop", NULL);
         if (res == NULL) {
             goto done;
         }
         Py_CLEAR(res);
+    }
+    else if (exc != Py_None && run->pending_exc == NULL) {
+        run->pending_exc = Py_NewRef(exc);
     }
     if (aiorun_log_exc(run->state, LOG_ERROR,
                        "Unhandled exception; stopping loop: %r", message, exc) < 0) {

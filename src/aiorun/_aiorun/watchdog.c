@@ -830,12 +830,10 @@ watchdog_after_fork(RunObject *run)
     }
 }
 
-/* os.register_at_fork(after_in_child=_after_fork_child), once per module. */
-static int
-register_fork_hook(aiorun_state *st)
+int
+aiorun_register_fork_hook(aiorun_state *st)
 {
-    /* Only run() in the main thread starts a watchdog: no other thread
-     * registers at the same time. */
+    /* Only the process owner registers: no other thread at the same time. */
     if (st->fork_hook_registered) {
         return 0;
     }
@@ -864,6 +862,11 @@ aiorun_after_fork_child(PyObject *module, PyObject *unused)
 {
     (void)unused;
     aiorun_state *st = aiorun_get_state(module);
+    /* The child's own run() (if it has one) pauses it again as it needs. */
+    if (st->gc_paused) {
+        st->gc_paused = 0;
+        PyGC_Enable();
+    }
     PyObject *runs = st->runs ? PyDict_Values(st->runs) : NULL;
     if (runs == NULL) {
         PyErr_Clear();
@@ -880,7 +883,7 @@ int
 aiorun_watchdog_start(RunObject *run, double deadline, int exit_on_repeat,
                       int avoid_signum)
 {
-    if (register_fork_hook(run->state) < 0) {
+    if (aiorun_register_fork_hook(run->state) < 0) {
         return -1;
     }
     aiorun_watchdog *wd = PyMem_RawCalloc(1, sizeof(*wd));
@@ -1011,6 +1014,13 @@ aiorun_watchdog_request(RunObject *run, aiorun_request_reason reason)
 }
 
 #else /* MS_WINDOWS */
+
+int
+aiorun_register_fork_hook(aiorun_state *st)
+{
+    (void)st;   /* no fork() */
+    return 0;
+}
 
 PyObject *
 aiorun_after_fork_child(PyObject *module, PyObject *unused)
