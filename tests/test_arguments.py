@@ -4,11 +4,13 @@ These run in-process on purpose: they must leave *this* process intact."""
 import asyncio
 import inspect
 import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from aiorun import run, shutdown_waits_for
+from conftest import run_app
 
 
 def handlers():
@@ -199,3 +201,23 @@ def check_closed_after_refusal(kwargs, error):
     with pytest.raises(error):
         run(coro, **kwargs)
     assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="the loop refuses it from 3.11")
+def test_an_executor_the_loop_refuses_fails_before_anything_is_created(app):
+    r = run_app(app, """
+        import concurrent.futures, gc
+        async def main():
+            say("main ran")
+        with concurrent.futures.ProcessPoolExecutor(1) as pool:
+            try:
+                run(main(), executor=pool)
+            except TypeError as e:
+                say("TypeError:", e)
+        gc.collect()
+        say("end")
+    """)
+    assert r.returncode == 0, r
+    assert r.stdout == ["TypeError: executor must be ThreadPoolExecutor instance", "end"], r
+    assert "Task was destroyed" not in r.stderr_text, r
+    assert "never awaited" not in r.stderr_text, r

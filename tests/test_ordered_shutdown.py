@@ -403,3 +403,32 @@ def test_a_loop_stop_from_a_task_winding_down_does_not_abort_the_shutdown(
     assert r.stdout[1:] == ["worker wound down", f"returned: {returned}"]
     assert "Traceback" not in r.stderr_text
     assert subsequence(SHUTDOWN_TAIL, r.messages)
+
+
+def test_the_shutdowns_cancelled_error_crosses_a_multiprocessing_queue(app):
+    # Put on a real multiprocessing.Queue from the except block: its feeder
+    # thread pickles it; what comes back out is a CancelledError whose
+    # message reads the same.
+    a = app("""
+        import multiprocessing, pickle
+        q = multiprocessing.Queue()
+        async def main():
+            say("READY")
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError as e:
+                q.put(e)
+                back = q.get(timeout=30)
+                say(type(back).__name__, repr(back.args[0]), back.args[0] == e.args[0],
+                    type(back.args[0]).__name__)
+                again = pickle.loads(pickle.dumps(e, protocol=0))
+                say("protocol 0:", repr(again.args[0]))
+                raise
+        run(main())
+    """)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout[1:] == ["CancelledError 'aiorun shutdown: SIGTERM' True str",
+                            "protocol 0: 'aiorun shutdown: SIGTERM'"], r

@@ -103,8 +103,26 @@ message_dealloc(PyObject *self)
     Py_DECREF(type);
 }
 
+/* Pickled as the plain str it reads: the type is private, and an
+ * exception carrying it must still cross a multiprocessing.Queue or come
+ * back from a process pool. */
+static PyObject *
+message_reduce(PyObject *self, PyObject *unused)
+{
+    (void)unused;
+    PyObject *text = PyUnicode_FromObject(self);   /* an exact str copy */
+    return text ? Py_BuildValue("(O(N))", (PyObject *)&PyUnicode_Type, text) : NULL;
+}
+
+static PyMethodDef message_methods[] = {
+    {"__reduce__", message_reduce, METH_NOARGS,
+     "Pickles as the str it reads."},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyType_Slot message_slots[] = {
     {Py_tp_dealloc, message_dealloc},
+    {Py_tp_methods, message_methods},
     {Py_tp_doc, "The cancel message of a task cancelled by aiorun's shutdown: a str "
                 "naming the cause."},
     {0, NULL},

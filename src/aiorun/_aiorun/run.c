@@ -568,6 +568,13 @@ run_with_signals(RunObject *run, run_args *a, run_flags *f)
     if (aiorun_taskdump_install(run) < 0) {
         goto fail;
     }
+    /* Before the main task exists: a loop that refuses the executor
+     * (3.11+ takes only a ThreadPoolExecutor) fails run() with that error
+     * alone, and the coroutine is closed, never left pending. */
+    executor = set_up_executor(run, a);
+    if (executor == NULL) {
+        goto fail;
+    }
     if (a->coro != Py_None && start_main_task(run, a->coro) < 0) {
         goto fail;
     }
@@ -586,10 +593,6 @@ run_with_signals(RunObject *run, run_args *a, run_flags *f)
         Py_DECREF(wake);
     }
 #endif
-    executor = set_up_executor(run, a);
-    if (executor == NULL) {
-        goto fail;
-    }
     if (run_loop(run) < 0) {
         goto done;
     }
