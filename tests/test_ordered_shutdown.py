@@ -432,3 +432,31 @@ def test_the_shutdowns_cancelled_error_crosses_a_multiprocessing_queue(app):
     assert r.returncode == 0, r
     assert r.stdout[1:] == ["CancelledError 'aiorun shutdown: SIGTERM' True str",
                             "protocol 0: 'aiorun shutdown: SIGTERM'"], r
+
+
+def test_shutdown_event_asked_from_another_thread_works(app):
+    # Another thread asks for the event of a running run() (3.9 bound an
+    # Event to the asking thread's loop, which it has not); the loop's own
+    # code then waits on it, and the shutdown sets it.
+    a = app("""
+        got = {}
+        def ask(loop):
+            got["event"] = aiorun.shutdown_event(loop=loop)
+        async def main():
+            loop = asyncio.get_running_loop()
+            t = threading.Thread(target=ask, args=(loop,))
+            t.start()
+            await loop.run_in_executor(None, t.join)
+            event = got["event"]
+            say("same:", event is aiorun.shutdown_event(), "set:", event.is_set())
+            say("READY")
+            await event.wait()
+            say("event set")
+            await asyncio.sleep(3600)
+        run(main(), drain_delay=5)
+    """)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["same: True set: False", "READY", "event set"], r

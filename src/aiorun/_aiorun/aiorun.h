@@ -80,6 +80,7 @@
     X(set_event_loop)                                                       \
     X(get_event_loop)                                                       \
     X(get_running_loop)         /* asyncio._get_running_loop */             \
+    X(set_running_loop)         /* asyncio._set_running_loop */             \
     X(CancelledError)           /* asyncio.CancelledError */                \
     X(isawaitable)              /* inspect.isawaitable */                   \
     X(signal_signal)            /* signal.signal */                         \

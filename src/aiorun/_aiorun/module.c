@@ -161,6 +161,7 @@ load_imports(aiorun_state *st)
         IMPORT(set_event_loop, "asyncio", "set_event_loop"),
         IMPORT(get_event_loop, "asyncio", "get_event_loop"),
         IMPORT(get_running_loop, "asyncio", "_get_running_loop"),
+        IMPORT(set_running_loop, "asyncio", "_set_running_loop"),
         IMPORT(CancelledError, "asyncio", "CancelledError"),
         IMPORT(Event, "asyncio", "Event"),
         IMPORT(Executor, "concurrent.futures", "Executor"),

@@ -137,6 +137,51 @@ PyType_Spec aiorun_message_type_spec = {
 
 /* ---- shutdown_event() ---- */
 
+/* A new asyncio.Event for loop.  Until 3.10 an Event binds at creation to
+ * get_event_loop() of the calling thread, which on another thread than the
+ * loop's is none ("There is no current event loop") or the wrong one: it is
+ * made with loop as this thread's running loop for that moment, as it is
+ * on the loop's own thread (Event(loop=...) would warn). */
+static PyObject *
+new_event(aiorun_state *st, PyObject *loop)
+{
+#if PY_VERSION_HEX < 0x030A0000
+    PyObject *previous = loop ? PyObject_CallNoArgs(st->get_running_loop) : NULL;
+    if (previous == NULL) {
+        return loop ? NULL : PyObject_CallNoArgs(st->Event);
+    }
+    if (previous == loop) {
+        Py_DECREF(previous);
+        return PyObject_CallNoArgs(st->Event);
+    }
+    PyObject *event = NULL;
+    PyObject *res = PyObject_CallOneArg(st->set_running_loop, loop);
+    if (res != NULL) {
+        Py_DECREF(res);
+        event = PyObject_CallNoArgs(st->Event);
+        /* Put back even when Event() failed; its error stays the one set. */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        res = PyObject_CallOneArg(st->set_running_loop, previous);
+        if (res == NULL) {
+            Py_CLEAR(event);
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(tb);
+        }
+        else {
+            Py_DECREF(res);
+            PyErr_Restore(type, value, tb);
+        }
+    }
+    Py_DECREF(previous);
+    return event;
+#else
+    (void)loop;
+    return PyObject_CallNoArgs(st->Event);
+#endif
+}
+
 /* The event of `run`, made on the first request.  Called under the Run's
  * critical section: the loop's thread and others may ask at once. */
 static PyObject *
@@ -145,9 +190,7 @@ run_shutdown_event(RunObject *run)
     aiorun_state *st = run->state;
     PyObject *event = NULL;
     if (run->shutdown_event == NULL) {
-        /* Made on first request, on the loop's thread: on 3.9 an Event
-         * binds to the thread's loop when it is made. */
-        event = PyObject_CallNoArgs(st->Event);
+        event = new_event(st, run->loop);
         if (event == NULL) {
             goto done;
         }
