@@ -708,3 +708,90 @@ def test_a_waiter_dropped_after_the_loop_closed_still_reports_its_failure(app):
     assert r.stdout == ["run returned", "dropped"], r
     assert "Event loop is closed" not in r.stderr_text, r
     assert any(l.startswith("WARNING:The coroutine upload, protected by") for l in r.log), r
+
+
+def test_one_awaitable_two_awaiters_close_and_bad_throw_act_as_a_coroutine_does(app):
+    # Each case runs on shutdown_waits_for()'s object and on a plain
+    # coroutine, under run(); the two must read the same.
+    r = run_app(app, """
+        async def work(log):
+            await asyncio.sleep(0.2)
+            log.append("work finished")
+            return "result"
+
+        async def case(make):
+            loop = asyncio.get_running_loop()
+            log = []
+            # A second awaiter is refused at its await; cancelling the first
+            # reaches only the first.
+            w = make(log)
+            async def awaiter(name):
+                try:
+                    got = await w
+                    log.append(f"{name} got {got}")
+                except BaseException as e:
+                    log.append(f"{name}: {type(e).__name__}: {e}")
+            first = loop.create_task(awaiter("first"))
+            await asyncio.sleep(0.01)
+            second = loop.create_task(awaiter("second"))
+            await asyncio.sleep(0.01)
+            first.cancel()
+            await asyncio.sleep(0.3)
+            say(*log, sep=" | ")
+            # close() while a task awaits it: the task ends with an error.
+            log.clear()
+            w = make(log)
+            t = loop.create_task(awaiter("awaiter"))
+            await asyncio.sleep(0.01)
+            w.close()
+            await asyncio.sleep(0.3)
+            say(*log, "task done:", t.done())
+            # throw() with bad arguments changes nothing: the awaiter still
+            # gets the result.
+            log.clear()
+            w = make(log)
+            t = loop.create_task(awaiter("awaiter"))
+            await asyncio.sleep(0.01)
+            for bad in [(42,), (ValueError("v"), 1), (ValueError, None, 5)]:
+                try:
+                    w.throw(*bad)
+                except TypeError as e:
+                    log.append(f"TypeError: {e}")
+            await asyncio.sleep(0.3)
+            say(*log, sep=" | ")
+
+        async def main():
+            def protected(log):
+                return shutdown_waits_for(work(log))
+            def plain(log):
+                async def inner():   # what the original's shutdown_waits_for returns
+                    return await asyncio.shield(work(log))
+                return inner()
+            for name, make in (("ours", protected), ("coroutine", plain)):
+                say("==", name)
+                await case(make)
+            asyncio.get_running_loop().stop()
+
+        def say(*args, sep=" "):
+            sys.stdout.write(sep.join(map(str, args)) + "\\n")
+            sys.stdout.flush()
+        run(main())
+    """)
+    assert r.returncode == 0, r
+    ours, plain = "\n".join(r.stdout).split("== coroutine\n")
+    lines = ours.split("== ours\n")[1].strip().splitlines()
+    plain = plain.strip().splitlines()
+    assert lines[0] == plain[0], r.stdout
+    # After close() the awaiter fails as a coroutine's does; ours at once,
+    # the coroutine's once what it awaited is done.
+    assert plain[1] == ("work finished awaiter: RuntimeError: cannot reuse already "
+                        "awaited coroutine task done: True"), plain
+    assert lines[0] == ("second: RuntimeError: coroutine is being awaited already | "
+                        "first: CancelledError:  | work finished"), lines
+    assert lines[1] == ("awaiter: RuntimeError: cannot reuse already awaited coroutine "
+                        "work finished task done: True"), lines
+    # Bad arguments to throw() are refused before anything changes, as
+    # asyncio's own future iterator does (a coroutine would pass them down
+    # and end with the TypeError).
+    assert lines[2].endswith(" | work finished | awaiter got result"), lines
+    assert lines[2].count("TypeError:") == 3, lines

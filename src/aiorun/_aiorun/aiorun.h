@@ -447,6 +447,9 @@ PyObject *aiorun_waitfuture_new(aiorun_state *st, PyObject *task, PyObject *loop
 int aiorun_waitfuture_arm(PyObject *wait);
 /* Take back the wake-ups passed on to the task; keeps any exception set. */
 void aiorun_waitfuture_detach(PyObject *wait);
+/* Ends the wait for the waiter's close(): its awaiter resumes, and the
+ * wait's result() raises RuntimeError.  Keeps any exception set. */
+void aiorun_waitfuture_close(PyObject *wait);
 /* 1 if the wait was cancelled (the awaiting task gave up), else 0. */
 int aiorun_waitfuture_cancelled(PyObject *wait);
 

@@ -69,21 +69,35 @@ watch_orphan(PyObject *task, PyTypeObject *type)
     PyErr_Restore(exc_type, value, tb);
 }
 
+/* How a waiter ends. */
+typedef enum {
+    END_TASK_ENDED,  /* the protected task's outcome was delivered */
+    END_DETACH,      /* its awaiter stopped waiting, or it was never awaited */
+    END_CLOSE        /* close() while awaited: wake the awaiter with an error */
+} waiter_end;
+
 /* Stop listening to the protected task.  Keeps any exception that is set.
  * Once the task has ended its callbacks have already run, so there is
  * nothing to take back from it. */
 static void
-waiter_finish(WaiterObject *self, int task_ended)
+waiter_finish(WaiterObject *self, waiter_end how)
 {
     /* Out of the field first: taking the wake-ups back runs the task's
      * remove_done_callback() and callbacks' __eq__, which may close() or
      * throw() into this very waiter. */
     PyObject *wait = self->wait;
-    int orphaned = !task_ended && self->phase != WAITER_DONE && self->task != NULL;
+    int orphaned = how != END_TASK_ENDED && self->phase != WAITER_DONE
+                   && self->task != NULL;
     self->wait = NULL;
     self->phase = WAITER_DONE;
-    if (wait != NULL && !task_ended) {
+    if (wait != NULL && how == END_DETACH) {
         aiorun_waitfuture_detach(wait);
+    }
+    else if (wait != NULL && how == END_CLOSE) {
+        /* As a coroutine closed under its awaiter: that one resumes and
+         * fails ("cannot reuse already awaited coroutine"), never left
+         * pending with nobody to wake it. */
+        aiorun_waitfuture_close(wait);
     }
     Py_XDECREF(wait);
     if (orphaned) {
@@ -96,7 +110,7 @@ waiter_finish(WaiterObject *self, int task_ended)
 static void
 waiter_detach(WaiterObject *self)
 {
-    waiter_finish(self, 0);
+    waiter_finish(self, END_DETACH);
 }
 
 /* Yield to the awaiting task what it must wait on, as Future.__await__
@@ -137,9 +151,18 @@ waiter_step_impl(WaiterObject *self, PyObject **result)
         return STEP_ERROR;
     }
     if (!done) {
+        /* Waiting already, on a wait nobody cancelled: this is a second
+         * task awaiting the same object, which a coroutine refuses too.
+         * (The first awaiter comes back only once the task has ended, or
+         * through throw() when its wait was cancelled.) */
+        if (self->phase == WAITER_WAITING && self->wait != NULL
+            && !aiorun_waitfuture_cancelled(self->wait)) {
+            PyErr_SetString(PyExc_RuntimeError, "coroutine is being awaited already");
+            return STEP_ERROR;
+        }
         return waiter_yield(self, result);
     }
-    waiter_finish(self, 1);
+    waiter_finish(self, END_TASK_ENDED);
     /* The protected task's outcome: its result, its exception, or
      * CancelledError if it was cancelled directly. */
     *result = PyObject_CallMethodNoArgs(self->task, st->s_result);
@@ -270,9 +293,8 @@ waiter_throw_impl(WaiterObject *self, PyObject *args)
     if (!PyArg_UnpackTuple(args, "throw", 1, 3, &type, &value, &tb)) {
         return NULL;
     }
-    PyObject *thrown = PyExceptionInstance_Check(type) ? type
-                       : value != NULL && PyExceptionInstance_Check(value) ? value : NULL;
-    waiter_finish(self, outcome_delivered(self, thrown));
+    /* Checked first, as a coroutine's throw() does: a call with bad
+     * arguments changes nothing. */
     if (tb == Py_None) {
         tb = NULL;
     }
@@ -280,21 +302,25 @@ waiter_throw_impl(WaiterObject *self, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "throw() third argument must be a traceback");
         return NULL;
     }
-    if (PyExceptionInstance_Check(type)) {
-        if (value != NULL && value != Py_None) {
-            PyErr_SetString(PyExc_TypeError,
-                            "instance exception may not have a separate value");
-            return NULL;
-        }
-        /* PyException_GetTraceback returns a new reference already. */
-        PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(type)), Py_NewRef(type),
-                      tb ? Py_NewRef(tb) : PyException_GetTraceback(type));
+    int instance = PyExceptionInstance_Check(type);
+    if (instance && value != NULL && value != Py_None) {
+        PyErr_SetString(PyExc_TypeError,
+                        "instance exception may not have a separate value");
         return NULL;
     }
-    if (!PyExceptionClass_Check(type)) {
+    if (!instance && !PyExceptionClass_Check(type)) {
         PyErr_Format(PyExc_TypeError,
                      "exceptions must be classes or instances deriving from "
                      "BaseException, not %.200s", Py_TYPE(type)->tp_name);
+        return NULL;
+    }
+    PyObject *thrown = instance ? type
+                       : value != NULL && PyExceptionInstance_Check(value) ? value : NULL;
+    waiter_finish(self, outcome_delivered(self, thrown) ? END_TASK_ENDED : END_DETACH);
+    if (instance) {
+        /* PyException_GetTraceback returns a new reference already. */
+        PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(type)), Py_NewRef(type),
+                      tb ? Py_NewRef(tb) : PyException_GetTraceback(type));
         return NULL;
     }
     PyErr_Restore(Py_NewRef(type), Py_XNewRef(value == Py_None ? NULL : value),
@@ -306,7 +332,7 @@ static PyObject *
 waiter_close_impl(WaiterObject *self, PyObject *unused)
 {
     (void)unused;
-    waiter_detach(self);
+    waiter_finish(self, END_CLOSE);
     Py_RETURN_NONE;
 }
 

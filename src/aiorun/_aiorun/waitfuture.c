@@ -29,6 +29,9 @@ typedef struct {
     int blocking;          /* _asyncio_future_blocking */
     int cancelled;
     int cancelling;        /* cancel() is scheduling the wake-ups */
+    int closed;            /* cancelled by the waiter's close(): the awaiter
+                            * resumes with RuntimeError, as at the await of
+                            * a closed coroutine */
 } WaitFutureObject;
 
 static aiorun_state *
@@ -145,6 +148,7 @@ aiorun_waitfuture_new(aiorun_state *st, PyObject *task, PyObject *loop)
     self->blocking = 1;   /* made to be yielded */
     self->cancelled = 0;
     self->cancelling = 0;
+    self->closed = 0;
     PyObject_GC_Track(self);
     return (PyObject *)self;
 }
@@ -403,6 +407,28 @@ wait_cancel_impl(WaitFutureObject *self, PyObject *args, PyObject *kwargs)
     return NULL;
 }
 
+void
+aiorun_waitfuture_close(PyObject *wait)
+{
+    WaitFutureObject *self = (WaitFutureObject *)wait;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    Py_BEGIN_CRITICAL_SECTION(wait);
+    /* cancel()'s way: the wake-ups are scheduled, then taken back from the
+     * task.  If it cannot (the loop is closed), the waker is taken back. */
+    self->closed = 1;
+    PyObject *args = PyTuple_New(0);
+    PyObject *res = args ? wait_cancel_impl(self, args, NULL) : NULL;
+    Py_XDECREF(args);
+    if (res == NULL) {
+        PyErr_Clear();
+        take_back_all(self);
+    }
+    Py_XDECREF(res);
+    Py_END_CRITICAL_SECTION();
+    PyErr_Restore(type, value, tb);
+}
+
 /* The protected task's answer to result() or exception(), or the
  * CancelledError (with its message) of a cancelled wait. */
 static PyObject *
@@ -411,6 +437,10 @@ ask_task(WaitFutureObject *self, PyObject *method)
     aiorun_state *st = wait_state(self);
     if (!self->cancelled) {
         return PyObject_CallMethodNoArgs(self->task, method);
+    }
+    if (self->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited coroutine");
+        return NULL;
     }
     PyObject *exc = self->cancel_msg == Py_None
         ? PyObject_CallNoArgs(st->CancelledError)
@@ -448,7 +478,7 @@ static PyObject *
 wait_cancelled_impl(WaitFutureObject *self, PyObject *unused)
 {
     (void)unused;
-    return PyBool_FromLong(self->cancelled);
+    return PyBool_FromLong(self->cancelled && !self->closed);
 }
 
 static PyObject *
