@@ -8,7 +8,7 @@ SOURCES = [
     "module.c", "log.c", "runstate.c", "run.c", "signals.c",
     "unhandled.c", "shutdown.c", "shield.c", "waitfuture.c", "watchdog.c",
     "sigwake.c", "stacks.c", "notify.c", "cli.c", "reasons.c", "taskdump.c",
-    "reaper.c", "sigcatch.c", "callargs.c", "idset.c",
+    "reaper.c", "sigcatch.c", "callargs.c", "idset.c", "protectedset.c",
 ]
 
 if sys.platform == "win32":

@@ -61,8 +61,6 @@ ACCEPTED = {
         "all of the logic is C; the names and reprs are the original's",
     "A task awaiting `shutdown_waits_for()` waits on the protected task itself":
         "no helper coroutine and future per call",
-    "Protected tasks are marked on the task itself":
-        "the original's WeakSet entry per call was half of what a protection cost",
     "The error that stopped the loop is the one `run()` raises.":
         "the original's handler kept the latest report, so a report without an "
         "exception (aiohttp's 'Unclosed client session') made a crashed service "

@@ -179,7 +179,7 @@ scenario("shutdown_waits_for: which tasks _DO_NOT_CANCEL_COROS finds", """
         say("found", len(found))
         asyncio.get_running_loop().stop()
     run(main())
-""", differs=["Protected tasks are marked on the task itself"])
+""")
 
 scenario("run_in_executor work finishes during the shutdown", """
     def blocking():

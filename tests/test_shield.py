@@ -181,7 +181,9 @@ def test_the_protected_tasks_and_only_they_are_marked(app):
 
         run(main())
     """)
-    assert r.stdout == ["main False", "plain False", "work True", "0"]
+    # The original's set still finds the protected work: the view counts the
+    # marked task's coroutine.
+    assert r.stdout == ["main False", "plain False", "work True", "1"]
 
 
 def test_a_coroutine_the_app_puts_in_do_not_cancel_coros_is_not_cancelled(app):
@@ -795,3 +797,36 @@ def test_one_awaitable_two_awaiters_close_and_bad_throw_act_as_a_coroutine_does(
     # and end with the TypeError).
     assert lines[2].endswith(" | work finished | awaiter got result"), lines
     assert lines[2].count("TypeError:") == 3, lines
+
+
+def test_do_not_cancel_coros_finds_the_protected_work_as_the_originals_tests_do(app):
+    # The original's own tests find the protected task through the set and
+    # cancel it directly; membership, iteration and len() answer for the
+    # work that has not ended, on this run()'s loop.
+    r = run_app(app, """
+        async def save():
+            await asyncio.sleep(3600)
+        async def other():
+            await asyncio.sleep(3600)
+        async def main():
+            loop = asyncio.get_running_loop()
+            loop.create_task(other())
+            waiter = shutdown_waits_for(save())
+            await asyncio.sleep(0)
+            s = aiorun._DO_NOT_CANCEL_COROS
+            found = [t for t in asyncio.all_tasks() if t.get_coro() in s]
+            say("found", [t.get_coro().__name__ for t in found],
+                "len", len(s), "iter", [c.__name__ for c in s])
+            found[0].cancel()
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                say("the awaiter saw the cancel")
+            await asyncio.sleep(0)
+            say("after: len", len(s), "iter", list(s))
+            loop.stop()
+        run(main())
+    """)
+    assert r.returncode == 0, r
+    assert r.stdout == ["found ['save'] len 1 iter ['save']", "the awaiter saw the cancel",
+                        "after: len 0 iter []"], r

@@ -9,6 +9,7 @@
  *   unhandled.c stop_on_unhandled_errors: the exception handler, main-task watch
  *   shutdown.c  the shutdown phase after the loop stops
  *   shield.c    shutdown_waits_for() and the awaitable it returns
+ *   protectedset.c  _DO_NOT_CANCEL_COROS, the original's set, as a view
  *   waitfuture.c  what a task awaiting shutdown_waits_for() waits on
  *   watchdog.c  the thread that bounds the shutdown: deadline, forced exit
  *   sigwake.c   the C-level signal handler that wakes the watchdog
@@ -71,7 +72,9 @@
     X(runs)                     /* {loop: Run} for the runs under way */    \
     X(Event)                    /* asyncio.Event */                         \
     X(logger)                   /* logging.getLogger("aiorun") */           \
-    X(do_not_cancel)            /* weakref.WeakSet of protected coros */    \
+    X(do_not_cancel)            /* _DO_NOT_CANCEL_COROS (protectedset.c) */ \
+    X(WeakSet)                  /* weakref.WeakSet, its base */             \
+    X(weakset_contains)         /* WeakSet.__contains__ */                  \
     X(AbstractEventLoop)                                                    \
     X(Executor)                 /* concurrent.futures.Executor */           \
     X(all_tasks)                /* asyncio.all_tasks */                     \
@@ -438,6 +441,15 @@ PyObject *aiorun_shutdown_waits_for(PyObject *module, PyObject *const *args,
 PyObject *aiorun_protected_orphan_done(PyObject *module, PyObject *task);
 /* 1 if task is protected by shutdown_waits_for, 0 if not, -1 on error. */
 int aiorun_is_protected(aiorun_state *st, PyObject *task);
+/* The coroutine behind a task: task.get_coro(), else task._coro, else NULL
+ * (with no exception) for future-likes that have neither. */
+PyObject *aiorun_task_coro(aiorun_state *st, PyObject *task);
+
+/* ---- protectedset.c ---- */
+extern PyType_Spec aiorun_protected_set_spec;
+/* coro is in _DO_NOT_CANCEL_COROS's own WeakSet (what the app added, or a
+ * task that could not be marked): 1, 0, or -1. */
+int aiorun_weakset_contains(aiorun_state *st, PyObject *coro);
 
 /* ---- waitfuture.c ---- */
 extern PyType_Spec aiorun_waitfuture_type_spec;

@@ -278,12 +278,15 @@ aiorun_exec(PyObject *module)
     if (st->logger == NULL) {
         return -1;
     }
-    PyObject *weak_set = import_attr("weakref", "WeakSet");
-    if (weak_set == NULL) {
-        return -1;
-    }
-    st->do_not_cancel = PyObject_CallNoArgs(weak_set);
-    Py_DECREF(weak_set);
+    st->WeakSet = import_attr("weakref", "WeakSet");
+    st->weakset_contains = st->WeakSet ? PyObject_GetAttrString(st->WeakSet, "__contains__")
+                                       : NULL;
+    PyObject *bases = st->weakset_contains ? PyTuple_Pack(1, st->WeakSet) : NULL;
+    PyObject *set_type = bases ? PyType_FromModuleAndSpec(module, &aiorun_protected_set_spec,
+                                                          bases) : NULL;
+    Py_XDECREF(bases);
+    st->do_not_cancel = set_type ? PyObject_CallNoArgs(set_type) : NULL;
+    Py_XDECREF(set_type);
     if (st->do_not_cancel == NULL) {
         return -1;
     }

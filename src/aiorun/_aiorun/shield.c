@@ -505,10 +505,8 @@ PyType_Spec aiorun_waiter_type_spec = {
     .slots = waiter_slots,
 };
 
-/* The coroutine behind a task: task.get_coro(), else task._coro, else NULL
- * (with no exception) for future-likes that have neither. */
-static PyObject *
-task_coro(aiorun_state *st, PyObject *task)
+PyObject *
+aiorun_task_coro(aiorun_state *st, PyObject *task)
 {
     PyObject *coro = PyObject_CallMethodNoArgs(task, st->s_get_coro);
     if (coro != NULL || !PyErr_ExceptionMatches(PyExc_AttributeError)) {
@@ -535,7 +533,7 @@ aiorun_protected_orphan_done(PyObject *module, PyObject *task)
     if (exc == NULL || exc == Py_None) {
         goto done;
     }
-    coro = task_coro(st, task);
+    coro = aiorun_task_coro(st, task);
     name = coro ? aiorun_optional_attr(coro, "__qualname__") : NULL;
     if (name == NULL && !PyErr_Occurred()) {
         name = PyObject_Repr(task);
@@ -571,7 +569,7 @@ mark_protected(aiorun_state *st, PyObject *task)
         return -1;
     }
     PyErr_Clear();
-    PyObject *coro = task_coro(st, task);
+    PyObject *coro = aiorun_task_coro(st, task);
     if (coro == NULL || coro == Py_None) {
         Py_XDECREF(coro);
         return PyErr_Occurred() ? -1 : 0;
@@ -598,11 +596,11 @@ aiorun_is_protected(aiorun_state *st, PyObject *task)
     }
     /* Not marked: its coroutine may still be one the app put in
      * _DO_NOT_CANCEL_COROS itself, as the original allows. */
-    PyObject *coro = task_coro(st, task);
+    PyObject *coro = aiorun_task_coro(st, task);
     if (coro == NULL) {
         return PyErr_Occurred() ? -1 : 0;
     }
-    found = coro == Py_None ? 0 : PySequence_Contains(st->do_not_cancel, coro);
+    found = coro == Py_None ? 0 : aiorun_weakset_contains(st, coro);
     Py_DECREF(coro);
     return found;
 }
