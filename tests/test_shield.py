@@ -830,3 +830,65 @@ def test_do_not_cancel_coros_finds_the_protected_work_as_the_originals_tests_do(
     assert r.returncode == 0, r
     assert r.stdout == ["found ['save'] len 1 iter ['save']", "the awaiter saw the cancel",
                         "after: len 0 iter []"], r
+
+
+SUBTASK_STYLES = {
+    "gather": "await asyncio.gather(step('a'), step('b'))",
+    "create_task": "await asyncio.get_running_loop().create_task(step('a'))",
+    "wait_for": "await asyncio.wait_for(step('a'), 10)",
+    "fire_and_forget": "asyncio.get_running_loop().create_task(step('late'))",
+    "taskgroup": """async with asyncio.TaskGroup() as tg:
+                    tg.create_task(step('a'))
+                    tg.create_task(step('b'))""",
+}
+
+
+@pytest.mark.parametrize("when", ["before", "during"])
+@pytest.mark.parametrize("style", sorted(SUBTASK_STYLES))
+def test_work_that_protected_work_starts_is_protected(app, style, when):
+    # save() is protected; the tasks it starts for its own work must not be
+    # cancelled by the shutdown, whether save() began before the signal or
+    # as fire-and-forget clean-up in an except CancelledError: block.
+    import sys
+    if style == "taskgroup" and sys.version_info < (3, 11):
+        pytest.skip("TaskGroup is 3.11+")
+    a = app(f"""
+        async def step(name):
+            await asyncio.sleep(0.3)
+            say("step", name, "finished")
+
+        async def save():
+            {SUBTASK_STYLES[style]}
+            say("save finished")
+
+        async def other():
+            await asyncio.sleep(3600)
+
+        async def main():
+            asyncio.get_running_loop().create_task(other())
+            if {when!r} == "before":
+                shutdown_waits_for(save())
+                await asyncio.sleep(0.05)
+            say("READY")
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if {when!r} == "during":
+                    shutdown_waits_for(save())
+                raise
+
+        run(main())
+        say("run returned")
+    """)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    steps = sorted(l for l in r.stdout if l.startswith("step"))
+    expected = {"gather": ["step a finished", "step b finished"],
+                "taskgroup": ["step a finished", "step b finished"],
+                "fire_and_forget": ["step late finished"]}.get(style, ["step a finished"])
+    assert steps == expected, r
+    assert "save finished" in r.stdout, r
+    assert r.stdout[-1] == "run returned", r
+    assert "CancelledError" not in r.stderr_text, r

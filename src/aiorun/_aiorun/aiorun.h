@@ -75,6 +75,8 @@
     X(do_not_cancel)            /* _DO_NOT_CANCEL_COROS (protectedset.c) */ \
     X(WeakSet)                  /* weakref.WeakSet, its base */             \
     X(weakset_contains)         /* WeakSet.__contains__ */                  \
+    X(protected_var)            /* ContextVar set in protected work (shield.c) */\
+    X(CTask)                    /* _asyncio.Task, or None without it */      \
     X(AbstractEventLoop)                                                    \
     X(Executor)                 /* concurrent.futures.Executor */           \
     X(all_tasks)                /* asyncio.all_tasks */                     \
@@ -105,6 +107,8 @@
     X(s_set_result)                                                         \
     X(s_get_coro)                                                           \
     X(s_coro)                   /* "_coro", for task-likes w/o get_coro */  \
+    X(s_get_context)                                                        \
+    X(s_context)                /* "_context", a Python Task's context */   \
     X(s_loop)                   /* "loop" keyword */                        \
     X(s_call_soon_threadsafe)                                               \
     X(s_call_soon)                                                          \

@@ -199,6 +199,8 @@ intern_strings(aiorun_state *st)
     INTERN(s_result, "result");
     INTERN(s_exception, "exception");
     INTERN(s_create_future, "create_future");
+    INTERN(s_get_context, "get_context");
+    INTERN(s_context, "_context");
     INTERN(s_set_result, "set_result");
     INTERN(s_get_coro, "get_coro");
     INTERN(s_coro, "_coro");
@@ -277,6 +279,20 @@ aiorun_exec(PyObject *module)
     Py_DECREF(get_logger);
     if (st->logger == NULL) {
         return -1;
+    }
+    st->protected_var = PyContextVar_New("aiorun_protected_work", NULL);
+    if (st->protected_var == NULL) {
+        return -1;
+    }
+    /* Only the C Task's context is read through its traverse (shield.c). */
+    st->CTask = import_attr("_asyncio", "Task");
+    if (st->CTask == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_ImportError)
+            && !PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            return -1;
+        }
+        PyErr_Clear();
+        st->CTask = Py_NewRef(Py_None);
     }
     st->WeakSet = import_attr("weakref", "WeakSet");
     st->weakset_contains = st->WeakSet ? PyObject_GetAttrString(st->WeakSet, "__contains__")

@@ -580,6 +580,69 @@ mark_protected(aiorun_state *st, PyObject *task)
     return res ? 0 : -1;
 }
 
+#if PY_VERSION_HEX < 0x030C0000
+/* tp_traverse visitor: keeps the first Context it is shown. */
+static int
+first_context(PyObject *obj, void *found)
+{
+    if (obj != NULL && PyContext_CheckExact(obj)) {
+        *(PyObject **)found = obj;
+        return 1;   /* stop */
+    }
+    return 0;
+}
+#endif
+
+/* The context a task runs its steps in (a new reference), or NULL with no
+ * exception when it cannot be known. */
+static PyObject *
+task_context(aiorun_state *st, PyObject *task)
+{
+    PyObject *context = NULL;
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *getter;
+    if (PyObject_GetOptionalAttr(task, st->s_get_context, &getter) > 0) {
+        context = PyObject_CallNoArgs(getter);
+        Py_DECREF(getter);
+    }
+#else
+    /* Before 3.12 the C Task keeps its context to itself; its traverse
+     * shows it first (task_context, before the future's fields, whose
+     * callbacks' contexts are other tasks'). */
+    if (st->CTask != Py_None && PyObject_TypeCheck(task, (PyTypeObject *)st->CTask)) {
+        PyObject *found = NULL;
+        traverseproc traverse = Py_TYPE(task)->tp_traverse;
+        if (traverse != NULL) {
+            (void)traverse(task, first_context, &found);
+        }
+        return Py_XNewRef(found);
+    }
+#endif
+    /* The Python Task (PyPy's, asyncio's own _PyTask) keeps it here. */
+    if (context == NULL && !PyErr_Occurred()) {
+        (void)PyObject_GetOptionalAttr(task, st->s_context, &context);
+    }
+    if (context != NULL && !PyContext_CheckExact(context)) {
+        Py_CLEAR(context);   /* a task-like's own idea of a context */
+    }
+    return context;
+}
+
+/* 1 if task was started inside protected work (its context carries the
+ * mark shutdown_waits_for() set while it made the protected task), 0 if
+ * not or unknown, -1 on error. */
+static int
+started_by_protected_work(aiorun_state *st, PyObject *task)
+{
+    PyObject *context = task_context(st, task);
+    if (context == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    int found = PySequence_Contains(context, st->protected_var);
+    Py_DECREF(context);
+    return found;
+}
+
 int
 aiorun_is_protected(aiorun_state *st, PyObject *task)
 {
@@ -592,6 +655,11 @@ aiorun_is_protected(aiorun_state *st, PyObject *task)
         Py_DECREF(mark);
     }
     if (found != 0) {
+        return found;
+    }
+    /* Work that protected work started (gather(), create_task(), a
+     * TaskGroup, wait_for() before 3.12) is protected with it. */
+    if ((found = started_by_protected_work(st, task)) != 0) {
         return found;
     }
     /* Not marked: its coroutine may still be one the app put in
@@ -692,6 +760,12 @@ aiorun_shutdown_waits_for(PyObject *module, PyObject *const *args, Py_ssize_t na
         Py_INCREF(loop);
     }
 
+    /* The task copies the context it is made in: with the mark set there,
+     * every task the protected work starts carries it too. */
+    PyObject *token = PyContextVar_Set(st->protected_var, Py_True);
+    if (token == NULL) {
+        goto done;
+    }
     if (is_coro) {
         /* What ensure_future(coro, loop=loop) does for a coroutine. */
         task = PyObject_CallMethodOneArg(loop, st->s_create_task, coro);
@@ -701,6 +775,16 @@ aiorun_shutdown_waits_for(PyObject *module, PyObject *const *args, Py_ssize_t na
         call_kwargs = call_args ? Py_BuildValue("{OO}", st->s_loop, loop) : NULL;
         task = call_kwargs ? PyObject_Call(st->ensure_future, call_args, call_kwargs)
                            : NULL;
+    }
+    PyObject *exc = aiorun_take_error();
+    if (PyContextVar_Reset(st->protected_var, token) < 0) {
+        Py_XDECREF(exc);
+        Py_CLEAR(task);   /* the caller's context must not stay marked */
+        exc = aiorun_take_error();
+    }
+    Py_DECREF(token);
+    if (exc != NULL) {
+        aiorun_restore_error(exc);
     }
     /* The shutdown phase does not cancel a marked task.  One that cannot be
      * marked is cancelled: nobody would await it or know of it. */
