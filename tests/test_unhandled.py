@@ -233,6 +233,7 @@ def test_sys_exit_in_a_task_keeps_its_code_beside_an_unclosed_session(app):
     assert any("Unclosed client session" in line for line in r.stderr), r
 
 
+@skip_on_pypy_gc
 def test_an_error_raised_while_cancelled_is_logged_not_raised(app):
     r = run_app(app, """
         async def worker():
@@ -251,6 +252,7 @@ def test_an_error_raised_while_cancelled_is_logged_not_raised(app):
     assert "ValueError: secondary, from the clean-up" in r.stderr, r
 
 
+@skip_on_pypy_gc
 def test_mains_finally_that_raises_does_not_replace_the_fatal_error(app):
     r = run_app(app, """
         async def crasher():
@@ -281,6 +283,7 @@ def test_a_report_without_an_exception_erases_nothing(app):
     assert r.stderr[-1] == "ValueError: 1"
 
 
+@skip_on_pypy_gc
 def test_an_error_reported_during_a_signal_shutdown_is_raised(app):
     # Nothing stopped the loop with an error: the first error of the
     # shutdown is the one to raise.
