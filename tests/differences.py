@@ -11,8 +11,9 @@ ACCEPTED = {
         "a signal during start-up is not lost, and a storm of signals cannot run "
         "shutdown_handler twice or raise 'Signal 2 ignored due to race condition'",
     "The previous handlers are back":
-        "the original leaves its handlers bound to the closed loop: a Ctrl-C after "
-        "run() raises RuntimeError: Event loop is closed",
+        "the original leaves SIGINT and SIGTERM ignored after a signal's shutdown, "
+        "and bound to the closed loop after loop.stop() (a Ctrl-C then raises "
+        "RuntimeError: Event loop is closed)",
     "The main task's exception reaches the exception handler immediately":
         "the original relied on garbage collection to report it",
     "A signal always wakes the loop.":

@@ -1,5 +1,8 @@
 """A shutdown that takes about 4.5 s, longer than TimeoutStopSec=2, but moves
-from phase to phase within each: EXTEND_TIMEOUT_USEC lets it finish."""
+from phase to phase within each: the shutdown_callback (1.5 s), the
+worker's clean-up (1.5 s), then the executor's job that the clean-up
+started last (1.5 s), one after the other.  EXTEND_TIMEOUT_USEC lets it
+finish."""
 import asyncio
 import logging
 import time
@@ -15,6 +18,8 @@ async def worker():
     except asyncio.CancelledError:
         await asyncio.sleep(1.5)   # clean-up after the cancel
         print("worker cleaned up", flush=True)
+        # Left to the executor's phase, which waits for it.
+        asyncio.get_running_loop().run_in_executor(None, time.sleep, 1.5)
         raise
 
 
@@ -26,7 +31,6 @@ async def main():
 
 async def callback(loop):
     await asyncio.sleep(1.5)
-    loop.run_in_executor(None, time.sleep, 1.5)   # the executor's shutdown waits for it
 
 
 run(main(), shutdown_callback=callback)
