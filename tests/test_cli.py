@@ -245,3 +245,19 @@ def test_help(cli):
                    "--no-ready-on-start", "--drain-delay", "--cancel-main-first",
                    "--task-dump", "--reap-orphans", "TARGET"]:
         assert option in text
+
+
+@pytest.mark.parametrize("args, app_argv", [
+    (["--", "--port", "1"], ["--port", "1"]),          # the separator is dropped
+    (["--", "--", "x"], ["--", "x"]),                  # only the first one
+    (["a", "--", "b"], ["a", "--", "b"]),              # a later one is the app's
+    (["--"], []),
+])
+def test_a_double_dash_right_after_the_target_separates_and_is_dropped(cli, args, app_argv):
+    # The rule (README, From the command line): everything after TARGET is
+    # the app's; one `--` right after it is a separator, for apps whose own
+    # options could be read as ours, and the app does not see it.
+    a = cli("service:main", *args)
+    assert a.wait_prefix("UP") == f"UP {['service:main', *app_argv]!r}"
+    a.send(signal.SIGTERM)
+    assert a.finish().returncode == 0

@@ -321,6 +321,29 @@ run_kwargs(PyObject *parser, PyObject *ns)
     return kwargs;
 }
 
+static int
+is_double_dash(PyObject *arg)
+{
+    return PyUnicode_Check(arg) && PyUnicode_CompareWithASCIIString(arg, "--") == 0;
+}
+
+/* Did argparse drop the "--" that followed TARGET?  rest (n_rest items)
+ * ends argv; what stands before it there is then "--", after the target. */
+static int
+separator_dropped(PyObject *argv, PyObject *target, Py_ssize_t n_rest)
+{
+    if (!PyList_Check(argv)) {
+        return 0;
+    }
+    Py_ssize_t at = PyList_GET_SIZE(argv) - n_rest - 1;
+    if (at < 1 || !is_double_dash(PyList_GET_ITEM(argv, at))) {
+        return 0;
+    }
+    PyObject *before = PyList_GET_ITEM(argv, at - 1);
+    return PyUnicode_Check(before) && PyUnicode_Check(target)
+        && PyUnicode_Compare(before, target) == 0;
+}
+
 PyObject *
 aiorun_cli_main(PyObject *module, PyObject *argv)
 {
@@ -342,10 +365,15 @@ aiorun_cli_main(PyObject *module, PyObject *argv)
         goto done;
     }
     PyList_SET_ITEM(app_argv, 0, Py_NewRef(target));
-    Py_ssize_t skip = PyList_GET_SIZE(rest) > 0
-        && PyUnicode_Check(PyList_GET_ITEM(rest, 0))
-        && PyUnicode_CompareWithASCIIString(PyList_GET_ITEM(rest, 0), "--") == 0;
-    PyObject *tail = PyList_GetSlice(rest, skip, PY_SSIZE_T_MAX);
+    /* One "--" right after TARGET separates, and the app does not see it;
+     * any other is the app's.  Some argparse versions drop that one from
+     * REMAINDER themselves (3.9-3.13), others keep it: it is dropped here
+     * unless the command line shows argparse did. */
+    Py_ssize_t skip = PyList_Check(rest) && PyList_GET_SIZE(rest) > 0
+        && is_double_dash(PyList_GET_ITEM(rest, 0))
+        && !separator_dropped(argv, target, PyList_GET_SIZE(rest));
+    PyObject *tail = PyList_Check(rest) ? PyList_GetSlice(rest, skip, PY_SSIZE_T_MAX)
+                                        : PySequence_List(rest);
     int rc = tail ? PyList_SetSlice(app_argv, 1, 1, tail) : -1;
     Py_XDECREF(tail);
     rc = rc == 0 ? PySys_SetObject("argv", app_argv) : -1;
