@@ -469,3 +469,43 @@ def test_after_a_signal_no_later_run_says_ready(app, receiver):
             lambda: receiver.messages.count("STATUS=stopped") == 2, 30), receiver.messages
     msgs = [m for m in receiver.messages if m != "WATCHDOG=1"]
     assert [m for m in msgs if m.startswith("READY=1")] == ["READY=1\nSTATUS=running"]
+
+
+def test_without_a_task_timeout_the_phases_ask_for_65_seconds(app, receiver):
+    a = app("""
+        async def worker():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                raise
+        async def main():
+            asyncio.get_running_loop().create_task(worker())
+            say("READY")
+            await asyncio.sleep(3600)
+        run(main(), timeout_task_shutdown=None)
+    """, env=receiver.env)
+    a.wait_line("READY")
+    receiver.wait_for("READY=1\nSTATUS=running")
+    a.send(signal.SIGTERM)
+    assert a.finish().returncode == 0
+    phases = [m for m in receiver.without_pings() if m.startswith("STATUS=shutdown:")]
+    assert phases and all(m.endswith("\nEXTEND_TIMEOUT_USEC=65000000") for m in phases), phases
+
+
+def test_a_signal_before_main_has_started_means_no_ready_after_stopping(app, receiver):
+    # The signal comes in the loop's first turn, before the main task's
+    # first step and the READY=1 queued behind it.
+    a = app("""
+        loop = asyncio.new_event_loop()
+        loop.call_soon(os.kill, os.getpid(), signal.SIGTERM)
+        async def main():
+            say("main started")
+            await asyncio.sleep(3600)
+        run(main(), loop=loop)
+        say("returned")
+    """, env=receiver.env)
+    r = a.finish()
+    assert r.returncode == 0, r
+    msgs = receiver.without_pings()
+    stopping = msgs.index("STOPPING=1\nSTATUS=stopping: SIGTERM received")
+    assert not any(m.startswith("READY=1") for m in msgs[stopping:]), msgs

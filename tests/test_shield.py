@@ -892,3 +892,67 @@ def test_work_that_protected_work_starts_is_protected(app, style, when):
     assert "save finished" in r.stdout, r
     assert r.stdout[-1] == "run returned", r
     assert "CancelledError" not in r.stderr_text, r
+
+
+@pytest.mark.parametrize("mark", ["1", "False", "anything"])
+def test_a_mark_that_is_not_true_itself_protects_nothing(app, mark):
+    # Only `_aiorun_protected is True` protects: a 1, a False, or a task
+    # class whose __getattr__ answers every name is cancelled like any task.
+    a = app(f"""
+        class Answering(asyncio.Task):
+            def __getattr__(self, name):
+                return "yes"
+        async def worker():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                say("worker cancelled")
+                raise
+        async def main():
+            loop = asyncio.get_running_loop()
+            if {mark!r} == "anything":
+                task = Answering(worker(), loop=loop)
+            else:
+                task = loop.create_task(worker())
+                task._aiorun_protected = {mark}
+            say("READY")
+            await asyncio.sleep(3600)
+        run(main(), timeout_task_shutdown=5)
+    """)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["READY", "worker cancelled"], r
+    assert "refused to exit" not in r.stderr_text, r
+
+
+def test_a_protected_coroutine_that_cancels_its_own_awaiter_wakes_it_once(app):
+    r = run_app(app, """
+        holder = []
+        async def work():
+            await asyncio.sleep(0.05)
+            holder[0].cancel()          # its last step
+            return "done"
+        async def awaiter():
+            try:
+                say("got", await shutdown_waits_for(work()))
+            except asyncio.CancelledError:
+                say("awaiter cancelled")
+                raise
+        async def main():
+            t = asyncio.get_running_loop().create_task(awaiter())
+            holder.append(t)
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+            await asyncio.sleep(0.1)    # any second wake-up would come here
+            say("main continues")
+            asyncio.get_running_loop().stop()
+        run(main(), stop_on_unhandled_errors=True)
+    """)
+    assert r.returncode == 0, r
+    assert r.stdout == ["awaiter cancelled", "main continues"], r
+    assert "InvalidStateError" not in r.stderr_text, r
+    assert "Unhandled exception" not in r.stderr_text, r

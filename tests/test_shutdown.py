@@ -401,3 +401,56 @@ def test_the_collector_is_paused_only_while_the_tasks_drain(app, before):
     on = str(before == "enabled")
     assert r.stdout == [f"while running: {on}", f"in shutdown_callback: {on}",
                         "while draining: False", f"after run: {on}"]
+
+
+def test_every_task_is_freed_after_run_even_past_the_seen_sets_first_size(app):
+    # 100 tasks, more than the shutdown's seen-set holds before it grows:
+    # what each held is freed once run() has returned.
+    a = app("""
+        import gc, weakref
+        class Held:
+            pass
+        refs = []
+        async def worker():
+            held = Held()
+            refs.append(weakref.ref(held))
+            await asyncio.sleep(3600)
+        async def main():
+            loop = asyncio.get_running_loop()
+            for _ in range(100):
+                loop.create_task(worker())
+            await asyncio.sleep(0)
+            say("READY", len(refs))
+            await asyncio.sleep(3600)
+        run(main())
+        gc.collect()
+        say("alive", sum(r() is not None for r in refs))
+    """)
+    a.wait_line("READY 100")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["READY 100", "alive 0"], r
+
+
+def test_a_timeout_of_zero_still_lets_cancelled_tasks_clean_up(app):
+    a = app("""
+        async def worker(n):
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                say("cleaned", n)
+                raise
+        async def main():
+            for n in range(5):
+                asyncio.get_running_loop().create_task(worker(n))
+            say("READY")
+            await asyncio.sleep(3600)
+        run(main(), timeout_task_shutdown=0)
+    """)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert sorted(r.stdout[1:]) == [f"cleaned {n}" for n in range(5)], r
+    assert "refused to exit" not in r.stderr_text, r

@@ -409,3 +409,45 @@ def test_a_shutdown_handler_that_failed_is_tried_again_on_the_next_signal(app):
     assert r.returncode == 0, r
     assert r.stdout == ["READY", "HANDLER 1", "FAILED MemoryError('the first try fails')",
                         "HANDLER 2", "run returned"]
+
+
+@pytest.mark.parametrize("sender", ["existing", "new"])
+def test_a_signal_that_comes_while_the_handlers_go_back_is_absorbed(app, sender):
+    # A SIGINT sent while run() is putting the handlers back (here: from
+    # inside that very step, through a signal.signal() that has a thread
+    # send it first) belongs to run(): no KeyboardInterrupt may come out
+    # after a clean return.  An existing thread takes it (it does not block
+    # it); a thread started there inherits the block, so the signal waits
+    # in the kernel until the main thread lets it through.
+    a = app(f"""
+        import os, signal, sys, threading, time
+        go, sent = threading.Event(), threading.Event()
+        def sender():
+            go.wait()
+            os.kill(os.getpid(), signal.SIGINT)
+            sent.set()
+        if {sender!r} == "existing":
+            threading.Thread(target=sender, daemon=True).start()
+        real_signal = signal.signal
+        def signal_that_sends_one(signum, handler):
+            if signum == signal.SIGTERM and getattr(handler, "__name__", "") != "_on_signal":
+                if {sender!r} == "new":
+                    threading.Thread(target=sender, daemon=True).start()
+                go.set()
+                sent.wait()         # kill() has returned: taken, or pending
+            return real_signal(signum, handler)
+        signal.signal = signal_that_sends_one     # before aiorun takes it
+        import asyncio, aiorun
+        async def main():
+            print("READY", flush=True)
+            await asyncio.sleep(3600)
+        aiorun.run(main())
+        time.sleep(0.3)                           # a late KeyboardInterrupt lands here
+        print("clean", flush=True)
+    """, prelude=False)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["READY", "clean"], r
+    assert "KeyboardInterrupt" not in r.stderr_text, r

@@ -304,3 +304,34 @@ def test_an_error_reported_during_a_signal_shutdown_is_raised(app):
     r = a.finish()
     assert r.returncode == 1, r
     assert r.stderr[-1] == "ValueError: from the clean-up", r
+
+
+def test_an_error_reported_during_the_shutdown_leaves_the_callers_loop_usable(app):
+    # The report comes while the shutdown runs: it must not stop the
+    # caller's own loop, whose next run_until_complete() then works.
+    a = app("""
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        async def worker():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": "late", "exception": ValueError("late")})
+                raise
+        async def main():
+            asyncio.get_running_loop().create_task(worker())
+            say("READY")
+            await asyncio.sleep(3600)
+        try:
+            run(main(), loop=loop, stop_on_unhandled_errors=True)
+        except ValueError as e:
+            say("run raised", e)
+        say("next run:", loop.run_until_complete(asyncio.sleep(0.01, result=5)))
+        loop.close()
+    """)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["READY", "run raised late", "next run: 5"], r

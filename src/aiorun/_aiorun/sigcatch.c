@@ -16,7 +16,8 @@
  * When the hold ends, a signal the catcher noted is raised again in this
  * thread (still masked), so it goes to whichever handler is in place once
  * the mask is lifted; or, when asked, dropped: at the end of run() a
- * SIGINT/SIGTERM is run()'s own, ignored like every repeated one.
+ * SIGINT/SIGTERM is run()'s own, ignored like every repeated one, and so is
+ * one left pending because every thread blocked it.
  *
  * The catcher is installed only from the main thread of the main
  * interpreter, the only one that swaps handlers.  Its note is the one
@@ -85,9 +86,37 @@ aiorun_signals_hold(aiorun_held_signals *held, int catch_others)
     }
 }
 
+/* Takes a SIGINT/SIGTERM that is pending for this thread or the process,
+ * unless this thread blocked it before the hold (the app's own, to wait
+ * for).  Such a signal came while every thread blocked it, so no catcher
+ * saw it; unmasked, it would reach the handler put back. */
+static void
+take_pending(const aiorun_held_signals *held)
+{
+    sigset_t pending;
+    if (sigpending(&pending) < 0) {
+        return;
+    }
+    for (size_t i = 0; i < N_HELD; i++) {
+        int signum = held_signals[i];
+        if (sigismember(&pending, signum) == 1 && sigismember(&held->previous, signum) != 1) {
+            sigset_t one;
+            int got;
+            sigemptyset(&one);
+            sigaddset(&one, signum);
+            (void)sigwait(&one, &got);   /* pending: returns at once */
+        }
+    }
+}
+
 void
 aiorun_signals_release(aiorun_held_signals *held, int drop_caught)
 {
+    /* Only the owner's hold (the one with a catcher) takes what is
+     * pending: another thread's run() must not take the owner's signal. */
+    if (drop_caught && held->catching && held->holding) {
+        take_pending(held);
+    }
     if (held->catching) {
         /* Where signal.signal() did not replace the catcher (a failed
          * take-over), the handler from before comes back. */
