@@ -16,6 +16,8 @@
 #                      systemctl and journalctl (as root)
 # make tsan            the threads stress test under ThreadSanitizer on a
 #                      3.13t built with it (~10 min once, cached; not in CI)
+# make deadline-bound how far past shutdown_deadline=1 each way of hanging
+#                      ends (bench/deadline.py); fails past the bound
 # make sanitize | memcheck | refleak | nomemory | storm | startup-window | fuzz
 #                      one each; long versions: make storm TRIALS=500,
 #                      make refleak REPS=100, make nomemory STEP=1,
@@ -29,7 +31,7 @@ STEP ?= 1
 EXAMPLES ?= 300
 SEED ?= 1
 
-.PHONY: demo test test-newest test-pypy test-freethreaded test-systemd tsan wheels bench bench-smoke clean reliability sanitize memcheck refleak nomemory storm startup-window fuzz fuzz-sanitize
+.PHONY: deadline-bound demo test test-newest test-pypy test-freethreaded test-systemd tsan wheels bench bench-smoke clean reliability sanitize memcheck refleak nomemory storm startup-window fuzz fuzz-sanitize
 
 demo:
 	@[ -x .venvs/demo/bin/python ] || $(PYTHON) -m venv .venvs/demo
@@ -62,6 +64,9 @@ nomemory:
 storm: $(PY311)
 	$(PY311) tests/reliability/storm.py --trials $(TRIALS)
 	$(PY311) tests/reliability/storm.py --trials $(TRIALS) --uvloop
+
+deadline-bound: $(PY311)
+	$(PY311) bench/deadline.py --runs 3 --deadline 1
 
 startup-window: $(PY311)
 	$(PY311) tests/reliability/startup_window.py --trials $$(( $(TRIALS) * 4 ))
@@ -101,6 +106,7 @@ reliability:
 	$(MAKE) nomemory STEP=11
 	$(MAKE) storm TRIALS=5
 	$(MAKE) startup-window TRIALS=25
+	$(MAKE) deadline-bound
 
 clean:
 	rm -rf build .venvs src/*.egg-info src/aiorun/*.so
