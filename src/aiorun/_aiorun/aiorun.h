@@ -173,6 +173,21 @@ aiorun_call_predicate(PyObject *obj, PyObject *name)
     return truth;
 }
 
+/* loop.<method>() (is_closed, is_running) as a truth value: 1, 0, or -1
+ * with an exception set.  A loop subclass may answer 0 or any object: its
+ * truth is what counts, never its identity with False. */
+static inline int
+aiorun_loop_says(PyObject *loop, const char *method)
+{
+    PyObject *res = PyObject_CallMethod(loop, method, NULL);
+    if (res == NULL) {
+        return -1;
+    }
+    int truth = PyObject_IsTrue(res);
+    Py_DECREF(res);
+    return truth;
+}
+
 /* getattr(obj, name), or NULL with no exception set when obj has no such
  * attribute (NULL with an exception for any other error). */
 static inline PyObject *
@@ -314,6 +329,9 @@ typedef struct RunObject {
     PyObject *shutdown_event;  /* asyncio.Event from shutdown_event(), or NULL */
     int shutdown_began;        /* the event is (to be) set */
     double drain_delay;        /* seconds the tasks get before any cancel */
+    double task_timeout;       /* timeout_task_shutdown as run() checked it
+                                * (-1: None); never read from the object
+                                * again, whose __float__ may answer anew */
     int main_first;            /* cancel the main task first, then the rest */
     int dump_signum;           /* the signal that dumps the tasks, or 0 */
     aiorun_reaper *reaper;     /* NULL unless reaping orphans as PID 1 */

@@ -111,15 +111,36 @@ PyDict_GetItemRef(PyObject *dict, PyObject *key, PyObject **result)
 }
 #endif
 
-/* sys.<name> as a new reference, or NULL with an exception set.
- * PySys_GetObject() lends it, and another thread may replace it. */
+/* sys.<name> as a new reference, or NULL with an exception set.  Never
+ * through builtins.__import__, which an app can replace (this runs on the
+ * watchdog's thread too).  With the GIL, PySys_GetObject()'s borrowed
+ * reference is held before any other code can run; without it, another
+ * thread could replace and free it meanwhile, so the attribute is read
+ * from the module in sys.modules (a stand-in there is checked for type by
+ * every caller, as any replaced attribute is). */
 static inline PyObject *
 aiorun_sys_attr(const char *name)
 {
-    PyObject *sys = PyImport_ImportModule("sys");
-    PyObject *value = sys ? PyObject_GetAttrString(sys, name) : NULL;
-    Py_XDECREF(sys);
+#ifdef Py_GIL_DISABLED
+    PyObject *key = PyUnicode_FromString("sys");
+    PyObject *sys = key ? PyImport_GetModule(key) : NULL;
+    Py_XDECREF(key);
+    if (sys == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_RuntimeError, "sys is not in sys.modules");
+        }
+        return NULL;
+    }
+    PyObject *value = PyObject_GetAttrString(sys, name);
+    Py_DECREF(sys);
     return value;
+#else
+    PyObject *value = Py_XNewRef(PySys_GetObject(name));
+    if (value == NULL && !PyErr_Occurred()) {
+        PyErr_Format(PyExc_AttributeError, "module 'sys' has no attribute '%s'", name);
+    }
+    return value;
+#endif
 }
 
 /* 1 in the main interpreter.  PyPy has no other. */

@@ -228,6 +228,13 @@ aiorun_exec(PyObject *module)
     if (load_imports(st) < 0 || intern_strings(st) < 0) {
         return -1;
     }
+    /* C raises and matches it: an app that replaced asyncio.CancelledError
+     * before importing aiorun must have put an exception class there. */
+    if (!PyExceptionClass_Check(st->CancelledError)) {
+        PyErr_Format(PyExc_TypeError, "asyncio.CancelledError is %.200s, not an "
+                     "exception class", Py_TYPE(st->CancelledError)->tp_name);
+        return -1;
+    }
     PyObject *main = PyObject_CallNoArgs(st->main_thread);
     PyObject *ident = main ? PyObject_GetAttrString(main, "ident") : NULL;
     Py_XDECREF(main);

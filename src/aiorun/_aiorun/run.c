@@ -483,10 +483,9 @@ discard_own_loop(RunObject *run)
     }
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    PyObject *res = PyObject_CallMethod(run->loop, "is_closed", NULL);
-    if (res == Py_False) {
-        Py_SETREF(res, PyObject_CallMethod(run->loop, "close", NULL));
-    }
+    int closed = aiorun_loop_says(run->loop, "is_closed");
+    PyObject *res = closed < 0 ? NULL
+        : closed == 0 ? PyObject_CallMethod(run->loop, "close", NULL) : Py_NewRef(Py_None);
     if (res != NULL) {
         Py_DECREF(res);
         res = PyObject_CallOneArg(run->state->set_event_loop, Py_None);
@@ -563,6 +562,7 @@ run_with_signals(RunObject *run, run_args *a, run_flags *f)
         goto fail;
     }
     run->drain_delay = f->drain_delay;
+    run->task_timeout = f->task_timeout;
     run->main_first = f->main_first;
     run->dump_signum = f->dump_signum;
     if (aiorun_taskdump_install(run) < 0) {

@@ -37,6 +37,7 @@ aiorun_run_new(aiorun_state *st)
     run->shutdown_event = NULL;
     run->shutdown_began = 0;
     run->drain_delay = 0;
+    run->task_timeout = -1;
     run->main_first = 0;
     run->dump_signum = 0;
     run->reaper = NULL;

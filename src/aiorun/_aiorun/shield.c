@@ -265,8 +265,8 @@ outcome_delivered(WaiterObject *self, PyObject *thrown)
         delivered = -1;
     }
     else if (cancelled) {
-        delivered = thrown != NULL && PyObject_TypeCheck(thrown,
-                                                         (PyTypeObject *)st->CancelledError);
+        delivered = thrown != NULL
+            && PyErr_GivenExceptionMatches(thrown, st->CancelledError);
     }
     else if (done) {
         outcome = PyObject_CallMethodNoArgs(task, st->s_exception);

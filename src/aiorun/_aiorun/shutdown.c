@@ -28,6 +28,16 @@ aiorun_keep_exception(RunObject *run, PyObject *exc, const char *message, const 
     if (exc == NULL) {
         return;
     }
+    /* Raised at the end with its own type and traceback: it must be an
+     * exception (a future subclass's exception() may answer anything). */
+    if (!PyExceptionInstance_Check(exc)) {
+        PyErr_Format(PyExc_TypeError, "%s gave %.200s as its exception", what,
+                     Py_TYPE(exc)->tp_name);
+        Py_SETREF(exc, aiorun_take_error());
+        if (exc == NULL) {
+            return;
+        }
+    }
     if (run->pending_exc == NULL) {
         run->pending_exc = exc;
         return;
@@ -90,7 +100,7 @@ is_own_error(RunObject *run, PyObject *future, PyObject *exc)
         Py_DECREF(own);
         return 1;
     }
-    if (own != Py_None) {
+    if (own != Py_None && PyExceptionInstance_Check(own)) {
         aiorun_keep_exception(run, own, LATER_ERROR, "A task of the shutdown");
     }
     else {
@@ -121,13 +131,9 @@ run_until_done(RunObject *run, PyObject *future)
             return -1;   /* NULL without an exception: CPython reports that */
         }
         int is_done = aiorun_call_predicate(future, st->s_done);
-        PyObject *closed = is_done == 0 ? PyObject_CallMethod(run->loop, "is_closed", NULL)
-                                        : NULL;
-        PyObject *running = closed == Py_False
-            ? PyObject_CallMethod(run->loop, "is_running", NULL) : NULL;
-        int can_rerun = running == Py_False && tries < MAX_INTERRUPTIONS;
-        Py_XDECREF(closed);
-        Py_XDECREF(running);
+        int closed = is_done == 0 ? aiorun_loop_says(run->loop, "is_closed") : -1;
+        int running = closed == 0 ? aiorun_loop_says(run->loop, "is_running") : -1;
+        int can_rerun = running == 0 && tries < MAX_INTERRUPTIONS;
         if (PyErr_Occurred()) {
             keep_error(run, "The event loop");   /* done(), is_closed(), ... */
         }
@@ -425,7 +431,16 @@ loop_time(RunObject *run, double *now)
     }
     *now = PyFloat_AsDouble(t);
     Py_DECREF(t);
-    return *now == -1 && PyErr_Occurred() ? -1 : 0;
+    if (*now == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    /* A loop subclass's clock: a NaN or an infinity would make the
+     * timeout never come. */
+    if (!isfinite(*now)) {
+        PyErr_SetString(PyExc_ValueError, "loop.time() returned a time that is not finite");
+        return -1;
+    }
+    return 0;
 }
 
 /* The tasks of `tasks` (NULL: the loop's tasks) that are not done, but
@@ -621,17 +636,6 @@ report_stuck(RunObject *run, PyObject *stuck, PyObject *timeout)
     }
 }
 
-/* timeout_task_shutdown in seconds, -1 for None. */
-static double
-timeout_seconds(RunObject *run, PyObject *timeout)
-{
-    double seconds = timeout == Py_None ? -1 : PyFloat_AsDouble(timeout);
-    if (seconds == -1 && PyErr_Occurred()) {
-        keep_error(run, "timeout_task_shutdown");
-    }
-    return seconds;
-}
-
 /* drain_delay: before anything is cancelled, the tasks get up to
  * drain_delay seconds to finish by themselves (shutdown_event() is set).
  * It ends early once every task has finished, new ones included. */
@@ -682,7 +686,7 @@ cancel_main_first(RunObject *run, PyObject *timeout, wait_plan *plan)
     cancel_task(run, main, &debug);
     aiorun_run_stage(run, STAGE_WAITING_TASKS);
     wait_plan only_main = {plan->seen, 0, 0, 0, 0, NULL};
-    PyObject *stuck = wait_until(run, just_main, timeout_seconds(run, timeout),
+    PyObject *stuck = wait_until(run, just_main, run->task_timeout,
                                  &only_main);
     report_stuck(run, stuck, timeout);
     /* A main task that refused is named already: the rest of the shutdown
@@ -726,7 +730,7 @@ cancel_and_wait(RunObject *run, PyObject *timeout)
     if (run->main_first && run->main_task != NULL) {
         cancel_main_first(run, timeout, &plan);
     }
-    PyObject *stuck = wait_until(run, NULL, timeout_seconds(run, timeout), &plan);
+    PyObject *stuck = wait_until(run, NULL, run->task_timeout, &plan);
     report_stuck(run, stuck, timeout);
     Py_XDECREF(stuck);
     aiorun_idset_clear(&seen);

@@ -333,10 +333,10 @@ aiorun_signals_unwake_loop(RunObject *run)
         }
     }
     /* A closed loop has forgotten its readers already. */
-    PyObject *closed = ok ? PyObject_CallMethod(run->loop, "is_closed", NULL) : NULL;
+    int closed = ok ? aiorun_loop_says(run->loop, "is_closed") : -1;
     PyObject *res = NULL;
-    if (closed != NULL) {
-        res = closed == Py_False
+    if (closed >= 0) {
+        res = closed == 0
             ? PyObject_CallMethod(run->loop, "remove_reader", "i", run->wake_fds[0])
             : Py_NewRef(Py_None);
     }
@@ -344,7 +344,6 @@ aiorun_signals_unwake_loop(RunObject *run)
         PyErr_WriteUnraisable((PyObject *)run);
     }
     Py_XDECREF(res);
-    Py_XDECREF(closed);
     close(run->wake_fds[0]);
     close(run->wake_fds[1]);
     run->wake_fds[0] = run->wake_fds[1] = -1;

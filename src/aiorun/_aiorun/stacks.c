@@ -31,7 +31,10 @@ frame_location(PyObject *frame, PyObject **filename, PyObject **name, int *linen
     *lineno = *name ? PyLong_AsLong(line) : -1;
     Py_XDECREF(code);
     Py_XDECREF(line);
-    if (*name == NULL || (*lineno == -1 && PyErr_Occurred())) {
+    if (*name != NULL && (!PyUnicode_Check(*filename) || !PyUnicode_Check(*name))) {
+        PyErr_SetString(PyExc_TypeError, "a frame's code names must be str");
+    }
+    if (*name == NULL || PyErr_Occurred()) {
         Py_CLEAR(*filename);
         Py_CLEAR(*name);
         return -1;
@@ -40,16 +43,24 @@ frame_location(PyObject *frame, PyObject **filename, PyObject **name, int *linen
 #endif
 }
 
-/* 1 if obj is a frame. */
+/* 1 if obj is a frame.  Everything walked here may come from a hook an
+ * app can replace (sys._current_frames(), task.get_stack()), so nothing is
+ * taken for a frame unless it is one. */
 static int
 is_frame(PyObject *obj)
 {
 #ifndef PYPY_VERSION
     return PyFrame_Check(obj);
 #else
-    return strcmp(Py_TYPE(obj)->tp_name, "frame") == 0;
+    /* No PyFrame_Type here: the built-in type of that name (a class an app
+     * defines is a heap type). */
+    return !(Py_TYPE(obj)->tp_flags & Py_TPFLAGS_HEAPTYPE)
+        && strcmp(Py_TYPE(obj)->tp_name, "frame") == 0;
 #endif
 }
+
+/* Real frames end; a chain that does not is not walked to its end. */
+#define MAX_FRAMES 10000
 
 /* The frame's caller (a new reference), or NULL, with an exception set only
  * if it could not be read. */
@@ -224,8 +235,18 @@ aiorun_frame_chain(PyObject *frame)
     if (chain == NULL) {
         return NULL;
     }
+    if (!is_frame(frame)) {
+        Py_DECREF(chain);
+        PyErr_Format(PyExc_TypeError, "expected a frame, not %.200s",
+                     Py_TYPE(frame)->tp_name);
+        return NULL;
+    }
     PyObject *f = Py_NewRef(frame);
-    while (f != NULL) {
+    for (int depth = 0; f != NULL; depth++) {
+        if (depth == MAX_FRAMES || !is_frame(f)) {
+            Py_DECREF(f);   /* a caller that is no frame, or no end */
+            break;
+        }
         if (PyList_Append(chain, f) < 0) {
             Py_DECREF(f);
             Py_DECREF(chain);

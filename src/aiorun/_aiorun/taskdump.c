@@ -122,6 +122,9 @@ signal_name(int signum)
     PyObject *name = member ? PyObject_GetAttrString(member, "name") : NULL;
     Py_XDECREF(signal);
     Py_XDECREF(member);
+    if (name != NULL && !PyUnicode_Check(name)) {
+        Py_CLEAR(name);   /* a signal module an app replaced */
+    }
     if (name == NULL) {
         PyErr_Clear();
         name = PyUnicode_FromFormat("signal %d", signum);
@@ -216,18 +219,16 @@ aiorun_run_on_dump_signal(PyObject *self, PyObject *const *args, Py_ssize_t narg
     }
     /* Our own reference: the calls below may run other signal handlers. */
     PyObject *loop = Py_NewRef(run->loop);
-    PyObject *closed = PyObject_CallMethod(loop, "is_closed", NULL);
-    PyObject *dump = closed == Py_False ? aiorun_run_method(run, "_dump_tasks") : NULL;
+    int closed = aiorun_loop_says(loop, "is_closed");
+    PyObject *dump = closed == 0 ? aiorun_run_method(run, "_dump_tasks") : NULL;
     PyObject *res = dump ? PyObject_CallMethodOneArg(
         loop, run->state->s_call_soon_threadsafe, dump) : NULL;
     Py_XDECREF(dump);
     Py_DECREF(loop);
-    if (closed == Py_True) {
+    if (closed == 1) {
         /* The shutdown has closed the loop: there are no tasks to dump. */
-        Py_DECREF(closed);
         Py_RETURN_NONE;
     }
-    Py_XDECREF(closed);
     if (res == NULL) {
         /* Raising here would surface at a random place in the app. */
         aiorun_log_current_error(run->state, "Could not schedule the task dump");

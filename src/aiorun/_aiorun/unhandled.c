@@ -33,7 +33,7 @@ as_exception(PyObject *exc)
 static PyObject *
 context_get(PyObject *context, const char *key)
 {
-    if (PyDict_Check(context)) {
+    if (PyDict_CheckExact(context)) {   /* a subclass's own get() is called */
         PyObject *value = PyDict_GetItemString(context, key);
         return Py_NewRef(value ? value : Py_None);
     }

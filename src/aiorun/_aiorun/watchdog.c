@@ -205,6 +205,8 @@ stage_text(const aiorun_watchdog *wd)
     return stage_names[stage];
 }
 
+static int handler_installed(int signum);
+
 /* ---- the helper: everything that needs the GIL ---- */
 
 #ifdef Py_GIL_DISABLED
@@ -293,21 +295,38 @@ helper_late_warning(aiorun_watchdog *wd)
     text = stopped_thread_stack(wd->loop_thread);
     const char *order = "first";
 #else
+    /* sys._current_frames is an app's to replace (some copy
+     * threading._active into it): what it returns is checked, never
+     * trusted to be a dict of frames (aiorun_frame_chain checks those). */
     PyObject *sys_frames = aiorun_sys_attr("_current_frames");
     frames = sys_frames ? PyObject_CallNoArgs(sys_frames) : NULL;
     Py_XDECREF(sys_frames);
-    PyObject *key = frames ? PyLong_FromUnsignedLong(wd->loop_thread) : NULL;
-    PyObject *frame = NULL;   /* borrowed: the dict is ours alone */
-    if (key != NULL) {
-        frame = PyDict_GetItemWithError(frames, key);
+    if (frames != NULL && !PyDict_Check(frames)) {
+        PyErr_Format(PyExc_TypeError, "sys._current_frames() returned %.200s, not a dict",
+                     Py_TYPE(frames)->tp_name);
+        Py_CLEAR(frames);
     }
+    PyObject *key = frames ? PyLong_FromUnsignedLong(wd->loop_thread) : NULL;
+    PyObject *frame = NULL;
+    int found = key ? PyDict_GetItemRef(frames, key, &frame) : -1;
     Py_XDECREF(key);
-    if (frame != NULL) {
+    if (found > 0) {
         chain = aiorun_frame_chain(frame);
         text = chain ? aiorun_format_frames(chain) : NULL;
     }
-    else if (!PyErr_Occurred()) {
+    else if (found == 0) {
         text = PyUnicode_FromString("  (no Python frame)\n");
+    }
+    Py_XDECREF(frame);
+    if (text == NULL && !PyErr_Occurred()) {
+        PyErr_SetString(PyExc_AttributeError, "sys has no _current_frames");
+    }
+    if (text == NULL) {
+        /* The warning is still given, with a note instead of the stack. */
+        PyObject *why = aiorun_take_error();
+        text = why ? PyUnicode_FromFormat("  (its stack cannot be shown: %.200s: %S)\n",
+                                          Py_TYPE(why)->tp_name, why) : NULL;
+        Py_XDECREF(why);
     }
     const char *order = "last";
 #endif
@@ -485,7 +504,9 @@ helper_main(void *arg)
                 }
                 Py_XDECREF(fd);
 #else
-                raise(wd->dump_signum);
+                if (handler_installed(wd->dump_signum)) {
+                    raise(wd->dump_signum);
+                }
 #endif
             }
             if (todo & JOB_LATE) {
@@ -543,6 +564,12 @@ dump_threads(aiorun_watchdog *wd)
 {
     if (wd->dump_signum == 0) {
         say(wd, "(thread stacks unavailable: no free signal for faulthandler)\n");
+        return;
+    }
+    /* The app may have unregistered it since: raised without a handler,
+     * the signal would end the process with the wrong status. */
+    if (!handler_installed(wd->dump_signum)) {
+        say(wd, "(thread stacks unavailable: faulthandler's signal has no handler)\n");
         return;
     }
     /* raise() returns after the handler ran in this very thread. */
@@ -713,6 +740,18 @@ watchdog_main(void *arg)
     return NULL;
 }
 
+/* 1 if signum has a handler (not SIG_DFL or SIG_IGN): raising it is safe. */
+static int
+handler_installed(int signum)
+{
+    struct sigaction current;
+    if (sigaction(signum, NULL, &current) < 0) {
+        return 0;
+    }
+    return (current.sa_flags & SA_SIGINFO)
+        || (current.sa_handler != SIG_DFL && current.sa_handler != SIG_IGN);
+}
+
 /* A real-time signal nobody uses, for faulthandler.register(); 0 if none.
  * Never `avoid`: task_dump_signal, whose handler run() installs later. */
 static int
@@ -736,6 +775,11 @@ register_dump_signal(int avoid)
                                             STDERR_FILENO, Py_True, Py_False);
         if (res == NULL) {
             chosen = -1;
+        }
+        /* A faulthandler an app replaced may not have put a handler there:
+         * then raise() would end the process by that signal. */
+        else if (!handler_installed(chosen)) {
+            chosen = 0;
         }
         Py_XDECREF(res);
     }
