@@ -206,6 +206,12 @@ async def main():
     # The loop's own child must keep its exit status.
     own = await asyncio.create_subprocess_exec("sh", "-c", "sleep 1.5; exit 7")
     say("own child exit code", await own.wait())
+    # So must a subprocess.Popen child the app waits for (in an executor,
+    # as the README says), across the reaper's looks.
+    import subprocess
+    popen = subprocess.Popen(["sh", "-c", "sleep 2.5; exit 5"])
+    code = await asyncio.get_running_loop().run_in_executor(None, popen.wait)
+    say("Popen child exit code", code)
     for _ in range(40):                 # up to ~8 s for the reaper
         if not zombie_children():
             break
@@ -240,6 +246,7 @@ def test_as_pid_1_orphans_are_reaped_and_the_loops_own_child_keeps_its_status(
     assert r.returncode == 0, r
     assert r.stdout[0] == "pid 1"
     assert "own child exit code 7" in r.stdout
+    assert "Popen child exit code 5" in r.stdout, r
     reaped = [m for m in r.log if m.startswith("DEBUG:Reaped orphaned process")]
     if reap == "1":
         assert r.stdout[-1] == "zombies left 0", r
