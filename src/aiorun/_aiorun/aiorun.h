@@ -23,6 +23,7 @@
  *   log.c       calls into the "aiorun" logger
  *   callargs.c  argument errors worded as Python's own
  *   idset.c     a set of objects by identity (the shutdown's seen tasks)
+ *   environ.c   environment variables, through os.environ
  */
 #ifndef AIORUN_H
 #define AIORUN_H
@@ -77,6 +78,7 @@
     X(weakset_contains)         /* WeakSet.__contains__ */                  \
     X(protected_var)            /* ContextVar set in protected work (shield.c) */\
     X(CTask)                    /* _asyncio.Task, or None without it */      \
+    X(environ)                  /* os.environ, as it was at import */       \
     X(AbstractEventLoop)                                                    \
     X(Executor)                 /* concurrent.futures.Executor */           \
     X(all_tasks)                /* asyncio.all_tasks */                     \
@@ -552,6 +554,11 @@ PyObject *aiorun_notify_ready(PyObject *module, PyObject *args, PyObject *kwargs
 int aiorun_check_call(const char *fname, PyObject *args, PyObject *kwargs,
                       char *const *kwlist, Py_ssize_t max_positional,
                       Py_ssize_t required);
+
+/* ---- environ.c ---- */
+/* os.environ[name] as bytes (*value, a new reference): 1; 0 when it is not
+ * set (*value NULL); -1 with an exception. */
+int aiorun_getenv(aiorun_state *st, const char *name, PyObject **value);
 
 /* ---- cli.c ---- */
 /* _main(argv): python -m aiorun; returns 0 or raises (SystemExit(2) for a

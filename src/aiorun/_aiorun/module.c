@@ -163,6 +163,7 @@ load_imports(aiorun_state *st)
         IMPORT(get_running_loop, "asyncio", "_get_running_loop"),
         IMPORT(set_running_loop, "asyncio", "_set_running_loop"),
         IMPORT(CancelledError, "asyncio", "CancelledError"),
+        IMPORT(environ, "os", "environ"),
         IMPORT(Event, "asyncio", "Event"),
         IMPORT(Executor, "concurrent.futures", "Executor"),
         IMPORT(isawaitable, "inspect", "isawaitable"),

@@ -170,10 +170,8 @@ shown_value(const char *value)
 /* WATCHDOG_USEC, when systemd asks this process (WATCHDOG_PID, if set, is
  * ours) for pings: half of it, in seconds; 0 for none, -1 if malformed. */
 static double
-ping_interval(void)
+parse_ping_interval(const char *usec, const char *pid)
 {
-    const char *usec = getenv("WATCHDOG_USEC");
-    const char *pid = getenv("WATCHDOG_PID");
     char *end;
     if (usec == NULL || *usec == '\0') {
         return 0;
@@ -195,18 +193,42 @@ ping_interval(void)
     return (double)us / 2e6;
 }
 
+/* The same from the environment: 0, or -1 with an exception. */
+static int
+ping_interval(aiorun_state *st, double *interval)
+{
+    PyObject *usec = NULL, *pid = NULL;
+    if (aiorun_getenv(st, "WATCHDOG_USEC", &usec) < 0
+        || aiorun_getenv(st, "WATCHDOG_PID", &pid) < 0) {
+        Py_XDECREF(usec);
+        return -1;
+    }
+    *interval = parse_ping_interval(usec ? PyBytes_AS_STRING(usec) : NULL,
+                                    pid ? PyBytes_AS_STRING(pid) : NULL);
+    Py_XDECREF(usec);
+    Py_XDECREF(pid);
+    return 0;
+}
+
 int
 aiorun_notify_start(RunObject *run, double task_timeout)
 {
-    const char *value = getenv(NOTIFY_ENV);
+    PyObject *env;
     const char *why = NULL;
     struct sockaddr_un addr;
     socklen_t len;
+    if (aiorun_getenv(run->state, NOTIFY_ENV, &env) < 0) {
+        return -1;
+    }
+    const char *value = env ? PyBytes_AS_STRING(env) : NULL;
     if (value == NULL || *value == '\0') {
+        Py_XDECREF(env);
         return 0;
     }
-    if (parse_address(value, &addr, &len, &why) < 0) {
-        PyObject *shown = shown_value(value);
+    int usable = parse_address(value, &addr, &len, &why);
+    PyObject *shown = usable < 0 ? shown_value(value) : NULL;
+    Py_DECREF(env);
+    if (usable < 0) {
         PyObject *message = shown ? PyUnicode_FromFormat(
             "environment variable " NOTIFY_ENV "='%U' %s: no notifications are sent",
             shown, why) : NULL;
@@ -216,7 +238,10 @@ aiorun_notify_start(RunObject *run, double task_timeout)
         Py_XDECREF(message);
         return rc;
     }
-    double interval = ping_interval();
+    double interval;
+    if (ping_interval(run->state, &interval) < 0) {
+        return -1;
+    }
     if (interval < 0) {
         interval = 0;
         if (aiorun_log(run->state, LOG_WARNING,
@@ -419,18 +444,25 @@ socket_error(PyObject *shown, int error)
 static int
 send_ready(aiorun_state *st, const char *text)
 {
-    const char *value = getenv(NOTIFY_ENV);
+    PyObject *env;
     const char *why;
     struct sockaddr_un addr;
     socklen_t len;
+    if (aiorun_getenv(st, NOTIFY_ENV, &env) < 0) {
+        return -1;
+    }
+    const char *value = env ? PyBytes_AS_STRING(env) : NULL;
     if (value == NULL || *value == '\0') {
+        Py_XDECREF(env);
         return 0;
     }
     PyObject *shown = shown_value(value), *problem = NULL;
+    int usable = shown ? parse_address(value, &addr, &len, &why) : -1;
+    Py_DECREF(env);
     if (shown == NULL) {
         return -1;
     }
-    if (parse_address(value, &addr, &len, &why) < 0) {
+    if (usable < 0) {
         problem = PyUnicode_FromFormat("environment variable " NOTIFY_ENV "='%U' %s",
                                        shown, why);
     }

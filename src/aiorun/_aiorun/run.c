@@ -129,23 +129,32 @@ check_seconds(PyObject *obj, const char *param, double min, int exclusive,
  * so an operator can turn on what a service's code says nothing about.
  * env_name NULL: the environment does not apply. */
 static int
-flag_or_env(PyObject *flag, const char *param, const char *env_name, int *out)
+flag_or_env(aiorun_state *st, PyObject *flag, const char *param, const char *env_name,
+            int *out)
 {
     if (flag != Py_None) {
         return check_flag(flag, param, out);
     }
     *out = 0;
-    const char *env = env_name ? getenv(env_name) : NULL;
+    PyObject *value = NULL;
+    if (env_name != NULL && aiorun_getenv(st, env_name, &value) < 0) {
+        return -1;
+    }
+    const char *env = value ? PyBytes_AS_STRING(value) : NULL;
+    int rc = 0;
     if (env == NULL || *env == '\0' || strcmp(env, "0") == 0) {
-        return 0;
+        rc = 0;
     }
-    if (strcmp(env, "1") == 0) {
+    else if (strcmp(env, "1") == 0) {
         *out = 1;
-        return 0;
     }
-    PyErr_Format(PyExc_ValueError, "environment variable %s must be 0 or 1, not '%.100s'",
-                 env_name, env);
-    return -1;
+    else {
+        PyErr_Format(PyExc_ValueError, "environment variable %s must be 0 or 1, not "
+                     "'%.100s'", env_name, env);
+        rc = -1;
+    }
+    Py_XDECREF(value);
+    return rc;
 }
 
 /* task_dump_signal: None or False for none, True for SIGUSR1, or a signal
@@ -204,14 +213,18 @@ check_dump_signal(PyObject *obj, int *signum)
  * thread the environment is not read at all (the watchdog cannot run
  * there), so a malformed value cannot make run() fail there. */
 static int
-check_watchdog_arguments(run_args *a, watchdog_args *w, int use_env)
+check_watchdog_arguments(aiorun_state *st, run_args *a, watchdog_args *w, int use_env)
 {
     double deadline;
     if (check_seconds(a->shutdown_deadline, "shutdown_deadline", 0, 1, &deadline) < 0) {
         return -1;
     }
     if (deadline < 0) {
-        const char *env = use_env ? getenv(DEADLINE_ENV) : NULL;
+        PyObject *value = NULL;
+        if (use_env && aiorun_getenv(st, DEADLINE_ENV, &value) < 0) {
+            return -1;
+        }
+        const char *env = value ? PyBytes_AS_STRING(value) : NULL;
         deadline = 0;
         if (env != NULL && env[strspn(env, " \t")] != '\0') {
             char *end;
@@ -221,13 +234,15 @@ check_watchdog_arguments(run_args *a, watchdog_args *w, int use_env)
                 PyErr_Format(PyExc_ValueError,
                              "environment variable %s must be a number of seconds "
                              "> 0, not '%.100s'", DEADLINE_ENV, env);
+                Py_DECREF(value);
                 return -1;
             }
         }
+        Py_XDECREF(value);
     }
     w->deadline = deadline;
 
-    return flag_or_env(a->exit_on_repeated_signal, "exit_on_repeated_signal",
+    return flag_or_env(st, a->exit_on_repeated_signal, "exit_on_repeated_signal",
                        use_env ? REPEATED_SIGNAL_ENV : NULL, &w->exit_on_repeat);
 }
 
@@ -299,7 +314,7 @@ check_arguments(aiorun_state *st, run_args *a, run_flags *f, int use_env)
     if (f->drain_delay < 0) {
         f->drain_delay = 0;   /* None: no drain */
     }
-    return flag_or_env(a->reap_orphans, "reap_orphans",
+    return flag_or_env(st, a->reap_orphans, "reap_orphans",
                        use_env ? REAP_ORPHANS_ENV : NULL, &f->reap_orphans);
 }
 
@@ -797,7 +812,7 @@ run_body(PyObject *module, RunObject *run, run_args *a, watchdog_args *w,
         && (run->owns_process
             || aiorun_log(st, LOG_WARNING, not_owner_reason(on_main)) == 0)
         && check_arguments(st, a, f, run->owns_process) == 0
-        && check_watchdog_arguments(a, w, run->owns_process) == 0
+        && check_watchdog_arguments(st, a, w, run->owns_process) == 0
         && check_owner_only(run, on_main, a, w, f) == 0
         && ((w->deadline == 0 && !w->exit_on_repeat)
             || aiorun_watchdog_start(run, w->deadline, w->exit_on_repeat,
