@@ -66,6 +66,9 @@ ACCEPTED = {
         "the original's handler kept the latest report, so a report without an "
         "exception (aiohttp's 'Unclosed client session') made a crashed service "
         "exit 0, and Restart=on-failure never restarted it",
+    "Work that protected work starts is protected with it.":
+        "the original cancelled the tasks a protected coroutine started for its own "
+        "work, so the work it protected failed with CancelledError",
     "A DEBUG line per cancelled task":
         "the seeds' transcript shows 'Cancelling task: ...', which 2025.1.1 dropped; "
         "at DEBUG it does not flood a service's log",

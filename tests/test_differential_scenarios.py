@@ -452,6 +452,27 @@ scenario("a report without an exception after an error", """
 """, differs=["The error that stopped the loop is the one `run()` raises."])
 
 
+scenario("protected work that gathers tasks of its own", """
+    async def step(name):
+        await asyncio.sleep(0.3)
+        say("step", name, "finished")
+    async def save():
+        try:
+            await asyncio.gather(step("a"), step("b"))
+            say("save finished")
+        except asyncio.CancelledError:
+            say("save cancelled")
+            raise
+    async def main():
+        waiter = shutdown_waits_for(save())
+        await asyncio.sleep(0.05)
+        say("READY")
+        await asyncio.sleep(3600)
+    run(main())
+""", ready="READY", sig=signal.SIGTERM,
+   differs=["Work that protected work starts is protected with it."])
+
+
 scenario("loop.stop() in the shutdown_callback", """
     async def bye():
         asyncio.get_running_loop().stop()
