@@ -420,12 +420,17 @@ def test_two_runs_in_sequence_stop_the_service_once(app, receiver):
             say("FIRST")
             asyncio.get_running_loop().stop()
         run(first())
+        say("FIRST DONE")
+        sys.stdin.readline()
         async def second():
             say("SECOND")
             await asyncio.sleep(3600)
         run(second())
         say("AFTER")
-    """, env=receiver.env)
+    """, env=receiver.env, stdin=True)
+    a.wait_line("FIRST DONE")
+    receiver.wait_for("STATUS=stopped")
+    a.write("go\n")
     a.wait_line("SECOND")
     receiver.wait_for("READY=1\nSTATUS=running")
     with receiver.arrived:
@@ -435,7 +440,7 @@ def test_two_runs_in_sequence_stop_the_service_once(app, receiver):
     a.send(signal.SIGTERM)
     r = a.finish()
     assert r.returncode == 0, r
-    assert r.stdout == ["FIRST", "SECOND", "AFTER"]
+    assert r.stdout == ["FIRST", "FIRST DONE", "SECOND", "AFTER"]
     receiver.wait_for("STOPPING=1\nSTATUS=stopping: SIGTERM received")
     msgs = [m for m in receiver.messages if m != "WATCHDOG=1"]
     stopping = msgs.index("STOPPING=1\nSTATUS=stopping: SIGTERM received")
@@ -447,23 +452,30 @@ def test_after_a_signal_no_later_run_says_ready(app, receiver):
     # A run() stopped by SIGTERM told systemd the service is stopping; a
     # run() the app starts afterwards (its clean-up, say) must not take
     # that back with READY=1.
+    # (A handshake between the runs: the kernel queues only a few
+    # datagrams, and a burst of two runs' messages could lose some.)
     a = app("""
         async def first():
             say("FIRST")
             await asyncio.sleep(3600)
         run(first())
+        say("FIRST DONE")
+        sys.stdin.readline()
         async def cleanup():
             await asyncio.sleep(0)
             say("CLEANUP")
             asyncio.get_running_loop().stop()
         run(cleanup())
-    """, env=receiver.env)
+    """, env=receiver.env, stdin=True)
     a.wait_line("FIRST")
     receiver.wait_for("READY=1\nSTATUS=running")
     a.send(signal.SIGTERM)
+    a.wait_line("FIRST DONE")
+    receiver.wait_for("STATUS=stopped")
+    a.write("go\n")
     r = a.finish()
     assert r.returncode == 0, r
-    assert r.stdout == ["FIRST", "CLEANUP"]
+    assert r.stdout == ["FIRST", "FIRST DONE", "CLEANUP"]
     with receiver.arrived:
         assert receiver.arrived.wait_for(
             lambda: receiver.messages.count("STATUS=stopped") == 2, 30), receiver.messages

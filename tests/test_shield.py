@@ -757,8 +757,8 @@ def test_one_awaitable_two_awaiters_close_and_bad_throw_act_as_a_coroutine_does(
             for bad in [(42,), (ValueError("v"), 1), (ValueError, None, 5)]:
                 try:
                     w.throw(*bad)
-                except TypeError as e:
-                    log.append(f"TypeError: {e}")
+                except Exception as e:   # a coroutine's answer varies by version
+                    log.append(f"{type(e).__name__}: {e}")
             await asyncio.sleep(0.3)
             say(*log, sep=" | ")
 
