@@ -431,14 +431,17 @@ def _cancel_races(task_factory):
             seen.append("slept")
             return "went on"
 
+        may_finish = asyncio.Event()
+
         async def long_work():
-            await asyncio.sleep(0.05)
+            await may_finish.wait()   # ends only after the awaiter went on
             seen.append("long work finished")
 
         t = loop.create_task(waiter(long_work))
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)        # its first step: it awaits the work
         t.cancel("bye")
         assert await t == "went on"
+        may_finish.set()
         while "long work finished" not in seen:
             await asyncio.sleep(0.01)
 
