@@ -521,3 +521,25 @@ def test_a_signal_before_main_has_started_means_no_ready_after_stopping(app, rec
     msgs = receiver.without_pings()
     stopping = msgs.index("STOPPING=1\nSTATUS=stopping: SIGTERM received")
     assert not any(m.startswith("READY=1") for m in msgs[stopping:]), msgs
+
+
+def test_notify_ready_after_stopping_is_not_sent(app, receiver):
+    a = app("""
+        async def main():
+            say("READY")
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                say("SENT", aiorun.notify_ready("too late"))
+                raise
+        run(main(), notify_ready_on_start=False)
+    """, env=receiver.env)
+    a.wait_line("READY")
+    receiver.wait_for("STATUS=starting")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["READY", "SENT False"], r
+    assert any("READY=1 not delivered: STOPPING=1 was sent already" in l
+               for l in r.stderr), r
+    assert not any(m.startswith("READY=1") for m in receiver.without_pings())

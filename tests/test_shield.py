@@ -959,3 +959,95 @@ def test_a_protected_coroutine_that_cancels_its_own_awaiter_wakes_it_once(app):
     assert r.stdout == ["awaiter cancelled", "main continues"], r
     assert "InvalidStateError" not in r.stderr_text, r
     assert "Unhandled exception" not in r.stderr_text, r
+
+
+def test_a_second_awaiter_before_the_first_ones_cancel_arrives_is_refused(app):
+    # The first awaiter is cancelled (its wake-up queued); a second task
+    # awaits in that very turn: it is refused at once, not left pending.
+    r = run_app(app, """
+        async def protected():
+            await asyncio.sleep(0.3)
+            return 42
+        async def main():
+            w = shutdown_waits_for(protected())
+            async def awaiter(name):
+                try:
+                    say(name, "got", await w)
+                except BaseException as e:
+                    say(name, "raised", type(e).__name__, e)
+            t1 = asyncio.ensure_future(awaiter("first"))
+            await asyncio.sleep(0.01)
+            t2 = asyncio.ensure_future(awaiter("second"))
+            t1.cancel()
+            done, pending = await asyncio.wait({t1, t2}, timeout=10)
+            say("pending", len(pending))
+            asyncio.get_running_loop().stop()
+        run(main())
+    """)
+    assert r.returncode == 0, r
+    assert sorted(r.stdout) == ["first raised CancelledError ",
+                                "pending 0",
+                                "second raised RuntimeError coroutine is being awaited already"], r
+
+
+def test_close_after_the_awaiter_was_cancelled_keeps_the_cancel(app):
+    r = run_app(app, """
+        async def protected():
+            await asyncio.sleep(0.3)
+        async def main():
+            w = shutdown_waits_for(protected())
+            async def awaiter():
+                await w
+            t = asyncio.ensure_future(awaiter())
+            await asyncio.sleep(0.01)
+            t.cancel()          # the wake-up is queued
+            w.close()           # before it runs
+            try:
+                await t
+            except BaseException as e:
+                say("task ended", type(e).__name__, "cancelled:", t.cancelled())
+            asyncio.get_running_loop().stop()
+        run(main(), stop_on_unhandled_errors=True)
+    """)
+    assert r.returncode == 0, r
+    assert r.stdout == ["task ended CancelledError cancelled: True"], r
+
+
+def test_do_not_cancel_coros_survives_odd_task_likes(app):
+    # A task-like whose mark raises, beside one with _coro and no get_coro:
+    # len() raises that error (or counts), never crashes.
+    r = run_app(app, """
+        class Bad(asyncio.Future):
+            @property
+            def _aiorun_protected(self):
+                raise RuntimeError("boom")
+        class NoGetCoro(asyncio.Future):
+            _aiorun_protected = True
+            def __init__(self, loop, coro):
+                super().__init__(loop=loop)
+                self._coro = coro
+        async def c():
+            pass
+        async def main():
+            loop = asyncio.get_running_loop()
+            odd = []
+            for _ in range(20):
+                odd.append(Bad(loop=loop))
+                odd.append(NoGetCoro(loop, c()))
+            for o in odd:
+                asyncio.tasks._register_task(o)
+            try:
+                say("len", len(aiorun._DO_NOT_CANCEL_COROS))
+            except RuntimeError as e:
+                say("raised", e)
+            for o in odd:
+                if hasattr(o, "_coro"):
+                    o._coro.close()
+                o.cancel()
+                asyncio.tasks._unregister_task(o)
+            loop.stop()
+        run(main())
+        say("survived")
+    """)
+    assert r.returncode == 0, r
+    assert r.stdout[-1] == "survived", r

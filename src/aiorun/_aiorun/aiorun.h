@@ -79,6 +79,7 @@
     X(protected_var)            /* ContextVar set in protected work (shield.c) */\
     X(CTask)                    /* _asyncio.Task, or None without it */      \
     X(environ)                  /* os.environ, as it was at import */       \
+    X(ContextType)              /* contextvars.Context */                   \
     X(AbstractEventLoop)                                                    \
     X(Executor)                 /* concurrent.futures.Executor */           \
     X(all_tasks)                /* asyncio.all_tasks */                     \
@@ -128,7 +129,7 @@ typedef struct {
      * rule above).  Borrowed: that run() clears it before it returns.  Read
      * and written on the main thread only. */
     struct RunObject *owner;
-    int service_stopping;       /* STOPPING=1 was sent: no READY=1 after it */
+    aiorun_flag service_stopping; /* STOPPING=1 was sent: no READY=1 after it */
     int gc_paused;              /* the owner's drain turned the collector off */
     /* threading.main_thread().ident at import: run() must know, before it
      * calls any Python code, whether it is there. */
@@ -173,6 +174,18 @@ aiorun_call_predicate(PyObject *obj, PyObject *name)
     int truth = PyObject_IsTrue(res);
     Py_DECREF(res);
     return truth;
+}
+
+/* 1 if obj is a contextvars.Context (PyPy has no PyContext_CheckExact). */
+static inline int
+aiorun_is_context(aiorun_state *st, PyObject *obj)
+{
+#ifdef PYPY_VERSION
+    return Py_IS_TYPE(obj, (PyTypeObject *)st->ContextType);
+#else
+    (void)st;
+    return PyContext_CheckExact(obj);
+#endif
 }
 
 /* loop.<method>() (is_closed, is_running) as a truth value: 1, 0, or -1

@@ -91,6 +91,33 @@ PyObject_GetOptionalAttr(PyObject *obj, PyObject *name, PyObject **result)
 }
 #endif
 
+/* A flag written by one thread and read by any (notify_ready() runs on any
+ * thread, also on free-threaded builds). */
+#ifndef MS_WINDOWS
+#include <stdatomic.h>
+typedef atomic_int aiorun_flag;
+#define aiorun_flag_set(flag) atomic_store((flag), 1)
+#define aiorun_flag_get(flag) atomic_load((flag))
+#else
+typedef volatile long aiorun_flag;   /* systemd does not exist there */
+#define aiorun_flag_set(flag) (*(flag) = 1)
+#define aiorun_flag_get(flag) (*(flag))
+#endif
+
+/* Context variables: PyPy's C API has no PyContextVar_Reset() and no
+ * PyContext_CheckExact(); the same through the objects themselves. */
+#ifdef PYPY_VERSION
+static inline int
+aiorun_contextvar_reset(PyObject *var, PyObject *token)
+{
+    PyObject *res = PyObject_CallMethod(var, "reset", "O", token);
+    Py_XDECREF(res);
+    return res ? 0 : -1;
+}
+#else
+#define aiorun_contextvar_reset PyContextVar_Reset
+#endif
+
 /* Critical sections (3.13): on a free-threaded build they lock an object;
  * with the GIL, and on older Pythons, they are plain braces. */
 #ifndef Py_BEGIN_CRITICAL_SECTION

@@ -164,6 +164,7 @@ load_imports(aiorun_state *st)
         IMPORT(set_running_loop, "asyncio", "_set_running_loop"),
         IMPORT(CancelledError, "asyncio", "CancelledError"),
         IMPORT(environ, "os", "environ"),
+        IMPORT(ContextType, "contextvars", "Context"),
         IMPORT(Event, "asyncio", "Event"),
         IMPORT(Executor, "concurrent.futures", "Executor"),
         IMPORT(isawaitable, "inspect", "isawaitable"),
@@ -246,7 +247,7 @@ aiorun_exec(PyObject *module)
     }
     st->fork_hook_registered = 0;
     st->owner = NULL;
-    st->service_stopping = 0;
+    /* service_stopping: zeroed with the state, as an atomic may be. */
     st->gc_paused = 0;
     /* Kept here, not looked up by name when needed: a waiter may be
      * finalized while the interpreter is clearing module dicts. */

@@ -326,7 +326,8 @@ aiorun_run_notify_ready(PyObject *self, PyObject *unused)
     RunObject *run = (RunObject *)self;
     (void)unused;
     aiorun_notifier *nt = live_notifier(run);
-    if (nt != NULL && !nt->stopping_sent && !run->state->service_stopping) {
+    if (nt != NULL && !nt->stopping_sent
+        && !aiorun_flag_get(&run->state->service_stopping)) {
         say(run, "READY=1\nSTATUS=running");
     }
     Py_RETURN_NONE;
@@ -360,7 +361,7 @@ aiorun_notify_stopping(RunObject *run, int signum)
         return;
     }
     nt->stopping_sent = 1;
-    run->state->service_stopping = 1;
+    aiorun_flag_set(&run->state->service_stopping);
     const char *name = signum == SIGINT ? "SIGINT received"
                      : signum == SIGTERM ? "SIGTERM received"
                      : signum > 0 ? "a signal received" : "KeyboardInterrupt";
@@ -462,7 +463,13 @@ send_ready(aiorun_state *st, const char *text)
     if (shown == NULL) {
         return -1;
     }
-    if (usable < 0) {
+    if (aiorun_flag_get(&st->service_stopping)) {
+        /* systemd has been told the service is stopping: READY=1 now would
+         * take that back (the ownership rule in aiorun.h). */
+        problem = PyUnicode_FromString("STOPPING=1 was sent already, and READY=1 "
+                                       "never follows it");
+    }
+    else if (usable < 0) {
         problem = PyUnicode_FromFormat("environment variable " NOTIFY_ENV "='%U' %s",
                                        shown, why);
     }

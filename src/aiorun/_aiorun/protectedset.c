@@ -40,7 +40,8 @@ marked_coros(aiorun_state *st)
     PyObject *coros = loops ? PyList_New(0) : NULL;
     for (Py_ssize_t i = 0; coros != NULL && i < PyList_GET_SIZE(loops); i++) {
         PyObject *tasks = aiorun_all_tasks(st, PyList_GET_ITEM(loops, i));
-        for (Py_ssize_t j = 0; tasks != NULL && j < PyList_GET_SIZE(tasks); j++) {
+        for (Py_ssize_t j = 0; coros != NULL && tasks != NULL
+                               && j < PyList_GET_SIZE(tasks); j++) {
             PyObject *task = PyList_GET_ITEM(tasks, j), *mark;
             int found = PyObject_GetOptionalAttr(task, st->s_protected, &mark);
             if (found > 0) {

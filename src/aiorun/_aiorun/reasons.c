@@ -146,13 +146,17 @@ static PyObject *
 new_event(aiorun_state *st, PyObject *loop)
 {
 #if PY_VERSION_HEX < 0x030A0000
-    PyObject *previous = loop ? PyObject_CallNoArgs(st->get_running_loop) : NULL;
-    if (previous == NULL) {
-        return loop ? NULL : PyObject_CallNoArgs(st->Event);
-    }
-    if (previous == loop) {
-        Py_DECREF(previous);
+    if (loop == NULL) {
         return PyObject_CallNoArgs(st->Event);
+    }
+    /* Ours: the calls below run Python code, and run() may end meanwhile. */
+    Py_INCREF(loop);
+    PyObject *previous = PyObject_CallNoArgs(st->get_running_loop);
+    if (previous == NULL || previous == loop) {
+        PyObject *same = previous ? PyObject_CallNoArgs(st->Event) : NULL;
+        Py_XDECREF(previous);
+        Py_DECREF(loop);
+        return same;
     }
     PyObject *event = NULL;
     PyObject *res = PyObject_CallOneArg(st->set_running_loop, loop);
@@ -175,6 +179,7 @@ new_event(aiorun_state *st, PyObject *loop)
         }
     }
     Py_DECREF(previous);
+    Py_DECREF(loop);
     return event;
 #else
     (void)loop;

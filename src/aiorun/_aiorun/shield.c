@@ -151,12 +151,11 @@ waiter_step_impl(WaiterObject *self, PyObject **result)
         return STEP_ERROR;
     }
     if (!done) {
-        /* Waiting already, on a wait nobody cancelled: this is a second
-         * task awaiting the same object, which a coroutine refuses too.
-         * (The first awaiter comes back only once the task has ended, or
-         * through throw() when its wait was cancelled.) */
-        if (self->phase == WAITER_WAITING && self->wait != NULL
-            && !aiorun_waitfuture_cancelled(self->wait)) {
+        /* Waiting already: this is a second task awaiting the same
+         * object, which a coroutine refuses too.  (The first awaiter comes
+         * back only once the task has ended, or through throw() when its
+         * wait was cancelled, even before that wake-up has run.) */
+        if (self->phase == WAITER_WAITING && self->wait != NULL) {
             PyErr_SetString(PyExc_RuntimeError, "coroutine is being awaited already");
             return STEP_ERROR;
         }
@@ -580,7 +579,7 @@ mark_protected(aiorun_state *st, PyObject *task)
     return res ? 0 : -1;
 }
 
-#if PY_VERSION_HEX < 0x030C0000
+#if PY_VERSION_HEX < 0x030C0000 && !defined(PYPY_VERSION)
 /* tp_traverse visitor: keeps the first Context it is shown. */
 static int
 first_context(PyObject *obj, void *found)
@@ -605,13 +604,15 @@ task_context(aiorun_state *st, PyObject *task)
         context = PyObject_CallNoArgs(getter);
         Py_DECREF(getter);
     }
-#else
+#elif !defined(PYPY_VERSION)
     /* Before 3.12 the C Task keeps its context to itself; its traverse
      * shows it first (task_context, before the future's fields, whose
-     * callbacks' contexts are other tasks'). */
+     * callbacks' contexts are other tasks').  The C Task's own traverse,
+     * not a subclass's, which would show the subclass's slots first.  No
+     * code runs before the reference is held. */
     if (st->CTask != Py_None && PyObject_TypeCheck(task, (PyTypeObject *)st->CTask)) {
         PyObject *found = NULL;
-        traverseproc traverse = Py_TYPE(task)->tp_traverse;
+        traverseproc traverse = ((PyTypeObject *)st->CTask)->tp_traverse;
         if (traverse != NULL) {
             (void)traverse(task, first_context, &found);
         }
@@ -622,7 +623,7 @@ task_context(aiorun_state *st, PyObject *task)
     if (context == NULL && !PyErr_Occurred()) {
         (void)PyObject_GetOptionalAttr(task, st->s_context, &context);
     }
-    if (context != NULL && !PyContext_CheckExact(context)) {
+    if (context != NULL && !aiorun_is_context(st, context)) {
         Py_CLEAR(context);   /* a task-like's own idea of a context */
     }
     return context;
@@ -777,10 +778,22 @@ aiorun_shutdown_waits_for(PyObject *module, PyObject *const *args, Py_ssize_t na
                            : NULL;
     }
     PyObject *exc = aiorun_take_error();
-    if (PyContextVar_Reset(st->protected_var, token) < 0) {
-        Py_XDECREF(exc);
-        Py_CLEAR(task);   /* the caller's context must not stay marked */
-        exc = aiorun_take_error();
+    if (aiorun_contextvar_reset(st->protected_var, token) < 0) {
+        /* (MemoryError.)  A task nobody will know of is cancelled, and the
+         * first error stays the one raised. */
+        PyObject *later = aiorun_take_error();
+        if (task != NULL) {
+            PyObject *res = PyObject_CallMethodNoArgs(task, st->s_cancel);
+            Py_XDECREF(res);
+            PyErr_Clear();
+            Py_CLEAR(task);
+        }
+        if (exc == NULL) {
+            exc = later;
+        }
+        else {
+            Py_XDECREF(later);
+        }
     }
     Py_DECREF(token);
     if (exc != NULL) {

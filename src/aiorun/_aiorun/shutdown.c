@@ -718,12 +718,14 @@ cancel_and_wait(RunObject *run, PyObject *timeout)
      * meanwhile gets it back on (aiorun_after_fork_child). */
     aiorun_state *st = run->state;
     int gc_was_enabled = 0;
-    if (run->owns_process && aiorun_register_fork_hook(st) == 0) {
-        gc_was_enabled = PyGC_Disable();
-        st->gc_paused = gc_was_enabled;
-    }
-    else {
-        PyErr_Clear();   /* no hook, no pause: the drain is only slower */
+    if (run->owns_process) {
+        if (aiorun_register_fork_hook(st) == 0) {
+            gc_was_enabled = PyGC_Disable();
+            st->gc_paused = gc_was_enabled;
+        }
+        else {
+            PyErr_Clear();   /* no hook, no pause: the drain is only slower */
+        }
     }
     aiorun_idset seen = AIORUN_IDSET_INIT;
     wait_plan plan = {&seen, 1, 0, 0, 0, NULL};

@@ -31,6 +31,7 @@
 #include <signal.h>
 #include <stdatomic.h>
 #include <string.h>
+#include <time.h>
 
 static const int held_signals[] = {SIGINT, SIGTERM};
 #define N_HELD (sizeof(held_signals) / sizeof(held_signals[0]))
@@ -100,11 +101,14 @@ take_pending(const aiorun_held_signals *held)
     for (size_t i = 0; i < N_HELD; i++) {
         int signum = held_signals[i];
         if (sigismember(&pending, signum) == 1 && sigismember(&held->previous, signum) != 1) {
+#ifndef __APPLE__
             sigset_t one;
-            int got;
+            struct timespec now = {0, 0};
             sigemptyset(&one);
             sigaddset(&one, signum);
-            (void)sigwait(&one, &got);   /* pending: returns at once */
+            /* Never waits: another thread may have taken it meanwhile. */
+            (void)sigtimedwait(&one, NULL, &now);
+#endif
         }
     }
 }

@@ -52,10 +52,20 @@ is_frame(PyObject *obj)
 #ifndef PYPY_VERSION
     return PyFrame_Check(obj);
 #else
-    /* No PyFrame_Type here: the built-in type of that name (a class an app
-     * defines is a heap type). */
-    return !(Py_TYPE(obj)->tp_flags & Py_TPFLAGS_HEAPTYPE)
-        && strcmp(Py_TYPE(obj)->tp_name, "frame") == 0;
+    /* No PyFrame_Type here, and cpyext marks every type a heap type: the
+     * type named frame that lives in builtins (an app's class of that name
+     * lives in its own module). */
+    if (strcmp(Py_TYPE(obj)->tp_name, "frame") != 0) {
+        return 0;
+    }
+    PyObject *module = PyObject_GetAttrString((PyObject *)Py_TYPE(obj), "__module__");
+    int builtin = module != NULL && PyUnicode_Check(module)
+        && PyUnicode_CompareWithASCIIString(module, "builtins") == 0;
+    Py_XDECREF(module);
+    if (module == NULL) {
+        PyErr_Clear();
+    }
+    return builtin;
 #endif
 }
 

@@ -415,16 +415,24 @@ aiorun_waitfuture_close(PyObject *wait)
     PyErr_Fetch(&type, &value, &tb);
     Py_BEGIN_CRITICAL_SECTION(wait);
     /* cancel()'s way: the wake-ups are scheduled, then taken back from the
-     * task.  If it cannot (the loop is closed), the waker is taken back. */
-    self->closed = 1;
-    PyObject *args = PyTuple_New(0);
-    PyObject *res = args ? wait_cancel_impl(self, args, NULL) : NULL;
-    Py_XDECREF(args);
-    if (res == NULL) {
-        PyErr_Clear();
-        take_back_all(self);
+     * task.  A wait cancelled already keeps its CancelledError; one whose
+     * task has ended wakes its awaiter anyway, which then finds the waiter
+     * closed.  If the wake-ups cannot be scheduled (the loop is closed),
+     * they are taken back. */
+    if (!self->cancelled && !self->cancelling) {
+        self->closed = 1;
+        PyObject *args = PyTuple_New(0);
+        PyObject *res = args ? wait_cancel_impl(self, args, NULL) : NULL;
+        Py_XDECREF(args);
+        if (res != Py_True) {
+            self->closed = 0;
+        }
+        if (res == NULL) {
+            PyErr_Clear();
+            take_back_all(self);
+        }
+        Py_XDECREF(res);
     }
-    Py_XDECREF(res);
     Py_END_CRITICAL_SECTION();
     PyErr_Restore(type, value, tb);
 }

@@ -507,6 +507,10 @@ helper_main(void *arg)
                 if (handler_installed(wd->dump_signum)) {
                     raise(wd->dump_signum);
                 }
+                else {
+                    say(wd, "(thread stacks unavailable: faulthandler's signal has "
+                            "no handler)\n");
+                }
 #endif
             }
             if (todo & JOB_LATE) {
