@@ -70,11 +70,16 @@ def cli(tmp_path):
     (tmp_path / "broken.py").write_text("import no_such_dependency\n")
     (tmp_path / "attribute.py").write_text(ATTRIBUTE)
 
+    started = []
+
     def start(*args):
-        return App([sys.executable, "-m", "aiorun", *args], cwd=str(tmp_path),
-                   env={"NOTIFY_SOCKET": None,
-                        "AIORUN_SHUTDOWN_DEADLINE": None})
-    return start
+        a = App([sys.executable, "-m", "aiorun", *args], cwd=str(tmp_path),
+                env={"NOTIFY_SOCKET": None, "AIORUN_SHUTDOWN_DEADLINE": None})
+        started.append(a)
+        return a
+    yield start
+    for a in started:   # a test that failed half-way leaves no app running
+        a.kill()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
