@@ -409,6 +409,15 @@ scenario("the signal handlers after run()", """
     say("SIGINT handler", signal.getsignal(signal.SIGINT))
 """, differs=["The previous handlers are back"])
 
+scenario("the signal handlers after a signal's shutdown", """
+    async def main():
+        say("READY")
+        await asyncio.sleep(3600)
+    run(main())
+    say("ignored after run():", [signal.getsignal(s) is signal.SIG_IGN
+                                 for s in (signal.SIGINT, signal.SIGTERM)])
+""", ready="READY", sig=signal.SIGTERM, differs=["The previous handlers are back"])
+
 scenario("a bad argument", """
     async def main():
         pass
