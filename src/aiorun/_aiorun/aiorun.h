@@ -320,11 +320,12 @@ typedef enum {
 typedef struct RunObject {
     PyObject_HEAD
     aiorun_state *state;       /* borrowed: the type keeps the module alive */
+
+    /* This run()'s loop and what it does with it. */
     PyObject *loop;
     PyObject *shutdown_handler;
     PyObject *pending_exc;     /* exception to re-raise at the end, or NULL */
     PyObject *main_task;       /* strong reference to the task of `coro` */
-    PyObject *saved_handlers;  /* list of (signum, handler before run()) */
     PyObject *drain_waiter;    /* future set once the drain is over */
     Py_ssize_t drain_remaining;
     int drain_over;            /* the drain's wait has been ended */
@@ -332,12 +333,7 @@ typedef struct RunObject {
     int own_loop;              /* run() created the loop, so it closes it */
     int handler_installed;     /* our exception handler is on the loop */
     int shutdown_requested;    /* a signal came, or the shutdown began */
-    int owns_process;          /* this run() is aiorun_state.owner */
     int handler_scheduled;     /* shutdown_handler has been handed to the loop */
-    int wake_fds[2];           /* pipe the signal module writes to, or -1s */
-    aiorun_watchdog *watchdog; /* NULL unless a deadline or forced exit is on */
-    aiorun_notifier *notifier; /* NULL unless NOTIFY_SOCKET is set */
-    PyObject *ping_timer;      /* the loop's handle of the next WATCHDOG=1 */
     aiorun_cause cause;        /* why the shutdown began: the first request */
     int cause_signum;          /* the signal, for CAUSE_SIGNAL */
     PyObject *cancel_msg;      /* "aiorun shutdown: ...", made as it begins */
@@ -348,7 +344,16 @@ typedef struct RunObject {
                                 * (-1: None); never read from the object
                                 * again, whose __float__ may answer anew */
     int main_first;            /* cancel the main task first, then the rest */
+
+    /* The process's effects (the ownership rule above): set up only when
+     * owns_process, so every other run() leaves these NULL, -1 or 0. */
+    int owns_process;          /* this run() is aiorun_state.owner */
+    PyObject *saved_handlers;  /* list of (signum, handler before run()) */
+    int wake_fds[2];           /* pipe the signal module writes to, or -1s */
     int dump_signum;           /* the signal that dumps the tasks, or 0 */
+    aiorun_watchdog *watchdog; /* NULL unless a deadline or forced exit is on */
+    aiorun_notifier *notifier; /* NULL unless NOTIFY_SOCKET is set */
+    PyObject *ping_timer;      /* the loop's handle of the next WATCHDOG=1 */
     aiorun_reaper *reaper;     /* NULL unless reaping orphans as PID 1 */
     PyObject *reap_timer;      /* the loop's handle of the next reaping */
 } RunObject;
