@@ -228,9 +228,8 @@ def test_bad_command_lines_are_usage_errors(cli, args, message):
     r = cli(*args).finish()
     assert r.returncode == 2, r
     assert r.stderr[0].startswith("usage: python -m aiorun"), r
-    # 3.9-3.13 name ARGS too when TARGET is missing; 3.14 on do not.
-    assert r.stderr[-1] in (f"python -m aiorun: error: {message}",
-                            f"python -m aiorun: error: {message}, ARGS"), r
+    # ARGS is optional: no Python names it as required.
+    assert r.stderr[-1] == f"python -m aiorun: error: {message}", r
     assert "Traceback" not in r.stderr_text
 
 
@@ -266,3 +265,47 @@ def test_a_double_dash_right_after_the_target_separates_and_is_dropped(cli, args
     assert a.wait_prefix("UP") == f"UP {['service:main', *app_argv]!r}"
     a.send(signal.SIGTERM)
     assert a.finish().returncode == 0
+
+
+@pytest.mark.parametrize("level_args, shown, hidden", [
+    ([], ["WARNING:aiorun:Stopping the loop", "INFO:aiorun:Entering shutdown phase.",
+          "INFO:aiorun:Leaving. Bye!"], ["DEBUG:aiorun:"]),
+    (["--log-level", "warning"], ["WARNING:aiorun:Stopping the loop"], ["INFO:aiorun:"]),
+    (["--log-level", "DEBUG"], ["DEBUG:aiorun:Entering shutdown handler",
+                                "INFO:aiorun:Leaving. Bye!"], []),
+    (["--log-level", "off"], [], ["aiorun:"]),
+])
+def test_the_cli_shows_the_shutdown_transcript_at_the_level_asked(cli, level_args, shown,
+                                                                  hidden):
+    a = cli(*level_args, "service:main")
+    a.wait_prefix("UP")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    for line in shown:
+        assert line in r.stderr, (line, r)
+    for fragment in hidden:
+        assert not any(fragment in l for l in r.stderr), (fragment, r)
+
+
+def test_an_app_that_configures_logging_at_import_keeps_its_own(cli, tmp_path):
+    (tmp_path / "configured.py").write_text(
+        "import asyncio, logging, sys\n"
+        "logging.basicConfig(level=logging.WARNING, format='app says %(message)s')\n"
+        "async def main():\n"
+        "    print('UP', flush=True)\n"
+        "    await asyncio.sleep(3600)\n")
+    a = cli("configured:main")
+    a.wait_prefix("UP")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert "app says Stopping the loop" in r.stderr, r
+    assert not any(l.startswith("INFO:") for l in r.stderr), r
+
+
+def test_an_unknown_log_level_is_a_usage_error(cli):
+    r = cli("--log-level", "loud", "service:main").finish()
+    assert r.returncode == 2, r
+    assert r.stderr[-1] == ("python -m aiorun: error: argument --log-level: not a logging "
+                            "level: 'loud' (DEBUG, INFO, WARNING, ERROR, CRITICAL or off)"), r

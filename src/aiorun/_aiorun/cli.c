@@ -100,6 +100,19 @@ make_parser(void)
     Py_DECREF(res);
     res = call_with(add, Py_BuildValue("(s)", "args"), "{sOssss}", "nargs", remainder,
                     "metavar", "ARGS", "help", "the app's own arguments (sys.argv[1:])");
+    /* ARGS may be empty: argparse before 3.14 calls a REMAINDER required,
+     * and names it in "the following arguments are required". */
+    if (res == NULL || PyObject_SetAttrString(res, "required", Py_False) < 0) {
+        Py_XDECREF(res);
+        goto fail;
+    }
+    Py_DECREF(res);
+    res = call_with(add, Py_BuildValue("(s)", "--log-level"), "{ssssssss}", "dest",
+                    "log_level", "metavar", "LEVEL", "default", "INFO", "help",
+                    "log at LEVEL (DEBUG, INFO, WARNING, ERROR) to stderr, as "
+                    "logging.basicConfig() does, unless the app has configured "
+                    "logging when its module is imported; 'off' leaves logging "
+                    "alone (default INFO)");
     if (res == NULL) {
         goto fail;
     }
@@ -321,6 +334,62 @@ run_kwargs(PyObject *parser, PyObject *ns)
     return kwargs;
 }
 
+/* --log-level: logging.basicConfig(level=LEVEL) unless it is "off" or the
+ * root logger has handlers already (the app configured logging as its
+ * module was imported).  0, or -1 with an exception (a usage error for a
+ * level logging does not know). */
+static int
+configure_logging(PyObject *parser, PyObject *ns)
+{
+    PyObject *level = PyObject_GetAttrString(ns, "log_level");
+    if (level == NULL) {
+        return -1;
+    }
+    if (!PyUnicode_Check(level)
+        || PyUnicode_CompareWithASCIIString(level, "off") == 0
+        || PyUnicode_CompareWithASCIIString(level, "OFF") == 0) {
+        Py_DECREF(level);
+        return 0;
+    }
+    PyObject *logging = PyImport_ImportModule("logging");
+    PyObject *upper = logging ? PyObject_CallMethod(level, "upper", NULL) : NULL;
+    PyObject *known = upper ? PyObject_CallMethod(logging, "getLevelName", "O", upper)
+                            : NULL;
+    int rc = -1;
+    if (known != NULL && !PyLong_Check(known)) {
+        /* getLevelName() maps a name it does not know to "Level NAME". */
+        PyObject *message = PyUnicode_FromFormat(
+            "argument --log-level: not a logging level: %R (DEBUG, INFO, WARNING, "
+            "ERROR, CRITICAL or off)", level);
+        Py_XDECREF(usage_error(parser, message));
+        goto done;
+    }
+    PyObject *root = known ? PyObject_CallMethod(logging, "getLogger", NULL) : NULL;
+    PyObject *handlers = root ? PyObject_GetAttrString(root, "handlers") : NULL;
+    int has = handlers ? PyObject_IsTrue(handlers) : -1;
+    Py_XDECREF(root);
+    Py_XDECREF(handlers);
+    if (has == 0) {
+        PyObject *config = PyObject_GetAttrString(logging, "basicConfig");
+        PyObject *res = config ? call_with(config, PyTuple_New(0), "{sO}", "level", known)
+                               : NULL;
+        Py_XDECREF(config);
+        if (res != NULL) {
+            Py_DECREF(res);
+            rc = 0;
+        }
+    }
+    else if (has > 0) {
+        rc = 0;   /* the app's own configuration stays */
+    }
+done:
+    Py_DECREF(level);
+    Py_XDECREF(logging);
+    Py_XDECREF(upper);
+    Py_XDECREF(known);
+    return rc;
+}
+
 static int
 is_double_dash(PyObject *arg)
 {
@@ -381,6 +450,7 @@ aiorun_cli_main(PyObject *module, PyObject *argv)
     if (rc < 0
         || (kwargs = run_kwargs(parser, ns)) == NULL
         || (obj = resolve_target(parser, target)) == NULL
+        || configure_logging(parser, ns) < 0
         || (aw = main_awaitable(st, parser, target, obj)) == NULL
         || (run = PyObject_GetAttrString(module, "run")) == NULL) {
         goto done;
