@@ -1,5 +1,6 @@
 # make demo            the echo server and client of the seeds, stopped by SIGINT
-# make test            build and test on every CPython 3.9-3.13 (see scripts/test)
+# make test            build and test on every CPython 3.9-3.15 this machine has
+#                      (see scripts/test)
 # make test-newest     the same on 3.14 and 3.15 from Debian unstable (debootstrap, cached)
 # make test-pypy       the same on Debian's PyPy (pypy3, Python 3.9)
 # make test-freethreaded  the same on a free-threaded CPython 3.13t with the
