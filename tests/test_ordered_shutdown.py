@@ -187,7 +187,30 @@ def test_shutdown_event_outside_run_is_a_clear_error(app):
     """).finish()
     assert r.returncode == 0, r
     assert r.stdout == ["refused: shutdown_event() must be called from code running in "
-                        "the event loop of aiorun.run(), or be given that loop"] * 2
+                        "the event loop of aiorun.run() or in its shutdown_callback, or "
+                        "be given that loop"] * 2
+
+
+def test_shutdown_event_in_a_plain_shutdown_callback_is_that_runs(app):
+    # A plain function runs while the loop is stopped: the natural call
+    # works there, and run() still returns what main returned.
+    a = app("""
+        def callback(loop):
+            event = aiorun.shutdown_event()
+            say("callback: event set", event.is_set())
+        async def main():
+            say("READY")
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                return "main's value"
+        say("run returned", run(main(), shutdown_callback=callback))
+    """)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["READY", "callback: event set True", "run returned main's value"], r
 
 
 # ---- the cancel messages ----

@@ -323,6 +323,7 @@ typedef struct RunObject {
 
     /* This run()'s loop and what it does with it. */
     PyObject *loop;
+    unsigned long thread;      /* the thread of this run(), its loop's */
     PyObject *shutdown_handler;
     PyObject *pending_exc;     /* exception to re-raise at the end, or NULL */
     PyObject *main_task;       /* strong reference to the task of `coro` */

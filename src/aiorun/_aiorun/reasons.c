@@ -223,6 +223,32 @@ done:
     return event;
 }
 
+/* With no running loop: the run() of this thread whose shutdown is under
+ * way, where a plain shutdown_callback runs while the loop is stopped (the
+ * innermost, if one is nested in another's callback).  A new reference,
+ * or NULL (an exception set only for an error). */
+static PyObject *
+shutting_down_here(aiorun_state *st)
+{
+    /* A copy: other threads' run()s come and go in the dict. */
+    PyObject *runs = PyDict_Values(st->runs);
+    if (runs == NULL) {
+        return NULL;
+    }
+    unsigned long here = aiorun_thread_ident();
+    PyObject *found = NULL;
+    for (Py_ssize_t i = PyList_GET_SIZE(runs) - 1; i >= 0 && found == NULL; i--) {
+        RunObject *run = (RunObject *)PyList_GET_ITEM(runs, i);
+        /* thread is set before the run() is in the dict and never again;
+         * phase is read only for this thread's own run()s. */
+        if (run->thread == here && run->phase == PHASE_SHUTDOWN) {
+            found = Py_NewRef((PyObject *)run);
+        }
+    }
+    Py_DECREF(runs);
+    return found;
+}
+
 PyObject *
 aiorun_shutdown_event(PyObject *module, PyObject *args, PyObject *kwargs)
 {
@@ -247,12 +273,16 @@ aiorun_shutdown_event(PyObject *module, PyObject *args, PyObject *kwargs)
     if (loop != Py_None) {
         (void)PyDict_GetItemRef(st->runs, loop, &found);
     }
+    else {
+        found = shutting_down_here(st);
+    }
     Py_DECREF(loop);
     if (found == NULL) {
         if (!PyErr_Occurred()) {
             PyErr_SetString(PyExc_RuntimeError,
                             "shutdown_event() must be called from code running in "
-                            "the event loop of aiorun.run(), or be given that loop");
+                            "the event loop of aiorun.run() or in its "
+                            "shutdown_callback, or be given that loop");
         }
         return NULL;
     }

@@ -14,6 +14,7 @@ aiorun_run_new(aiorun_state *st)
     }
     run->state = st;
     run->loop = NULL;
+    run->thread = aiorun_thread_ident();
     run->shutdown_handler = NULL;
     run->pending_exc = NULL;
     run->main_task = NULL;
