@@ -1,4 +1,4 @@
-# make demo            the echo server and client of the seeds, stopped by SIGINT
+# make demo            the echo server and client of examples/, stopped by SIGINT
 # make test            build and test on every CPython 3.9-3.15 this machine has
 #                      (see scripts/test)
 # make test-newest     the same on 3.14 and 3.15 from Debian unstable (debootstrap, cached)

@@ -1,4 +1,4 @@
-"""The README demo: the echo server and client of the seeds, then a SIGINT
+"""The README demo: the echo server and client of examples/, then a SIGINT
 to the server, showing the graceful shutdown transcript."""
 import os
 import signal

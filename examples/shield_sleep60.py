@@ -1,5 +1,5 @@
-# The first shield example of the seeds (its missing ':' after
-# "except asyncio.CancelledError" is the only change).
+# The first shield example of aiorun's documentation (its missing ':'
+# after "except asyncio.CancelledError" is the only change).
 import asyncio
 from aiorun import run, shutdown_waits_for
 

@@ -1,4 +1,5 @@
-# The seeds elide main() ("<snip>"); this one says which loop it runs on.
+# aiorun's documentation elides main() ("<snip>"); this one says which
+# loop it runs on.
 import asyncio
 from aiorun import run
 

@@ -1,5 +1,6 @@
 # Windows only: start an aiorun app in a new process group, then stop it
-# with CTRL_BREAK_EVENT, as the seeds describe.  Not runnable on POSIX.
+# with CTRL_BREAK_EVENT, the way Windows stops a console app.  Not runnable
+# on POSIX.
 import os
 import signal
 import subprocess as sp
