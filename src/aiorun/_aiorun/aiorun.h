@@ -484,6 +484,9 @@ PyObject *aiorun_shutdown_waits_for(PyObject *module, PyObject *const *args,
 PyObject *aiorun_protected_orphan_done(PyObject *module, PyObject *task);
 /* 1 if task is protected by shutdown_waits_for, 0 if not, -1 on error. */
 int aiorun_is_protected(aiorun_state *st, PyObject *task);
+/* 1 if task carries the mark shutdown_waits_for() gives its own task
+ * (_aiorun_protected is True itself), 0 if not, -1 on error. */
+int aiorun_task_marked(aiorun_state *st, PyObject *task);
 /* The coroutine behind a task: task.get_coro(), else task._coro, else NULL
  * (with no exception) for future-likes that have neither. */
 PyObject *aiorun_task_coro(aiorun_state *st, PyObject *task);

@@ -42,12 +42,8 @@ marked_coros(aiorun_state *st)
         PyObject *tasks = aiorun_all_tasks(st, PyList_GET_ITEM(loops, i));
         for (Py_ssize_t j = 0; coros != NULL && tasks != NULL
                                && j < PyList_GET_SIZE(tasks); j++) {
-            PyObject *task = PyList_GET_ITEM(tasks, j), *mark;
-            int found = PyObject_GetOptionalAttr(task, st->s_protected, &mark);
-            if (found > 0) {
-                found = mark == Py_True;
-                Py_DECREF(mark);
-            }
+            PyObject *task = PyList_GET_ITEM(tasks, j);
+            int found = aiorun_task_marked(st, task);
             PyObject *coro = found > 0 ? aiorun_task_coro(st, task) : NULL;
             if (found < 0 || (coro == NULL && PyErr_Occurred())
                 || (coro != NULL && coro != Py_None && PyList_Append(coros, coro) < 0)) {

@@ -645,7 +645,7 @@ started_by_protected_work(aiorun_state *st, PyObject *task)
 }
 
 int
-aiorun_is_protected(aiorun_state *st, PyObject *task)
+aiorun_task_marked(aiorun_state *st, PyObject *task)
 {
     PyObject *mark;
     int found = PyObject_GetOptionalAttr(task, st->s_protected, &mark);
@@ -655,6 +655,13 @@ aiorun_is_protected(aiorun_state *st, PyObject *task)
         found = mark == Py_True;
         Py_DECREF(mark);
     }
+    return found;
+}
+
+int
+aiorun_is_protected(aiorun_state *st, PyObject *task)
+{
+    int found = aiorun_task_marked(st, task);
     if (found != 0) {
         return found;
     }
