@@ -5,8 +5,10 @@ from the call until the main coroutine runs.  None may be lost.
 
 The app says CALLING just before it calls run() and MAIN when its main
 coroutine starts; a handler of its own notes signals that arrive before
-run() has taken them over (those before the call are not counted).  A few calibration runs measure the window (CALLING to
-MAIN as the parent sees it); then each trial sends SIGINT or SIGTERM at a
+run() has taken them over.  Those that reached it before the call are not
+counted: the handler tells them apart by the line its module frame was on
+(the run() line means the call had begun).  A few calibration runs measure
+the window (CALLING to MAIN as the parent sees it); then each trial sends SIGINT or SIGTERM at a
 delay swept evenly from 0 to 1.2 times the window.  A trial counts as lost
 unless the shutdown handler ran once, run() returned and the exit code is 0
 with no traceback.  Give --python a venv with the original aiorun to see it
@@ -27,10 +29,19 @@ APP = textwrap.dedent("""
     def say(text):
         os.write(1, (text + "\\n").encode())
 
-    # Until run() takes the signals over, this handler notes where they hit.
+    # Until run() takes the signals over, this handler notes where they hit:
+    # inside the call of run() (True) or before it (False).  The module
+    # frame's line says which; a flag set on the line before the call would
+    # count a signal handled between the flag and the call as run()'s.
     early = []
+
+    def note(signum, frame):
+        while frame is not None and frame.f_back is not None:
+            frame = frame.f_back
+        early.append(frame is None or frame.f_lineno == RUN_LINE)
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda s, f: early.append(in_run))
+        signal.signal(signum, note)
 
     def handler(loop):
         say("HANDLER")
@@ -45,10 +56,10 @@ APP = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGTERM)
         await asyncio.sleep(3600)
 
-    in_run = False
+    coro = main()
+    RUN_LINE = sys._getframe().f_lineno + 2
     say("CALLING")
-    in_run = True
-    run(main(), shutdown_handler=handler)
+    run(coro, shutdown_handler=handler)
     say("RETURNED")
 """)
 TRIAL_TIMEOUT = 10.0
