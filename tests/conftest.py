@@ -252,3 +252,14 @@ skip_on_pypy_stacks = pytest.mark.skipif(PYPY, reason=PYPY_STACKS)
 
 # A free-threaded CPython (3.13t and later), where the GIL can be off.
 FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
+
+
+@pytest.fixture
+def echo_port():
+    """The echo examples listen on 127.0.0.1:8888: one test at a time across
+    the pytest-xdist workers, by a lock on a file all of them see."""
+    import fcntl
+    import tempfile
+    with open(os.path.join(tempfile.gettempdir(), "aiorun-tests-port-8888.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield 8888

@@ -126,7 +126,7 @@ def test_example_matches_the_original(original_python, name):
     assert results["ours"] == results["original"]
 
 
-def test_echo_server_and_client_match_the_original(original_python):
+def test_echo_server_and_client_match_the_original(original_python, echo_port):
     results = {}
     for side, python in (("original", original_python), ("ours", sys.executable)):
         env = {"PYTHONPATH": None} if side == "original" else None

@@ -1,5 +1,7 @@
-"""Each example of the seeds, run unchanged, behaves as the seeds say."""
+"""Each example of the aiorun documentation, run unchanged, behaves as it says."""
+import platform
 import py_compile
+import subprocess
 import signal
 import sys
 
@@ -24,7 +26,7 @@ def test_hello_runs_until_signalled():
     assert subsequence(["Stopping the loop"] + SHUTDOWN_TAIL, r.messages)
 
 
-def test_echo_server_and_client_transcript():
+def test_echo_server_and_client_transcript(echo_port):
     server = example("echo_server.py")
     assert server.wait_line("Serving on ('127.0.0.1', 8888)")
     client = example("echo_client.py").finish()
@@ -39,8 +41,8 @@ def test_echo_server_and_client_transcript():
     assert r.stdout[0] == "Serving on ('127.0.0.1', 8888)"
     assert r.stdout[1].startswith("Received 'Hello World!' from ('127.0.0.1', ")
     assert r.stdout[2:] == ["Send: 'Hello World!'", "Close the client socket"]
-    # The seeds' transcript, line for line, in order.
-    seed_transcript = [
+    # The documented transcript, line for line, in order.
+    documented = [
         "WARNING:Stopping the loop",
         "INFO:Entering shutdown phase.",
         "INFO:Cancelling pending tasks.",
@@ -50,7 +52,7 @@ def test_echo_server_and_client_transcript():
         "INFO:Leaving. Bye!",
     ]
     it = iter(r.log)
-    assert all(any(line.startswith(want) for line in it) for want in seed_transcript), r.log
+    assert all(any(line.startswith(want) for line in it) for want in documented), r.log
 
 
 @pytest.mark.parametrize("name", ["stop_demo.py", "stop_unhandled_loop.py"])
@@ -74,7 +76,7 @@ def test_illegal_combination_example():
     assert "Exception: If you provide a loop instance, and you've configured a custom " \
            "exception handler on it, then the 'stop_on_unhandled_errors' parameter is " \
            "unavailable (all exceptions will be handled)." in text
-    # The seeds also show "RuntimeWarning: coroutine 'job' was never awaited";
+    # The old documentation also shows "RuntimeWarning: coroutine 'job' was never awaited";
     # that came from Python 3.8's interpreter teardown, and aiorun 2025.1.1
     # prints it on no Python tested here either.
 
@@ -128,3 +130,19 @@ def test_shield_sleep60_example_prints_oh_noes_at_once():
 def test_every_example_compiles():
     for path in sorted(EXAMPLES.glob("*.py")):
         py_compile.compile(str(path), doraise=True)
+
+
+def test_make_demo_says_which_python_and_shows_both_transcripts(echo_port):
+    r = subprocess.run([sys.executable, str(EXAMPLES / "demo.py")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"Python {platform.python_version()} ({sys.executable})")
+    server = [l.split("| ", 1)[1] for l in lines if l.startswith("server |")]
+    client = [l.split("| ", 1)[1] for l in lines if l.startswith("client |")]
+    assert client[:3] == ["Send: 'Hello World!'", "Received: 'Hello World!'",
+                          "Close the socket"], lines
+    assert server[0] == "Serving on ('127.0.0.1', 8888)"
+    assert subsequence(["^C  (SIGINT)", "Stopping the loop", "Entering shutdown phase.",
+                        "Leaving. Bye!"], server), lines
+    assert lines[-1] == "exit codes: server 0, client 0"
