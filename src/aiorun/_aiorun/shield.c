@@ -477,6 +477,10 @@ static PyMemberDef waiter_members[] = {
 };
 
 static PyType_Slot waiter_slots[] = {
+    {Py_tp_doc, "What shutdown_waits_for() returns: await it, pass it to "
+                "create_task() or ensure_future(), or drop it; the protected work "
+                "runs to its end either way, and its task attribute is that work's "
+                "task."},
     {Py_tp_new, aiorun_refuse_new},
     {Py_tp_dealloc, waiter_dealloc},
 #ifndef PYPY_VERSION
