@@ -1,5 +1,5 @@
-"""The benchmark of issue 7: this aiorun against the original aiorun 2025.1.1
-and against the bare-asyncio floor.  `make bench` sets up the two virtual
+"""The benchmark: this aiorun against the original aiorun 2025.1.1
+and against a hand-written shutdown in bare asyncio.  `make bench` sets up the two virtual
 environments and runs this with the first one's interpreter.
 
     python bench/run.py [--runs 5] [--sizes 1e3,1e4,1e5,1e6] [--out bench]
@@ -29,7 +29,7 @@ VENVS = os.path.join(ROOT, ".venvs")
 PYTHON = {
     "ours": os.path.join(VENVS, "bench-ours", "bin", "python"),
     "original": os.path.join(VENVS, "bench-original", "bin", "python"),
-    # The floor imports no aiorun; any of the two interpreters will do.
+    # The hand-written side imports no aiorun; any of the two interpreters will do.
     "floor": os.path.join(VENVS, "bench-ours", "bin", "python"),
 }
 SIDES = ["ours", "original", "floor"]
@@ -239,7 +239,7 @@ def machine():
 
 
 def targets(shutdown, sizes, waits, imports):
-    """(target, figure, met) for each target of issue 7."""
+    """(target, figure, met) for each goal."""
     rows = []
     big = max(sizes)
     for loop in LOOPS:
@@ -248,7 +248,7 @@ def targets(shutdown, sizes, waits, imports):
         rows.append((f"shutdown, {big:,} idle tasks, {loop}: ≤ 0.70× the original",
                      f"{ratio(ours, shutdown[key + ('original',)]['end']):.2f}×",
                      ratio(ours, shutdown[key + ("original",)]["end"]) <= 0.70))
-        rows.append((f"shutdown, {big:,} idle tasks, {loop}: ≤ 1.00× the floor",
+        rows.append((f"shutdown, {big:,} idle tasks, {loop}: ≤ 1.00× a hand-written shutdown",
                      f"{ratio(ours, shutdown[key + ('floor',)]['end']):.2f}×",
                      ratio(ours, shutdown[key + ("floor",)]["end"]) <= 1.0))
     worst = max(ratio(shutdown[k[:3] + ("ours",)]["end"], shutdown[k[:3] + ("original",)]["end"])
@@ -257,15 +257,15 @@ def targets(shutdown, sizes, waits, imports):
                  f"worst {worst:.2f}×", worst <= 1.0))
     for loop in LOOPS:
         w = ratio(waits[("ours", loop, "waits_for")], waits[("ours", loop, "bare")])
-        rows.append((f"`await shutdown_waits_for(coro)`, {loop}: ≤ 2.0× a bare await "
-                     "(issue 7)", f"{w:.2f}×", w <= 2.0))
+        rows.append((f"`await shutdown_waits_for(coro)`, {loop}: ≤ 2.0× a bare await",
+                     f"{w:.2f}×", w <= 2.0))
         w = ratio(waits[("ours", loop, "waits_for")], waits[("ours", loop, "task")])
         rows.append((f"`await shutdown_waits_for(coro)`, {loop}: ≤ 1.05× `await "
-                     "loop.create_task(coro)` (issue 17)", f"{w:.2f}×", w <= 1.05))
+                     "loop.create_task(coro)`", f"{w:.2f}×", w <= 1.05))
     for loop in LOOPS:
         w = ratio(waits[("ours", loop, "waits_for")], waits[("original", loop, "waits_for")])
-        rows.append((f"`await shutdown_waits_for(coro)`, {loop}: below the original "
-                     "(issue 17)", f"{w:.2f}×", w < 1.0))
+        rows.append((f"`await shutdown_waits_for(coro)`, {loop}: below the original",
+                     f"{w:.2f}×", w < 1.0))
     i = ratio(imports["import aiorun (ours)"]["cpu"], imports["import asyncio"]["cpu"])
     rows.append(("`import aiorun`: ≤ 1.02× `import asyncio` (CPU time)", f"{i:.3f}×",
                  i <= 1.02))
@@ -300,8 +300,8 @@ def report(args, facts, shutdown, configs, waits, profiles, imports, startups, c
       f"uvloop {facts['uvloop']}; the original is aiorun {facts['original']} from PyPI. "
       f"{args.runs} runs of each side, the sides taking turns; medians, min–max in "
       f"brackets. Regenerate with `make bench` (see bench/run.py).\n")
-    w("## Targets (issue 7)\n")
-    w("| target | this run | met |\n|---|---|---|")
+    w("## Targets\n")
+    w("| goal | this run | met |\n|---|---|---|")
     sizes = sorted({n for kind, n, _ in configs if kind == "idle"})
     for name, figure, met in targets(shutdown, sizes, waits, imports):
         w(f"| {name} | {figure} | {'yes' if met else '**no**'} |")
@@ -311,11 +311,11 @@ def report(args, facts, shutdown, configs, waits, profiles, imports, startups, c
       "end of `run()` and to the exit of the process. *idle*: N tasks, a third each "
       "in `asyncio.sleep`, on a bare future and in `Queue.get` on a queue of their own. "
       "*streams*: N tasks each reading a stream on a socket pair of its own, up to the "
-      "file-descriptor limit. The floor is the least a correct shutdown does by hand "
+      "file-descriptor limit. The hand-written side is the least a correct shutdown does by hand "
       "(bench/shutdown_app.py): stop on the signal, cancel every task, gather them, "
       "close the loop.\n")
-    w("| tasks | N | loop | ours, to end of run() s | original s | floor s "
-      "| ours/original | ours/floor | to exit: ours/original | ours/floor |")
+    w("| tasks | N | loop | ours, to end of run() s | original s | hand-written s "
+      "| ours/original | ours/hand-written | to exit: ours/original | ours/hand-written |")
     w("|---|---|---|---|---|---|---|---|---|---|")
     for kind, n, loop in configs:
         s = {side: shutdown[(kind, n, loop, side)] for side in SIDES}
@@ -357,7 +357,7 @@ def report(args, facts, shutdown, configs, waits, profiles, imports, startups, c
       "executor. CPU time of the process over that span, and wall time.\n")
     time_table(w, "script", startups, "asyncio.run(main())")
     w("## 4. Peak RSS\n")
-    w("| N | loop | ours MiB | original MiB | floor MiB | ours/original |")
+    w("| N | loop | ours MiB | original MiB | hand-written MiB | ours/original |")
     w("|---|---|---|---|---|---|")
     for kind, n, loop in configs:
         if kind != "idle" or n != max(sizes):
@@ -437,7 +437,7 @@ def plot(shutdown, configs, path):
             err = [[m - x["min"] for m, x in zip(med, s)], [x["max"] - m for m, x in zip(med, s)]]
             ax.errorbar(ns, med, yerr=err, marker="o", capsize=3, color=colours[side],
                         linestyle="-" if loop == "asyncio" else "--",
-                        label=f"{side}, {loop}")
+                        label=f"{'hand-written' if side == 'floor' else side}, {loop}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("idle tasks (N)")

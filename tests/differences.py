@@ -1,6 +1,7 @@
 """Every accepted difference from aiorun 2025.1.1, by name and reason, in one
-place.  The names are the bold leads of the README's "What differs from the
-Python original" list, one to one (tests/test_readme.py checks both ways);
+place.  The names are the bold leads of the list on the documentation's
+"What differs from aiorun 2025.1.1" page (docs/differences.md), one to one
+(tests/test_docs_contract.py checks both ways);
 tests/test_differential_scenarios.py runs the same scenarios under both
 packages and allows a transcript to differ only under one of these names,
 and then requires that it does differ, so no entry outlives its behaviour.
@@ -70,6 +71,6 @@ ACCEPTED = {
         "the original cancelled the tasks a protected coroutine started for its own "
         "work, so the work it protected failed with CancelledError",
     "A DEBUG line per cancelled task":
-        "the seeds' transcript shows 'Cancelling task: ...', which 2025.1.1 dropped; "
+        "the old documentation's transcript shows 'Cancelling task: ...', which 2025.1.1 dropped; "
         "at DEBUG it does not flood a service's log",
 }

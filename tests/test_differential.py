@@ -7,7 +7,7 @@ stdout, every log line (all loggers, DEBUG and up) and the exit code must
 match once addresses, ports, task numbers and paths are taken out.
 
 The one intended difference: this project logs a DEBUG line per cancelled
-task ("Cancelling task: ...", as in the seeds' transcript), which 2025.1.1
+task ("Cancelling task: ...", as in the old documentation's transcript), which 2025.1.1
 dropped; those lines are left out of the comparison.
 """
 import fcntl

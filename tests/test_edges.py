@@ -1,6 +1,6 @@
 """Trustworthy at the edges: what user code may do while run() calls into it.
 
-One test (or a few) per item of issue 16, each in a child process, each
+One test (or a few) per way user code or the world can misbehave, each in a child process, each
 asserting what a user sees: the exit code, which work finished, what run()
 raised, and that nothing crashed.  Every one failed before its fix.
 """

@@ -32,7 +32,7 @@ def test_misuse_is_rejected_where_marked():
 
 def test_examples_use_the_api_correctly():
     # --strict, less only the three checks that ask the examples for
-    # annotations of their own: the seed examples have none and must stay
+    # annotations of their own: the documentation's examples have none and must stay
     # as written.  Every other strict check applies to their use of the API.
     out = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--allow-untyped-defs",
                           "--allow-incomplete-defs", "--allow-untyped-calls",
