@@ -6,14 +6,16 @@
 # make test-freethreaded  the same on a free-threaded CPython 3.13t with the
 #                      GIL off, plus the threads stress test (the 3.13t is
 #                      built from Debian's source once, ~4 min, and cached)
-# make reliability     the quick reliability set CI runs (RELIABILITY.md)
+# make docs            the documentation site into build/docs (Sphinx, furo;
+#                      warnings are errors), from PyPI into .venvs/docs
+# make reliability     the quick reliability set CI runs (docs/reliability.md)
 # make bench           this aiorun against aiorun 2025.1.1 and bare asyncio:
 #                      writes bench/RESULTS.md and bench/shutdown.png (~30 min)
 # make bench-smoke     the same at tiny sizes, one run, writes nothing (CI)
 # make wheels          an sdist and a manylinux wheel per CPython into dist/,
 #                      each smoke-tested in a fresh venv without a compiler
 # make test-systemd    under a real systemd: a Debian bookworm root booted with
-#                      systemd-nspawn (cached), the README's units driven with
+#                      systemd-nspawn (cached), the systemd guide's units driven with
 #                      systemctl and journalctl (as root)
 # make tsan            the threads stress test under ThreadSanitizer on a
 #                      3.13t built with it (~10 min once, cached; not in CI)
@@ -32,12 +34,20 @@ STEP ?= 1
 EXAMPLES ?= 300
 SEED ?= 1
 
-.PHONY: deadline-bound demo test test-newest test-pypy test-freethreaded test-systemd tsan wheels bench bench-smoke clean reliability sanitize memcheck refleak nomemory storm startup-window fuzz fuzz-sanitize
+.PHONY: deadline-bound demo docs test test-newest test-pypy test-freethreaded test-systemd tsan wheels bench bench-smoke clean reliability sanitize memcheck refleak nomemory storm startup-window fuzz fuzz-sanitize
 
 demo:
 	@[ -x .venvs/demo/bin/python ] || $(PYTHON) -m venv .venvs/demo
 	@.venvs/demo/bin/python -m pip install -q --disable-pip-version-check --force-reinstall --no-deps .
 	@.venvs/demo/bin/python examples/demo.py
+
+docs:
+	@[ -x .venvs/docs/bin/python ] || $(PYTHON) -m venv .venvs/docs
+	.venvs/docs/bin/python -m pip install -q --disable-pip-version-check -r docs/requirements.txt
+	.venvs/docs/bin/python -m pip install -q --disable-pip-version-check --force-reinstall --no-deps .
+	rm -rf build/docs
+	.venvs/docs/bin/python -m sphinx -W --keep-going -n -q -b html docs build/docs
+	@echo "the site: build/docs/index.html"
 
 test:
 	scripts/test

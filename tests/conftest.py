@@ -242,7 +242,7 @@ def line_of(path, marker):
 
 
 PYPY = sys.implementation.name == "pypy"
-# What PyPy cannot do, each listed in the README's platform table.
+# What PyPy cannot do, each listed on the documentation's Platforms page.
 PYPY_GC = ("on PyPy, a task's or a waiter's unretrieved exception is reported when "
            "the garbage collector frees it, not when it is dropped (the original too)")
 PYPY_STACKS = ("on PyPy, other threads' stacks (faulthandler) have approximate line "

@@ -258,7 +258,7 @@ def test_help(cli):
     (["--"], []),
 ])
 def test_a_double_dash_right_after_the_target_separates_and_is_dropped(cli, args, app_argv):
-    # The rule (README, From the command line): everything after TARGET is
+    # The rule (the command-line guide): everything after TARGET is
     # the app's; one `--` right after it is a separator, for apps whose own
     # options could be read as ours, and the app does not see it.
     a = cli("service:main", *args)

@@ -207,7 +207,7 @@ async def main():
     own = await asyncio.create_subprocess_exec("sh", "-c", "sleep 1.5; exit 7")
     say("own child exit code", await own.wait())
     # So must a subprocess.Popen child the app waits for (in an executor,
-    # as the README says), across the reaper's looks.
+    # as the containers guide says), across the reaper's looks.
     import subprocess
     popen = subprocess.Popen(["sh", "-c", "sleep 2.5; exit 5"])
     code = await asyncio.get_running_loop().run_in_executor(None, popen.wait)

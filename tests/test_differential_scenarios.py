@@ -4,7 +4,7 @@ line of every logger (DEBUG and up) and the last line of an error, once
 addresses, ports, task numbers and paths are taken out (test_differential).
 
 A scenario may differ only under the names of accepted differences
-(tests/differences.py, the README's "What differs" list); it must then
+(tests/differences.py, the "What differs" page); it must then
 differ, so that no accepted difference is claimed without a behaviour
 behind it.  Every other scenario must match line for line.
 """

@@ -1,5 +1,5 @@
-"""The README is the contract: the lists it gives of what the C code says
-are checked against the C code, so the two cannot drift apart."""
+"""The documentation is the contract: the lists it gives of what the C code
+says are checked against the C code, so the two cannot drift apart."""
 import importlib.util
 import re
 from pathlib import Path
@@ -8,9 +8,12 @@ ROOT = Path(__file__).resolve().parent.parent
 C = ROOT / "src" / "aiorun" / "_aiorun"
 
 
-def readme_text():
-    # Lines are wrapped in the README: compare with single spaces.
-    return " ".join((ROOT / "README.md").read_text().split())
+DOCS = ROOT / "docs"
+
+
+def page_text(name):
+    # Lines are wrapped in the pages: compare with single spaces.
+    return " ".join((DOCS / name).read_text().split())
 
 
 def c_table(path, name):
@@ -20,28 +23,28 @@ def c_table(path, name):
     return re.findall(r'\] = "([^"]+)"', body)
 
 
-def test_every_watchdog_phase_is_in_the_readme():
+def test_every_watchdog_phase_is_in_the_deadline_guide():
     phases = c_table("watchdog.c", "stage_names")
     assert len(phases) == 12
-    text = readme_text()
+    text = page_text("guide/deadline.md")
     missing = [p for p in phases if f"`{p}`" not in text]
     assert not missing, missing
 
 
-def test_every_systemd_status_phase_is_in_the_readme():
+def test_every_systemd_status_phase_is_in_the_systemd_guide():
     phases = c_table("notify.c", "phase_status")
     assert "letting tasks finish" in phases
-    text = readme_text()
+    text = page_text("guide/systemd.md")
     missing = [p for p in phases if f"`{p}`" not in text]
     assert not missing, missing
 
 
 def test_what_differs_lists_exactly_the_accepted_differences():
     # tests/differences.py is the one list of accepted differences from the
-    # original; the README's "What differs" list names the same, one to one.
+    # original; the "What differs" page names the same, one to one.
     from differences import ACCEPTED
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## What differs from the Python original", 1)[1]
+    text = (DOCS / "differences.md").read_text()
+    section = text.split("# What differs from aiorun 2025.1.1", 1)[1]
     section = section.split("### Choices where the specification is silent", 1)[0]
     section = " ".join(section.split())
     leads = re.findall(r"(?:^| )- \*\*(.+?)\*\*", section)
@@ -49,13 +52,13 @@ def test_what_differs_lists_exactly_the_accepted_differences():
     assert sorted(leads) == sorted(ACCEPTED)
 
 
-def test_every_systemd_unit_of_the_readme_is_driven_by_a_test():
-    """The README shows the units make test-systemd uses, verbatim (they are
-    written from the README); each has its test, and each app exists."""
+def test_every_systemd_unit_of_the_guide_is_driven_by_a_test():
+    """The systemd guide shows the units make test-systemd uses, verbatim
+    (they are written from it); each has its test, and each app exists."""
     spec = importlib.util.spec_from_file_location("units", ROOT / "tests/systemd/units.py")
     units = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(units)
-    shown = units.units(ROOT / "README.md")
+    shown = units.units(DOCS / "guide" / "systemd.md")
     tests = (ROOT / "tests/systemd/test_under_systemd.py").read_text()
     driven = set(re.findall(r'\["(aiorun-[\w-]+\.service)"\], indirect=True', tests))
     assert set(shown) == driven

@@ -268,7 +268,7 @@ def test_an_unusable_notify_socket_is_a_warning_not_a_failure(app, value):
 
 
 def test_notify_ready_says_when_the_receiver_is_gone_and_the_app_goes_on(app, tmp_path):
-    # The README's own pattern (notify_ready() once the server listens) must
+    # The systemd guide's own pattern (notify_ready() once the server listens) must
     # not kill main() when systemd's socket has gone away.
     a = app("""
         async def main():

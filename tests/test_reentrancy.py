@@ -118,7 +118,7 @@ def test_off_the_main_thread_signals_are_left_to_the_main_thread(app):
 
 
 def test_off_the_main_thread_the_deadline_variables_are_not_read(app):
-    # The README: off the main thread the environment variables of the
+    # The documentation: off the main thread the environment variables of the
     # watchdog are not applied; a malformed one must not make run() fail.
     r = app("""
         async def main():

@@ -160,7 +160,7 @@ def test_cancelling_the_protected_task_reaches_the_awaiting_side(app):
 
 
 def test_the_protected_tasks_and_only_they_are_marked(app):
-    # README: a task started by shutdown_waits_for() carries
+    # The documentation: a task started by shutdown_waits_for() carries
     # `_aiorun_protected = True` (the original's WeakSet entry cost too much).
     r = run_app(app, """
         async def work():
@@ -553,7 +553,7 @@ def test_the_wait_answers_like_a_future():
 
 
 def test_the_awaiter_resumes_in_as_many_turns_as_after_await_task():
-    # README: the awaiter resumes in the turn after the work ends, as after
+    # The documentation: the awaiter resumes in the turn after the work ends, as after
     # `await task` (and as with the original, measured with 2025.1.1).
     class Loop(asyncio.SelectorEventLoop):
         turns = 0

@@ -1,6 +1,6 @@
 """aiorun under a real systemd, in a booted container (make test-systemd).
 
-Each test drives a unit of the README's "Tested under a real systemd"
+Each test drives a unit of the user guide's "Tested under a real systemd" (docs/guide/systemd.md)
 section with systemctl inside the container, and asserts what systemd
 reports (systemctl show, journalctl), not only what the app printed."""
 import json
@@ -133,7 +133,7 @@ def test_start_returns_once_a_client_can_connect(unit):
 
 @pytest.mark.parametrize("unit", ["aiorun-listen-early.service"], indirect=True)
 def test_the_default_ready_comes_before_a_server_listens(unit):
-    """What the README warns of: the default READY=1 follows the first step."""
+    """What the systemd guide warns of: the default READY=1 follows the first step."""
     inside("systemctl", "start", unit)
     r = inside("/opt/app/venv/bin/python", "-c",
                "import socket\n"

@@ -1,8 +1,8 @@
-"""Writes the unit files of the README's "Tested under a real systemd"
+"""Writes the unit files of the user guide's "Tested under a real systemd" (docs/guide/systemd.md)
 section, verbatim, into a directory: every ```ini block whose first line
 is `# /etc/systemd/system/aiorun-<name>.service`.
 
-    python tests/systemd/units.py README.md ROOT/etc/systemd/system
+    python tests/systemd/units.py docs/guide/systemd.md ROOT/etc/systemd/system
 """
 import pathlib
 import re

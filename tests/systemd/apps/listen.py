@@ -1,4 +1,4 @@
-"""The README's pattern: READY=1 only once the server listens."""
+"""The systemd guide's pattern: READY=1 only once the server listens."""
 import asyncio
 
 import aiorun
