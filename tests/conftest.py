@@ -55,7 +55,7 @@ def _default_sigint():
 class App:
     """A child Python process whose stdout is read line by line."""
 
-    def __init__(self, argv, cwd=None, env=None, stdin=False):
+    def __init__(self, argv, cwd=None, env=None, stdin=False, pass_fds=()):
         full_env = dict(os.environ)
         full_env["PYTHONUNBUFFERED"] = "1"
         full_env.pop("PYTHONASYNCIODEBUG", None)
@@ -75,6 +75,7 @@ class App:
             # A shell runs background jobs with SIGINT ignored, and Python
             # keeps an inherited SIG_IGN; give every app the usual start.
             preexec_fn=_default_sigint,
+            pass_fds=pass_fds,
         )
         self.stdout_lines = []
         self.stderr_lines = []

@@ -1,9 +1,12 @@
 import asyncio
 import logging
+import socket
 from concurrent.futures import Executor
-from typing import (Any, Awaitable, Callable, Coroutine, Generator, List, Optional,
+from typing import (Any, Awaitable, Callable, Coroutine, Dict, Generator, List, Optional,
                     TypeVar, Union)
 from weakref import WeakSet
+
+from _typeshed import FileDescriptorLike
 
 _T = TypeVar("_T")
 
@@ -56,6 +59,14 @@ def shutdown_event(loop: Optional[asyncio.AbstractEventLoop] = None) -> asyncio.
 def cancelled_by_shutdown(exc: BaseException) -> bool: ...
 
 def notify_ready(status: Optional[str] = None) -> bool: ...
+
+def listen_fds() -> Dict[str, List[int]]: ...
+
+def listen_sockets() -> Dict[str, List[socket.socket]]: ...
+
+def store_fd(fd: FileDescriptorLike, name: str, *, poll: bool = True) -> bool: ...
+
+def remove_stored_fd(name: str) -> bool: ...
 
 def shutdown_waits_for(
     coro: Awaitable[_T], loop: Optional[asyncio.AbstractEventLoop] = None

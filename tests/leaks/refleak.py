@@ -165,6 +165,45 @@ def scenario_notify():
         os.environ.pop("WATCHDOG_USEC", None)
         receiver.close()
 
+def scenario_fdstore():
+    # The fd store and socket activation (fdstore.c, activation.c): fds
+    # delivered, refused as full, dropped by a full queue; every argument
+    # error; malformed LISTEN_* variables, which take nothing.
+    import logging, socket
+    logger = logging.getLogger("aiorun")
+    name = f"aiorun-refleak-store-{os.getpid()}"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a, b = socket.socketpair()
+    logger.disabled = True
+    try:
+        receiver.bind("\0" + name)
+        os.environ.update(NOTIFY_SOCKET="@" + name, FDSTORE="1")
+        aiorun.store_fd(a, "a", poll=False)
+        aiorun.store_fd(b, "b")                  # full
+        aiorun.remove_stored_fd("a")
+        for _ in range(20):                      # until the queue drops them
+            aiorun.store_fd(a.fileno(), "a")
+            aiorun.remove_stored_fd("a")
+        for args in [(a, ""), (a, "x:y"), (a, 3), ("x", "a"), (-1, "a")]:
+            try:
+                aiorun.store_fd(*args)
+            except (TypeError, ValueError):
+                pass
+        os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="a:b")
+        for env in [{"LISTEN_FDS": "x"}, {"LISTEN_FDS": "1"}]:
+            os.environ.update(env)
+            try:
+                aiorun.listen_sockets()
+            except ValueError:
+                pass
+    finally:
+        logger.disabled = False
+        for key in ("NOTIFY_SOCKET", "FDSTORE", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(key, None)
+        receiver.close()
+        a.close()
+        b.close()
+
 async def cli_target():
     asyncio.get_running_loop().stop()
 
@@ -329,7 +368,7 @@ def measure(fn, warm=5, reps=30, report=True):
 SCENARIOS = ["scenario_cancel_awaiter", "scenario_run_stop", "scenario_unhandled",
              "scenario_stuck", "scenario_watchdog", "scenario_waiters", "scenario_waiters_10k",
              "scenario_thread_and_nested", "scenario_bad_args", "scenario_notify", "scenario_cli",
-             "scenario_ordered"]
+             "scenario_ordered", "scenario_fdstore"]
 _kept = []
 
 def canary_leaks_one_object_per_rep():

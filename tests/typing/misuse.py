@@ -1,5 +1,6 @@
 """Each marked line must be rejected by mypy (tests/test_typing.py)."""
 import asyncio
+from typing import Dict
 
 import aiorun
 from aiorun import run, shutdown_waits_for
@@ -26,3 +27,8 @@ run(drain_delay="5")  # E: drain delay
 run(task_dump_signal="SIGUSR1")  # E: dump signal
 returned: str = run(typed())  # E: result type of run
 aiorun.cancelled_by_shutdown("x")  # E: not an exception
+aiorun.store_fd(3, 4)  # E: the name is a str
+aiorun.store_fd("3", "x")  # E: an fd, not a str
+aiorun.store_fd(3, "x", False)  # E: poll is keyword-only
+aiorun.remove_stored_fd(None)  # E: the name is a str
+sockets: Dict[str, int] = aiorun.listen_sockets()  # E: lists of sockets

@@ -2,7 +2,8 @@
 (checked by tests/test_typing.py; this file is not run)."""
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import List, Optional
+import socket
+from typing import Dict, List, Optional
 
 import aiorun
 from aiorun import ShutdownCallback, run, shutdown_waits_for
@@ -58,3 +59,7 @@ result: Optional[int] = run(answer(), drain_delay=5, cancel_main_first=True,
 run(main(), drain_delay=None, task_dump_signal=10, reap_orphans=False)
 told: bool = aiorun.cancelled_by_shutdown(asyncio.CancelledError("x"))
 same: asyncio.Event = aiorun.shutdown_event(asyncio.new_event_loop())
+passed_fds: Dict[str, List[int]] = aiorun.listen_fds()
+passed_socks: Dict[str, List[socket.socket]] = aiorun.listen_sockets()
+kept: bool = aiorun.store_fd(passed_socks["web"][0], "web") and aiorun.store_fd(3, "x", poll=False)
+dropped: bool = aiorun.remove_stored_fd("web")

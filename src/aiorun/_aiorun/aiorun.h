@@ -119,7 +119,11 @@
     X(s_add)                                                                \
     X(s_protected)              /* "_aiorun_protected": the task's mark */  \
     X(kw_context)               /* ("context",): vectorcall keyword names */\
-    X(s_run_until_complete)
+    X(s_run_until_complete)                                                 \
+    /* Written once, under the module's critical section (activation.c): */\
+    X(passed_fds)               /* {name: [fd]} systemd passed, once taken */\
+    X(passed_sockets)           /* the same fds as socket objects */      \
+    X(stored_fds)               /* {name: [(st_dev, st_ino)]} we stored */
 
 typedef struct {
 #define AIORUN_FIELD(name) PyObject *name;
@@ -257,8 +261,10 @@ aiorun_restore_error(PyObject *exc)
  *   per object.  Like the GIL, the section is let go while its thread
  *   blocks, which a call into Python may do, and the code already looks at
  *   its fields again after each such call.
- * - The module state is set at import and only read afterwards; the `runs`
- *   dict hands out new references (PyDict_GetItemRef).
+ * - The module state is set at import and only read afterwards, except
+ *   what systemd passed (activation.c) and what was put in its fd store
+ *   (fdstore.c), written under a critical section on the module; the
+ *   `runs` dict hands out new references (PyDict_GetItemRef).
  * With the GIL the sections compile to nothing. */
 #define AIORUN_LOCKED(obj, result, call)  \
     do {                                  \
@@ -567,6 +573,17 @@ void aiorun_notify_stop(RunObject *run);
 PyObject *aiorun_run_notify_ready(PyObject *self, PyObject *unused);
 PyObject *aiorun_run_notify_watchdog(PyObject *self, PyObject *unused);
 PyObject *aiorun_notify_ready(PyObject *module, PyObject *args, PyObject *kwargs);
+/* message (and fd, passed as SCM_RIGHTS, when >= 0) to NOTIFY_SOCKET on a
+ * socket of its own, from any thread: 1 if delivered; 0 if not, with
+ * *problem a new str saying why, or NULL when NOTIFY_SOCKET is not set;
+ * -1 with an exception.  refusal, when not NULL, is the problem: nothing
+ * is sent. */
+int aiorun_notify_oneshot(aiorun_state *st, const char *message, int fd,
+                          const char *refusal, PyObject **problem);
+
+/* ---- fdstore.c: systemd's file descriptor store ---- */
+PyObject *aiorun_store_fd(PyObject *module, PyObject *args, PyObject *kwargs);
+PyObject *aiorun_remove_stored_fd(PyObject *module, PyObject *args, PyObject *kwargs);
 
 /* ---- callargs.c ---- */
 /* The shape of a call of fname(args, kwargs) against kwlist: at most
@@ -581,6 +598,13 @@ int aiorun_check_call(const char *fname, PyObject *args, PyObject *kwargs,
 /* os.environ[name] as bytes (*value, a new reference): 1; 0 when it is not
  * set (*value NULL); -1 with an exception. */
 int aiorun_getenv(aiorun_state *st, const char *name, PyObject **value);
+/* del os.environ[name] (and so unsetenv()), if it is there: 0, or -1. */
+int aiorun_unsetenv(aiorun_state *st, const char *name);
+
+/* ---- activation.c: socket activation ---- */
+/* listen_fds() and listen_sockets(): {name: [fd or socket, ...]}. */
+PyObject *aiorun_listen_fds(PyObject *module, PyObject *unused);
+PyObject *aiorun_listen_sockets(PyObject *module, PyObject *unused);
 
 /* ---- cli.c ---- */
 /* _main(argv): python -m aiorun; returns 0 or raises (SystemExit(2) for a

@@ -33,3 +33,19 @@ aiorun_getenv(aiorun_state *st, const char *name, PyObject **value)
     Py_DECREF(text);
     return *value == NULL ? -1 : 1;
 }
+
+int
+aiorun_unsetenv(aiorun_state *st, const char *name)
+{
+    PyObject *key = PyUnicode_DecodeFSDefault(name);
+    if (key == NULL) {
+        return -1;
+    }
+    int rc = PyObject_DelItem(st->environ, key);
+    Py_DECREF(key);
+    if (rc < 0 && PyErr_ExceptionMatches(PyExc_KeyError)) {
+        PyErr_Clear();
+        rc = 0;
+    }
+    return rc;
+}

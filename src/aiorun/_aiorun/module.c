@@ -108,7 +108,55 @@ PyDoc_STRVAR(cancelled_by_shutdown_doc,
 "True if exc is the CancelledError of a task that run()'s shutdown\n"
 "cancelled (its message is 'aiorun shutdown: <cause>'), else False.");
 
+PyDoc_STRVAR(listen_fds_doc,
+"listen_fds()\n"
+"--\n"
+"\n"
+"The file descriptors systemd passed this process (socket activation and\n"
+"the fd store), by name: {name: [fd, ...]}, in the order systemd gave\n"
+"them; {} when it passed none.  The first call takes them: it checks\n"
+"LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES, makes the fds close-on-exec\n"
+"and removes the variables, so child processes do not take them; later\n"
+"calls give the same.  Malformed variables are a ValueError; variables\n"
+"for another process are left to it, with a WARNING.");
+
+PyDoc_STRVAR(listen_sockets_doc,
+"listen_sockets()\n"
+"--\n"
+"\n"
+"The sockets among listen_fds(), by name: {name: [socket.socket, ...]},\n"
+"non-blocking, of the family and type the fd has, ready for\n"
+"asyncio.start_server(sock=...) or loop.create_server(sock=...).  Pass\n"
+"backlog= too: asyncio listens again and would cut systemd's backlog to\n"
+"100.  The same socket objects every time; fds that are not sockets are\n"
+"left out, with a WARNING.");
+
+PyDoc_STRVAR(store_fd_doc,
+"store_fd(fd, name, *, poll=True)\n"
+"--\n"
+"\n"
+"Hand systemd's fd store a duplicate of fd (an int, or an object with\n"
+"fileno()) under name (FDSTORE=1, FDNAME=name); after a restart it comes\n"
+"back through listen_fds() and listen_sockets() under that name.  poll=False\n"
+"keeps it even when its other end hangs up (FDPOLL=0).  True if delivered;\n"
+"False, with a WARNING that says why, when NOTIFY_SOCKET is not set, the\n"
+"store is off or full (as systemd's $FDSTORE says), or the message was not\n"
+"delivered.  It never raises for a delivery problem.");
+
+PyDoc_STRVAR(remove_stored_fd_doc,
+"remove_stored_fd(name)\n"
+"--\n"
+"\n"
+"Ask systemd to drop every fd its store holds under name\n"
+"(FDSTOREREMOVE=1).  True if delivered; False with a WARNING if not.");
+
 static PyMethodDef aiorun_methods[] = {
+    {"listen_fds", aiorun_listen_fds, METH_NOARGS, listen_fds_doc},
+    {"listen_sockets", aiorun_listen_sockets, METH_NOARGS, listen_sockets_doc},
+    {"store_fd", (PyCFunction)(void (*)(void))aiorun_store_fd,
+     METH_VARARGS | METH_KEYWORDS, store_fd_doc},
+    {"remove_stored_fd", (PyCFunction)(void (*)(void))aiorun_remove_stored_fd,
+     METH_VARARGS | METH_KEYWORDS, remove_stored_fd_doc},
     {"shutdown_event", (PyCFunction)(void (*)(void))aiorun_shutdown_event,
      METH_VARARGS | METH_KEYWORDS, shutdown_event_doc},
     {"cancelled_by_shutdown", aiorun_cancelled_by_shutdown, METH_O,
@@ -297,6 +345,12 @@ aiorun_exec(PyObject *module)
     st->owner = NULL;
     /* service_stopping: zeroed with the state, as an atomic may be. */
     st->gc_paused = 0;
+    /* passed_fds and passed_sockets stay NULL until the first call takes
+     * what systemd passed (activation.c). */
+    st->stored_fds = PyDict_New();
+    if (st->stored_fds == NULL) {
+        return -1;
+    }
     /* Kept here, not looked up by name when needed: a waiter may be
      * finalized while the interpreter is clearing module dicts. */
     st->orphan_done = PyObject_GetAttrString(module, "_protected_orphan_done");

@@ -437,18 +437,47 @@ socket_error(PyObject *shown, int error)
     return text;
 }
 
-/* READY=1 and STATUS=text on a socket of its own (so it works from any
- * thread and outside run()): 1 if delivered, 0 if not (without
- * NOTIFY_SOCKET quietly; for a delivery problem, with a WARNING that says
- * what happened), -1 with an exception (only MemoryError and the like: a
- * delivery problem never raises, so the app that asked goes on). */
+/* message, with fd (when >= 0) passed along as SCM_RIGHTS: 0 if sent,
+ * else the errno, EAGAIN when a full socket dropped it. */
 static int
-send_ready(aiorun_state *st, const char *text)
+send_with_fd(int sock, const struct sockaddr_un *addr, socklen_t len,
+             const char *message, int fd)
+{
+    if (fd < 0) {
+        return send_to(sock, addr, len, message);
+    }
+    struct iovec iov = {(void *)message, strlen(message)};
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    memset(&control, 0, sizeof control);
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_name = (void *)addr;
+    msg.msg_namelen = len;
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof control.buf;
+    struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+    cmsg->cmsg_level = SOL_SOCKET;
+    cmsg->cmsg_type = SCM_RIGHTS;
+    cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cmsg), &fd, sizeof(int));
+    ssize_t sent = sendmsg(sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    return sent >= 0 ? 0 : errno == EWOULDBLOCK ? EAGAIN : errno;
+}
+
+int
+aiorun_notify_oneshot(aiorun_state *st, const char *message, int fd,
+                      const char *refusal, PyObject **problem)
 {
     PyObject *env;
     const char *why;
     struct sockaddr_un addr;
     socklen_t len;
+    *problem = NULL;
     if (aiorun_getenv(st, NOTIFY_ENV, &env) < 0) {
         return -1;
     }
@@ -457,49 +486,66 @@ send_ready(aiorun_state *st, const char *text)
         Py_XDECREF(env);
         return 0;
     }
-    PyObject *shown = shown_value(value), *problem = NULL;
+    PyObject *shown = shown_value(value);
     int usable = shown ? parse_address(value, &addr, &len, &why) : -1;
     Py_DECREF(env);
     if (shown == NULL) {
         return -1;
     }
-    if (aiorun_flag_get(&st->service_stopping)) {
-        /* systemd has been told the service is stopping: READY=1 now would
-         * take that back (the ownership rule in aiorun.h). */
-        problem = PyUnicode_FromString("STOPPING=1 was sent already, and READY=1 "
-                                       "never follows it");
+    if (refusal != NULL) {
+        *problem = PyUnicode_FromString(refusal);
     }
     else if (usable < 0) {
-        problem = PyUnicode_FromFormat("environment variable " NOTIFY_ENV "='%U' %s",
-                                       shown, why);
+        *problem = PyUnicode_FromFormat("environment variable " NOTIFY_ENV "='%U' %s",
+                                        shown, why);
     }
     else {
-        PyObject *message = PyUnicode_FromFormat("READY=1\nSTATUS=%s", text);
-        const char *bytes = message ? PyUnicode_AsUTF8(message) : NULL;
-        if (bytes == NULL) {
-            Py_XDECREF(message);
+        int sock = open_socket();
+        int error = sock < 0 ? errno : send_with_fd(sock, &addr, len, message, fd);
+        if (sock >= 0) {
+            close(sock);
+        }
+        if (error == 0) {
             Py_DECREF(shown);
-            return -1;
+            return 1;
         }
-        int fd = open_socket();
-        int error = fd < 0 ? errno : send_to(fd, &addr, len, bytes);
-        if (fd >= 0) {
-            close(fd);
-        }
-        Py_DECREF(message);
-        if (error != 0) {
-            problem = error == EAGAIN
-                ? PyUnicode_FromFormat("the socket %U is full (nobody reads it): "
-                                       "the message was dropped", shown)
-                : socket_error(shown, error);
-        }
+        *problem = error == EAGAIN
+            ? PyUnicode_FromFormat("the socket %U is full (nobody reads it): "
+                                   "the message was dropped", shown)
+            : socket_error(shown, error);
     }
     Py_DECREF(shown);
-    if (problem == NULL) {
-        return PyErr_Occurred() ? -1 : 1;
+    return *problem == NULL ? -1 : 0;
+}
+
+/* READY=1 and STATUS=text on a socket of its own (so it works from any
+ * thread and outside run()): 1 if delivered, 0 if not (without
+ * NOTIFY_SOCKET quietly; for a delivery problem, with a WARNING that says
+ * what happened), -1 with an exception (only MemoryError and the like: a
+ * delivery problem never raises, so the app that asked goes on). */
+static int
+send_ready(aiorun_state *st, const char *text)
+{
+    PyObject *message = PyUnicode_FromFormat("READY=1\nSTATUS=%s", text);
+    const char *bytes = message ? PyUnicode_AsUTF8(message) : NULL;
+    if (bytes == NULL) {
+        Py_XDECREF(message);
+        return -1;
     }
-    int rc = aiorun_log_exc(st, LOG_WARNING, "notify_ready(): READY=1 not delivered: %s",
-                            problem, NULL);
+    PyObject *problem;
+    /* systemd has been told the service is stopping: READY=1 now would take
+     * that back (the ownership rule in aiorun.h). */
+    int rc = aiorun_notify_oneshot(
+        st, bytes, -1,
+        aiorun_flag_get(&st->service_stopping)
+            ? "STOPPING=1 was sent already, and READY=1 never follows it" : NULL,
+        &problem);
+    Py_DECREF(message);
+    if (rc != 0 || problem == NULL) {
+        return rc;
+    }
+    rc = aiorun_log_exc(st, LOG_WARNING, "notify_ready(): READY=1 not delivered: %s",
+                        problem, NULL);
     Py_DECREF(problem);
     return rc < 0 ? -1 : 0;
 }
@@ -556,6 +602,18 @@ void
 aiorun_notify_stop(RunObject *run)
 {
     (void)run;
+}
+
+int
+aiorun_notify_oneshot(aiorun_state *st, const char *message, int fd,
+                      const char *refusal, PyObject **problem)
+{
+    (void)st;
+    (void)message;
+    (void)fd;
+    (void)refusal;
+    *problem = NULL;
+    return 0;
 }
 
 static int
