@@ -201,3 +201,63 @@ def test_python_m_aiorun_waits_for_the_executor_job_under_killmode_mixed(unit):
     log = journal(unit)
     assert log.index("Waiting for executor shutdown.") < log.index("job done"), log
     assert "Leaving. Bye!" in log
+
+
+RESULTS = os.environ.get("AIORUN_SYSTEMD_RESULTS")
+
+
+def restarts_under_load(unit, port, restarts=10):
+    """The load client inside the container, `restarts` restarts of unit
+    while it runs, then its counts."""
+    inside("rm", "-f", "/run/aiorun-load.stop")
+    load = subprocess.Popen(["nsenter", "-t", INIT, "-a", "/opt/app/venv/bin/python",
+                             "/opt/app/load.py", str(port), "/run/aiorun-load.stop"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [show(unit, "MainPID")["MainPID"]]
+        for _ in range(restarts):
+            time.sleep(0.3)   # load between restarts, not a handshake
+            inside("systemctl", "restart", unit)
+            pids.append(show(unit, "MainPID")["MainPID"])
+        time.sleep(0.3)
+    finally:
+        inside("touch", "/run/aiorun-load.stop")
+        out, _ = load.communicate(timeout=60)
+    assert len(set(pids)) == restarts + 1, pids   # each restart made a new process
+    counts = json.loads(out)
+    counts["restarts"] = restarts
+    if RESULTS:
+        with open(RESULTS, "a") as f:
+            f.write(json.dumps({"unit": unit, **counts}) + "\n")
+    return counts
+
+
+@pytest.mark.parametrize("unit", ["aiorun-web.service"], indirect=True)
+def test_restarts_under_load_refuse_nothing_with_socket_activation(unit):
+    inside("systemctl", "start", "aiorun-web.socket")
+    inside("systemctl", "start", unit)
+    c = restarts_under_load(unit, 18090)
+    assert c["ok"] > 100, c
+    failed = {k: c[k] for k in ("refused", "reset", "no_response", "timeout", "other")}
+    assert failed == dict.fromkeys(failed, 0), c
+
+
+@pytest.mark.parametrize("unit", ["aiorun-web-bound.service"], indirect=True)
+def test_restarts_under_load_without_socket_activation_refuse_connections(unit):
+    """The baseline beside the test above: the same app and load, the
+    app binding its port itself."""
+    inside("systemctl", "start", unit)
+    c = restarts_under_load(unit, 18091)
+    assert c["ok"] > 100, c
+    assert c["refused"] + c["reset"] + c["no_response"] > 0, c
+
+
+@pytest.mark.parametrize("unit", ["aiorun-web.service"], indirect=True)
+def test_a_connection_in_the_fd_store_outlives_restarts(unit):
+    inside("systemctl", "start", "aiorun-web.socket")
+    inside("systemctl", "start", unit)
+    r = inside("/opt/app/venv/bin/python", "/opt/app/hold.py", "18090", unit, "3")
+    pids = json.loads(r.stdout)
+    # One connection, answered by four processes in turn.
+    assert len(pids) == 4 and len(set(pids)) == 4, pids
+    assert pids[-1] == int(show(unit, "MainPID")["MainPID"]), pids

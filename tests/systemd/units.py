@@ -1,6 +1,6 @@
 """Writes the unit files of the user guide's "Tested under a real systemd" (docs/guide/systemd.md)
 section, verbatim, into a directory: every ```ini block whose first line
-is `# /etc/systemd/system/aiorun-<name>.service`.
+is `# /etc/systemd/system/aiorun-<name>.service` (or `.socket`).
 
     python tests/systemd/units.py docs/guide/systemd.md ROOT/etc/systemd/system
 """
@@ -8,7 +8,8 @@ import pathlib
 import re
 import sys
 
-BLOCK = re.compile(r"```ini\n(# /etc/systemd/system/(aiorun-[\w-]+\.service)\n.*?)```", re.S)
+BLOCK = re.compile(r"```ini\n(# /etc/systemd/system/(aiorun-[\w-]+\.(?:service|socket))\n.*?)```",
+                   re.S)
 
 
 def units(readme):

@@ -1,0 +1,26 @@
+"""The figures of the restarts under load (make test-systemd writes them,
+one JSON line per unit) as the Markdown table the systemd guide shows.
+
+    python tests/systemd/restart_table.py build/systemd/restarts.jsonl
+"""
+import json
+import sys
+
+LABELS = {"aiorun-web.service": "socket activation (aiorun-web.service)",
+          "aiorun-web-bound.service": "the app binds its port (aiorun-web-bound.service)"}
+
+
+def table(rows):
+    lines = ["| | requests | succeeded | refused | reset | no response | timed out "
+             "| longest time without a success |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {LABELS.get(r['unit'], r['unit'])}, {r['restarts']} restarts "
+                     f"| {r['attempts']:,} | {r['ok']:,} | {r['refused']:,} | {r['reset']:,} "
+                     f"| {r['no_response']:,} | {r['timeout']:,} | {r['longest_gap_ms']:.0f} ms |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        print(table([json.loads(line) for line in f if line.strip()]))
