@@ -19,7 +19,7 @@ from aiorun import run, shutdown_waits_for
 PARAMS = ["coro", "loop", "shutdown_handler", "shutdown_callback", "executor_workers",
           "executor", "use_uvloop", "stop_on_unhandled_errors", "timeout_task_shutdown",
           "shutdown_deadline", "exit_on_repeated_signal", "drain_delay",
-          "cancel_main_first", "task_dump_signal", "reap_orphans"]
+          "cancel_main_first", "task_dump_signal", "reap_orphans", "reload_callback"]
 
 # The one message aiorun 2025.1.1 words without a parameter name (kept).
 EXCLUSIVE = "'loop' and 'use_uvloop' parameters are mutually exclusive"
@@ -74,6 +74,7 @@ VALID = {
     "cancel_main_first": st.booleans(),
     "task_dump_signal": st.sampled_from([None, False, True, signal.SIGUSR2]),
     "reap_orphans": st.one_of(st.none(), st.booleans()),
+    "reload_callback": st.sampled_from([None, lambda: None]),
 }
 # A Weird coroutine is a valid awaitable whose main task fails: the loop
 # then rightly runs on forever, so it is kept out of "coro".

@@ -52,6 +52,7 @@ def run(
     cancel_main_first: bool = False,
     task_dump_signal: Union[int, bool, None] = None,
     reap_orphans: Optional[bool] = None,
+    reload_callback: Optional[Callable[[], Optional[Awaitable[Any]]]] = None,
 ) -> Optional[_T]: ...
 
 def shutdown_event(loop: Optional[asyncio.AbstractEventLoop] = None) -> asyncio.Event: ...

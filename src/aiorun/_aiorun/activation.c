@@ -133,13 +133,15 @@ check_fds(long long count)
 }
 
 /* {name: [fd, ...]} from the variables, or {} when there are none or they
- * are another process's; NULL with an exception.  Removes the variables
- * once they are read (not when they are malformed: they stay to be seen). */
+ * are another process's; NULL with an exception.  Changes nothing but the
+ * fds' close-on-exec flag: the caller publishes the result, then removes
+ * the variables. */
 static PyObject *
-take_from_environment(aiorun_state *st)
+take_from_environment(aiorun_state *st, int *ours)
 {
     PyObject *pid = NULL, *fds = NULL, *names = NULL, *list = NULL, *result = NULL;
     long long who, count;
+    *ours = 0;
     if (aiorun_getenv(st, "LISTEN_PID", &pid) < 0
         || aiorun_getenv(st, "LISTEN_FDS", &fds) < 0
         || aiorun_getenv(st, "LISTEN_FDNAMES", &names) < 0) {
@@ -177,6 +179,7 @@ take_from_environment(aiorun_state *st)
     if (list == NULL || check_fds(count) < 0) {
         goto done;
     }
+    *ours = 1;
     result = PyDict_New();
     for (long long i = 0; result != NULL && i < count; i++) {
         PyObject *name = PyList_GET_ITEM(list, i);   /* the list is ours */
@@ -195,16 +198,6 @@ take_from_environment(aiorun_state *st)
         Py_XDECREF(same);
         Py_XDECREF(fd);
     }
-    if (result != NULL) {
-        static const char *const variables[] = {"LISTEN_PID", "LISTEN_FDS",
-                                                "LISTEN_FDNAMES"};
-        for (size_t i = 0; i < 3; i++) {
-            if (aiorun_unsetenv(st, variables[i]) < 0) {
-                Py_CLEAR(result);
-                break;
-            }
-        }
-    }
 done:
     Py_XDECREF(pid);
     Py_XDECREF(fds);
@@ -215,14 +208,39 @@ done:
 
 /* What was passed, taken on the first call: a new reference to the dict
  * kept in the state, or NULL with an exception.  The caller holds the
- * module's critical section. */
+ * module's critical section, which a call into Python may suspend (a
+ * free-threaded build) or which is no lock at all (the GIL lets another
+ * thread in between bytecodes): so the first result published wins, and
+ * the variables are removed only once it is, so that no caller can find
+ * them gone and nothing kept. */
 static PyObject *
 passed_fds(aiorun_state *st)
 {
-    if (st->passed_fds == NULL) {
-        st->passed_fds = take_from_environment(st);
+    if (st->passed_fds != NULL) {
+        return Py_NewRef(st->passed_fds);
     }
-    return Py_XNewRef(st->passed_fds);
+    int ours;
+    PyObject *taken = take_from_environment(st, &ours);
+    if (taken == NULL) {
+        return NULL;
+    }
+    if (st->passed_fds == NULL) {
+        st->passed_fds = taken;
+    }
+    else {
+        Py_DECREF(taken);   /* ints only: nothing is closed */
+    }
+    PyObject *result = Py_NewRef(st->passed_fds);
+    static const char *const variables[] = {"LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"};
+    for (size_t i = 0; ours && i < 3; i++) {
+        if (aiorun_unsetenv(st, variables[i]) < 0) {
+            /* The fds are kept and given; only the children may see them. */
+            aiorun_log_current_error(st, "listen_fds(): could not remove the "
+                                         "LISTEN_* variables from the environment");
+            break;
+        }
+    }
+    return result;
 }
 
 /* A copy of {name: [...]}: the caller may change it, the state keeps its
@@ -275,13 +293,43 @@ socket_for(PyObject *socket_type, long fd)
         PyObject *res = PyObject_CallMethod(sock, "setblocking", "O", Py_False);
         if (res == NULL) {
             /* Not closed: the fd stays systemd's, and listen_fds() has it. */
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
             PyObject *detached = PyObject_CallMethod(sock, "detach", NULL);
+            if (detached == NULL) {
+                PyErr_WriteUnraisable(sock);
+            }
             Py_XDECREF(detached);
+            PyErr_Restore(type, value, tb);
             Py_CLEAR(sock);
         }
         Py_XDECREF(res);
     }
     return sock;
+}
+
+/* Drops sockets made here without closing their fds (a socket object
+ * closes its fd when freed, and these fds are systemd's and listen_fds()'s):
+ * for a result given up.  Keeps any exception set. */
+static void
+detach_all(PyObject *by_name)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *name, *socks;
+    Py_ssize_t pos = 0;
+    /* Ours alone: nothing else has seen this dict. */
+    while (PyDict_Next(by_name, &pos, &name, &socks)) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(socks); i++) {
+            PyObject *sock = PyList_GET_ITEM(socks, i);
+            PyObject *res = PyObject_CallMethod(sock, "detach", NULL);
+            if (res == NULL) {
+                PyErr_WriteUnraisable(sock);
+            }
+            Py_XDECREF(res);
+        }
+    }
+    PyErr_Restore(type, value, tb);
 }
 
 /* {name: [socket, ...]} for the passed fds that are sockets; the others
@@ -303,52 +351,62 @@ make_sockets(aiorun_state *st, PyObject *fds)
         return NULL;
     }
     PyObject *result = PyDict_New();
+    if (result == NULL) {
+        Py_DECREF(socket_type);
+        return NULL;
+    }
     PyObject *name, *list;
     Py_ssize_t pos = 0;
-    /* fds is the state's own dict of lists of ints, which nothing else
-     * changes: the caller holds the module's critical section, and only
-     * this file writes them. */
-    while (result != NULL && PyDict_Next(fds, &pos, &name, &list)) {
+    int failed = 0;
+    /* fds is the state's own dict of lists of ints, published once and
+     * never changed after. */
+    while (!failed && PyDict_Next(fds, &pos, &name, &list)) {
         /* Held: the loop below calls Python code. */
         Py_INCREF(name);
         Py_INCREF(list);
         PyObject *socks = PyList_New(0);
-        if (socks == NULL || PyDict_SetItem(result, name, socks) < 0) {
-            Py_XDECREF(socks);
-            Py_DECREF(name);
-            Py_DECREF(list);
-            Py_CLEAR(result);
-            break;
-        }
-        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); i++) {
+        failed = socks == NULL || PyDict_SetItem(result, name, socks) < 0;
+        for (Py_ssize_t i = 0; !failed && i < PyList_GET_SIZE(list); i++) {
             long fd = PyLong_AsLong(PyList_GET_ITEM(list, i));
             struct stat info;
             if (fd == -1 && PyErr_Occurred()) {
-                Py_CLEAR(result);
-                break;
+                failed = 1;
             }
-            if (fstat((int)fd, &info) < 0 || !S_ISSOCK(info.st_mode)) {
-                if (warn(st, PyUnicode_FromFormat(
-                        "listen_sockets(): fd %ld (named %R) is not a socket; "
-                        "listen_fds() has it", fd, name)) < 0) {
-                    Py_CLEAR(result);
-                    break;
+            else if (fstat((int)fd, &info) < 0 || !S_ISSOCK(info.st_mode)) {
+                failed = warn(st, PyUnicode_FromFormat(
+                    "listen_sockets(): fd %ld (named %R) is not a socket; "
+                    "listen_fds() has it", fd, name)) < 0;
+            }
+            else {
+                PyObject *sock = socket_for(socket_type, fd);
+                if (sock != NULL && PyList_Append(socks, sock) < 0) {
+                    PyObject *one = PyDict_New();
+                    PyObject *alone = one ? PyList_New(0) : NULL;
+                    /* Not in the result: detached on its own. */
+                    if (alone != NULL && PyList_Append(alone, sock) == 0
+                        && PyDict_SetItem(one, name, alone) == 0) {
+                        detach_all(one);
+                    }
+                    Py_XDECREF(alone);
+                    Py_XDECREF(one);
+                    failed = 1;
                 }
-                continue;
-            }
-            PyObject *sock = socket_for(socket_type, fd);
-            if (sock == NULL || PyList_Append(socks, sock) < 0) {
+                failed |= sock == NULL;
                 Py_XDECREF(sock);
-                Py_CLEAR(result);
-                break;
             }
-            Py_DECREF(sock);
         }
-        Py_DECREF(socks);
+        Py_XDECREF(socks);
         Py_DECREF(name);
         Py_DECREF(list);
     }
     Py_DECREF(socket_type);
+    if (failed) {
+        /* Nothing is kept: the next call tries again, and the fds made into
+         * sockets so far stay open for it. */
+        detach_all(result);
+        Py_DECREF(result);
+        return NULL;
+    }
     return result;
 }
 
@@ -364,11 +422,14 @@ listen_sockets_locked(PyObject *module)
             return NULL;
         }
         /* Python code ran (a logging handler, socket's import): another
-         * thread's call may have made them meanwhile; the first one wins. */
+         * thread's call, or this one's handler, may have made them
+         * meanwhile.  The first one wins; the others' sockets let go of
+         * their fds, which the winner's wrap. */
         if (st->passed_sockets == NULL) {
             st->passed_sockets = socks;
         }
         else {
+            detach_all(socks);
             Py_DECREF(socks);
         }
     }

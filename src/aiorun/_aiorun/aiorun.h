@@ -122,8 +122,7 @@
     X(s_run_until_complete)                                                 \
     /* Written once, under the module's critical section (activation.c): */\
     X(passed_fds)               /* {name: [fd]} systemd passed, once taken */\
-    X(passed_sockets)           /* the same fds as socket objects */      \
-    X(stored_fds)               /* {name: [(st_dev, st_ino)]} we stored */
+    X(passed_sockets)           /* the same fds as socket objects */
 
 typedef struct {
 #define AIORUN_FIELD(name) PyObject *name;
@@ -262,9 +261,9 @@ aiorun_restore_error(PyObject *exc)
  *   blocks, which a call into Python may do, and the code already looks at
  *   its fields again after each such call.
  * - The module state is set at import and only read afterwards, except
- *   what systemd passed (activation.c) and what was put in its fd store
- *   (fdstore.c), written under a critical section on the module; the
- *   `runs` dict hands out new references (PyDict_GetItemRef).
+ *   what systemd passed (activation.c): published once, the first result
+ *   winning, under a critical section on the module; the `runs` dict hands
+ *   out new references (PyDict_GetItemRef).
  * With the GIL the sections compile to nothing. */
 #define AIORUN_LOCKED(obj, result, call)  \
     do {                                  \
@@ -363,6 +362,11 @@ typedef struct RunObject {
     PyObject *ping_timer;      /* the loop's handle of the next WATCHDOG=1 */
     aiorun_reaper *reaper;     /* NULL unless reaping orphans as PID 1 */
     PyObject *reap_timer;      /* the loop's handle of the next reaping */
+    PyObject *reload_callback; /* reload_callback, or NULL (reload.c) */
+    PyObject *reload_task;     /* the task of an async reload under way */
+    int reloading;             /* a reload has begun and not ended */
+    int reload_scheduled;      /* _reload is on the loop's ready queue */
+    int reload_again;          /* a SIGHUP came meanwhile: one more after it */
 } RunObject;
 
 extern PyType_Spec aiorun_run_type_spec;
@@ -416,6 +420,14 @@ PyObject *aiorun_run_call_shutdown_handler(PyObject *self, PyObject *unused);
 #ifdef MS_WINDOWS
 PyObject *aiorun_run_windows_wakeup(PyObject *self, PyObject *unused);
 #endif
+
+/* ---- reload.c ---- */
+PyObject *aiorun_run_on_reload_signal(PyObject *self, PyObject *const *args,
+                                      Py_ssize_t nargs);
+PyObject *aiorun_run_reload(PyObject *self, PyObject *unused);
+PyObject *aiorun_run_reload_done(PyObject *self, PyObject *task);
+/* Called once run->loop is set: starts a reload a SIGHUP asked for early. */
+void aiorun_reload_loop_ready(RunObject *run);
 
 /* ---- unhandled.c ---- */
 PyObject *aiorun_run_exception_handler(PyObject *self, PyObject *const *args,
@@ -570,6 +582,10 @@ void aiorun_notify_stopping(RunObject *run, int signum);
 void aiorun_notify_stage(RunObject *run, aiorun_stage stage);
 /* Cancels the pings and closes the socket; keeps any exception set. */
 void aiorun_notify_stop(RunObject *run);
+/* RELOADING=1 with MONOTONIC_USEC; then READY=1 after a reload (exc NULL),
+ * or only a STATUS= that says it failed. */
+void aiorun_notify_reloading(RunObject *run);
+void aiorun_notify_reloaded(RunObject *run, PyObject *exc);
 PyObject *aiorun_run_notify_ready(PyObject *self, PyObject *unused);
 PyObject *aiorun_run_notify_watchdog(PyObject *self, PyObject *unused);
 PyObject *aiorun_notify_ready(PyObject *module, PyObject *args, PyObject *kwargs);

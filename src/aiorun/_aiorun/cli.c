@@ -117,6 +117,14 @@ make_parser(void)
         goto fail;
     }
     Py_DECREF(res);
+    res = call_with(add, Py_BuildValue("(s)", "--reload-callback"), "{ssssss}", "dest",
+                    "reload_callback", "metavar", "MODULE:FUNCTION", "help",
+                    "on SIGHUP, call this function (async or not) while the app goes "
+                    "on serving; under systemd, as Type=notify-reload expects");
+    if (res == NULL) {
+        goto fail;
+    }
+    Py_DECREF(res);
     for (size_t i = 0; i < N_OPTIONS; i++) {
         const cli_option *o = &options[i];
         if (o->kind == OPT_FLAG || o->kind == OPT_FLAG_OFF) {
@@ -212,13 +220,14 @@ import_target(PyObject *parser, PyObject *name)
     return usage_error(parser, message);
 }
 
-/* module:attr.path -> the object; usage errors for what cannot be found. */
+/* module:attr.path -> the object; usage errors for what cannot be found.
+ * what names it in them: "TARGET", or the option that gave it. */
 static PyObject *
-resolve_target(PyObject *parser, PyObject *target)
+resolve_target(PyObject *parser, PyObject *target, const char *what)
 {
     if (!PyUnicode_Check(target)) {
         return usage_error(parser, PyUnicode_FromFormat(
-            "TARGET must be module:function, not %R", target));
+            "%s must be module:function, not %R", what, target));
     }
     Py_ssize_t len = PyUnicode_GetLength(target);
     if (len < 0) {
@@ -230,7 +239,7 @@ resolve_target(PyObject *parser, PyObject *target)
     }
     if (colon <= 0 || colon == len - 1) {
         return usage_error(parser, PyUnicode_FromFormat(
-            "TARGET must be module:function, not %R", target));
+            "%s must be module:function, not %R", what, target));
     }
     PyObject *name = PyUnicode_Substring(target, 0, colon);
     PyObject *path = name ? PyUnicode_Substring(target, colon + 1, len) : NULL;
@@ -390,6 +399,32 @@ done:
     return rc;
 }
 
+/* --reload-callback module:function: run()'s reload_callback, which must
+ * be callable.  0, or -1 with an exception (a usage error). */
+static int
+add_reload_callback(PyObject *parser, PyObject *ns, PyObject *kwargs)
+{
+    PyObject *name = PyObject_GetAttrString(ns, "reload_callback");
+    if (name == NULL) {
+        return -1;
+    }
+    if (name == Py_None) {
+        Py_DECREF(name);
+        return 0;
+    }
+    PyObject *callback = resolve_target(parser, name, "argument --reload-callback");
+    if (callback != NULL && !PyCallable_Check(callback)) {
+        PyObject *message = PyUnicode_FromFormat(
+            "argument --reload-callback: %R is %.100s, not a function", name,
+            Py_TYPE(callback)->tp_name);
+        Py_SETREF(callback, usage_error(parser, message));
+    }
+    int rc = callback ? PyDict_SetItemString(kwargs, "reload_callback", callback) : -1;
+    Py_XDECREF(callback);
+    Py_DECREF(name);
+    return rc;
+}
+
 static int
 is_double_dash(PyObject *arg)
 {
@@ -449,7 +484,8 @@ aiorun_cli_main(PyObject *module, PyObject *argv)
     Py_DECREF(app_argv);
     if (rc < 0
         || (kwargs = run_kwargs(parser, ns)) == NULL
-        || (obj = resolve_target(parser, target)) == NULL
+        || (obj = resolve_target(parser, target, "TARGET")) == NULL
+        || add_reload_callback(parser, ns, kwargs) < 0
         || configure_logging(parser, ns) < 0
         || (aw = main_awaitable(st, parser, target, obj)) == NULL
         || (run = PyObject_GetAttrString(module, "run")) == NULL) {

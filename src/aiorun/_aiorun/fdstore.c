@@ -4,23 +4,22 @@
  * restart the stored fds come back with the socket-activation ones, by
  * name (activation.c).
  *
- * systemd answers nothing: a store it refuses (FileDescriptorStoreMax=0,
- * or full) is dropped in silence.  From 254 on it says in $FDSTORE how many
- * fds the store takes, and that is what lets these calls say "off" or
- * "full" instead of pretending: the fds this process stored are counted
- * by identity (device and inode), since systemd too ignores an fd it holds
- * already.  Without $FDSTORE (an older systemd) they send and trust.
- * Like notify_ready(), they never raise for a delivery problem: the answer
- * is False and a WARNING says why. */
+ * systemd answers nothing: an fd it refuses is dropped with a line in its
+ * own journal.  From 254 on it says in $FDSTORE how many fds the store
+ * takes, so a store that is off (0) is said here.  A full one cannot be:
+ * systemd drops a stored fd by itself when its other end hangs up, and
+ * keeps those an earlier process of the service stored, so no count kept
+ * here would be true; a delivered message is a True.  Like notify_ready(),
+ * these never raise for a delivery problem: the answer is False and a
+ * WARNING says why. */
 #include "aiorun.h"
-
-#include <string.h>
-
-#ifndef MS_WINDOWS
 
 #include <errno.h>
 #include <stdlib.h>
-#include <sys/stat.h>
+#include <string.h>
+#ifndef MS_WINDOWS
+#include <fcntl.h>
+#endif
 
 /* systemd's limit on a name (FDNAME_MAX), and its rule: printable ASCII,
  * no ':' (which separates LISTEN_FDNAMES). */
@@ -96,65 +95,6 @@ store_size(aiorun_state *st)
     return ok ? size : -2;
 }
 
-/* (st_dev, st_ino) of fd: what tells a duplicate of it from another. */
-static PyObject *
-identity(int fd)
-{
-    struct stat info;
-    if (fstat(fd, &info) < 0) {
-        if (errno == EBADF) {
-            PyErr_Format(PyExc_ValueError, "store_fd() argument 'fd' is %d, which is "
-                         "not open", fd);
-        }
-        else {
-            PyErr_SetFromErrno(PyExc_OSError);
-        }
-        return NULL;
-    }
-    return Py_BuildValue("(KK)", (unsigned long long)info.st_dev,
-                         (unsigned long long)info.st_ino);
-}
-
-/* The state's record: 1 if id is stored under any name, 0 if not, and
- * *count the fds stored; -1 with an exception. */
-static int
-find_stored(aiorun_state *st, PyObject *id, Py_ssize_t *count)
-{
-    PyObject *name, *ids;
-    Py_ssize_t pos = 0;
-    int found = 0;
-    *count = 0;
-    /* Only tuples of ints are compared: no Python code runs here. */
-    while (PyDict_Next(st->stored_fds, &pos, &name, &ids)) {
-        *count += PyList_GET_SIZE(ids);
-        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(ids); i++) {
-            int eq = PyObject_RichCompareBool(PyList_GET_ITEM(ids, i), id, Py_EQ);
-            if (eq < 0) {
-                return -1;
-            }
-            found |= eq;
-        }
-    }
-    return found;
-}
-
-static int
-record_stored(aiorun_state *st, PyObject *name, PyObject *id)
-{
-    PyObject *ids;
-    int found = PyDict_GetItemRef(st->stored_fds, name, &ids);
-    if (found == 0) {
-        ids = PyList_New(0);
-        if (ids == NULL || PyDict_SetItem(st->stored_fds, name, ids) < 0) {
-            Py_XDECREF(ids);
-            return -1;
-        }
-    }
-    int rc = found < 0 ? -1 : PyList_Append(ids, id);
-    Py_XDECREF(ids);
-    return rc;
-}
-
 /* The answer: True, or False after a WARNING "<fname>(): <what> not
  * delivered: <problem>" (problem is a new reference, or NULL after an
  * error). */
@@ -172,49 +112,47 @@ not_delivered(aiorun_state *st, const char *what, PyObject *problem)
 #define NO_NOTIFY_SOCKET \
     "NOTIFY_SOCKET is not set (not run by systemd as Type=notify or notify-reload)"
 
-static PyObject *
-store_fd_locked(PyObject *module, int fd, PyObject *name, const char *text, int poll)
+/* The fd is open: 0, or -1 with a ValueError naming the argument. */
+static int
+check_open(int fd)
 {
-    aiorun_state *st = aiorun_get_state(module);
+#ifndef MS_WINDOWS
+    if (fcntl(fd, F_GETFD) < 0 && errno == EBADF) {
+        PyErr_Format(PyExc_ValueError, "store_fd() argument 'fd' is %d, which is not "
+                     "open", fd);
+        return -1;
+    }
+#else
+    (void)fd;
+#endif
+    return 0;
+}
+
+static PyObject *
+store(aiorun_state *st, int fd, const char *text, int poll)
+{
     const char *what = "store_fd(): FDSTORE=1 not delivered: %s";
-    PyObject *id = identity(fd);
-    if (id == NULL) {
-        return NULL;
-    }
-    Py_ssize_t count;
-    int already = find_stored(st, id, &count);
-    long long size = already < 0 ? -1 : store_size(st);
+    long long size = store_size(st);
     if (size == -1) {
-        Py_DECREF(id);
         return NULL;
     }
-    PyObject *result = NULL;
     if (size == 0) {
-        result = not_delivered(st, what, PyUnicode_FromString(
+        return not_delivered(st, what, PyUnicode_FromString(
             "the fd store is off (FileDescriptorStoreMax= is 0): the fd is not kept"));
     }
-    else if (!already && size > 0 && count >= size) {
-        result = not_delivered(st, what, PyUnicode_FromFormat(
-            "the fd store is full (FileDescriptorStoreMax=%lld, and this process "
-            "stored %zd): the fd is not kept", size, count));
+    char message[FDNAME_MAX + 64];
+    snprintf(message, sizeof message, "FDSTORE=1\nFDNAME=%s%s", text,
+             poll ? "" : "\nFDPOLL=0");
+    PyObject *problem;
+    int sent = aiorun_notify_oneshot(st, message, fd, NULL, &problem);
+    if (sent < 0) {
+        return NULL;
     }
-    else {
-        char message[FDNAME_MAX + 64];
-        snprintf(message, sizeof message, "FDSTORE=1\nFDNAME=%s%s", text,
-                 poll ? "" : "\nFDPOLL=0");
-        PyObject *problem;
-        int sent = aiorun_notify_oneshot(st, message, fd, NULL, &problem);
-        if (sent == 1) {
-            result = already || record_stored(st, name, id) == 0
-                ? Py_NewRef(Py_True) : NULL;
-        }
-        else if (sent == 0) {
-            result = not_delivered(st, what, problem ? problem
-                                   : PyUnicode_FromString(NO_NOTIFY_SOCKET));
-        }
+    if (sent == 0) {
+        return not_delivered(st, what, problem ? problem
+                             : PyUnicode_FromString(NO_NOTIFY_SOCKET));
     }
-    Py_DECREF(id);
-    return result;
+    Py_RETURN_TRUE;
 }
 
 PyObject *
@@ -249,21 +187,17 @@ aiorun_store_fd(PyObject *module, PyObject *args, PyObject *kwargs)
         }
         return NULL;
     }
-    Py_INCREF(name);   /* held across the calls below */
+    Py_INCREF(name);   /* held while its text is used */
     const char *text = check_name("store_fd", name);
-    PyObject *result = NULL;
-    if (text != NULL) {
-        AIORUN_LOCKED(module, result, store_fd_locked(module, fd, name, text,
-                                                      poll == Py_True));
-    }
+    PyObject *result = text != NULL && check_open(fd) == 0
+        ? store(aiorun_get_state(module), fd, text, poll == Py_True) : NULL;
     Py_DECREF(name);
     return result;
 }
 
 static PyObject *
-remove_locked(PyObject *module, PyObject *name, const char *text)
+remove_stored(aiorun_state *st, const char *text)
 {
-    aiorun_state *st = aiorun_get_state(module);
     char message[FDNAME_MAX + 64];
     snprintf(message, sizeof message, "FDSTOREREMOVE=1\nFDNAME=%s", text);
     PyObject *problem;
@@ -274,12 +208,6 @@ remove_locked(PyObject *module, PyObject *name, const char *text)
     if (sent == 0) {
         return not_delivered(st, "remove_stored_fd(): FDSTOREREMOVE=1 not delivered: %s",
                              problem ? problem : PyUnicode_FromString(NO_NOTIFY_SOCKET));
-    }
-    if (PyDict_DelItem(st->stored_fds, name) < 0) {
-        if (!PyErr_ExceptionMatches(PyExc_KeyError)) {
-            return NULL;
-        }
-        PyErr_Clear();   /* stored by an earlier process, or never */
     }
     Py_RETURN_TRUE;
 }
@@ -294,32 +222,7 @@ aiorun_remove_stored_fd(PyObject *module, PyObject *args, PyObject *kwargs)
     }
     Py_INCREF(name);
     const char *text = check_name("remove_stored_fd", name);
-    PyObject *result = NULL;
-    if (text != NULL) {
-        AIORUN_LOCKED(module, result, remove_locked(module, name, text));
-    }
+    PyObject *result = text ? remove_stored(aiorun_get_state(module), text) : NULL;
     Py_DECREF(name);
     return result;
 }
-
-#else /* MS_WINDOWS: no systemd */
-
-PyObject *
-aiorun_store_fd(PyObject *module, PyObject *args, PyObject *kwargs)
-{
-    (void)module;
-    (void)args;
-    (void)kwargs;
-    Py_RETURN_FALSE;
-}
-
-PyObject *
-aiorun_remove_stored_fd(PyObject *module, PyObject *args, PyObject *kwargs)
-{
-    (void)module;
-    (void)args;
-    (void)kwargs;
-    Py_RETURN_FALSE;
-}
-
-#endif

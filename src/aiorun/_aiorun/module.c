@@ -10,7 +10,7 @@ PyDoc_STRVAR(run_doc,
 "    stop_on_unhandled_errors=False, timeout_task_shutdown=60,\n"
 "    shutdown_deadline=None, exit_on_repeated_signal=None,\n"
 "    notify_ready_on_start=True, drain_delay=0, cancel_main_first=False,\n"
-"    task_dump_signal=None, reap_orphans=None)\n"
+"    task_dump_signal=None, reap_orphans=None, reload_callback=None)\n"
 "--\n"
 "\n"
 "Run the event loop until SIGINT or SIGTERM (or loop.stop()), then shut\n"
@@ -62,8 +62,14 @@ PyDoc_STRVAR(run_doc,
 "    A signal (True: SIGUSR1) that logs every task and its await chain.\n"
 "reap_orphans\n"
 "    As PID 1, reap orphaned child processes.  None: AIORUN_REAP_ORPHANS.\n"
+"reload_callback\n"
+"    Called with no arguments on SIGHUP, on the loop (an awaitable it\n"
+"    returns is awaited), while the app goes on serving; under systemd\n"
+"    RELOADING=1 comes before it and READY=1 after it, as\n"
+"    Type=notify-reload expects.  If it raises, the error is logged and\n"
+"    the app serves on.\n"
 "\n"
-"SIGINT, SIGTERM, the deadline, systemd and the reaper belong to the\n"
+"SIGINT, SIGTERM, SIGHUP, the deadline, systemd and the reaper belong to the\n"
 "process: only the outermost run() on the main thread takes them.");
 
 PyDoc_STRVAR(shutdown_waits_for_doc,
@@ -140,8 +146,9 @@ PyDoc_STRVAR(store_fd_doc,
 "back through listen_fds() and listen_sockets() under that name.  poll=False\n"
 "keeps it even when its other end hangs up (FDPOLL=0).  True if delivered;\n"
 "False, with a WARNING that says why, when NOTIFY_SOCKET is not set, the\n"
-"store is off or full (as systemd's $FDSTORE says), or the message was not\n"
-"delivered.  It never raises for a delivery problem.");
+"store is off (systemd's $FDSTORE is 0), or the message was not delivered.\n"
+"A full store drops the fd on systemd's side, which cannot be seen from\n"
+"here.  It never raises for a delivery problem.");
 
 PyDoc_STRVAR(remove_stored_fd_doc,
 "remove_stored_fd(name)\n"
@@ -347,10 +354,6 @@ aiorun_exec(PyObject *module)
     st->gc_paused = 0;
     /* passed_fds and passed_sockets stay NULL until the first call takes
      * what systemd passed (activation.c). */
-    st->stored_fds = PyDict_New();
-    if (st->stored_fds == NULL) {
-        return -1;
-    }
     /* Kept here, not looked up by name when needed: a waiter may be
      * finalized while the interpreter is clearing module dicts. */
     st->orphan_done = PyObject_GetAttrString(module, "_protected_orphan_done");

@@ -31,6 +31,7 @@
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #define NOTIFY_ENV "NOTIFY_SOCKET"
@@ -403,6 +404,50 @@ aiorun_notify_stage(RunObject *run, aiorun_stage stage)
 }
 
 void
+aiorun_notify_reloading(RunObject *run)
+{
+    if (live_notifier(run) == NULL) {
+        return;
+    }
+    /* CLOCK_MONOTONIC, as systemd's: it takes only a RELOADING=1 stamped
+     * after its SIGHUP as the answer to it. */
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    unsigned long long usec = (unsigned long long)now.tv_sec * 1000000ULL
+        + (unsigned long long)now.tv_nsec / 1000ULL;
+    char message[96];
+    snprintf(message, sizeof message, "RELOADING=1\nMONOTONIC_USEC=%llu\nSTATUS=reloading",
+             usec);
+    say(run, message);
+}
+
+void
+aiorun_notify_reloaded(RunObject *run, PyObject *exc)
+{
+    aiorun_notifier *nt = live_notifier(run);
+    if (nt == NULL || nt->stopping_sent || aiorun_flag_get(&run->state->service_stopping)) {
+        return;
+    }
+    if (exc == NULL) {
+        say(run, "READY=1\nSTATUS=running");
+        return;
+    }
+    /* No READY=1: systemd fails the reload at its timeout (reload.c). */
+    PyObject *text = PyUnicode_FromFormat(
+        "STATUS=reload failed (%.100s), serving on with the old state",
+        Py_TYPE(exc)->tp_name);
+    const char *bytes = text ? PyUnicode_AsUTF8(text) : NULL;
+    if (bytes != NULL && strchr(bytes, '\n') == NULL) {
+        say(run, bytes);
+    }
+    else {
+        PyErr_Clear();
+        say(run, "STATUS=reload failed, serving on with the old state");
+    }
+    Py_XDECREF(text);
+}
+
+void
 aiorun_notify_stop(RunObject *run)
 {
     PyObject *type, *value, *tb;
@@ -602,6 +647,19 @@ void
 aiorun_notify_stop(RunObject *run)
 {
     (void)run;
+}
+
+void
+aiorun_notify_reloading(RunObject *run)
+{
+    (void)run;
+}
+
+void
+aiorun_notify_reloaded(RunObject *run, PyObject *exc)
+{
+    (void)run;
+    (void)exc;
 }
 
 int

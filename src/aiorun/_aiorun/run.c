@@ -28,6 +28,7 @@ typedef struct {
     PyObject *cancel_main_first;
     PyObject *task_dump_signal;
     PyObject *reap_orphans;
+    PyObject *reload_callback;
 } run_args;
 
 /* What the arguments say, once checked. */
@@ -265,6 +266,9 @@ check_arguments(aiorun_state *st, run_args *a, run_flags *f, int use_env)
     }
     if (a->shutdown_handler != Py_None && !PyCallable_Check(a->shutdown_handler)) {
         return type_error("shutdown_handler", "callable or None", a->shutdown_handler);
+    }
+    if (a->reload_callback != Py_None && !PyCallable_Check(a->reload_callback)) {
+        return type_error("reload_callback", "callable or None", a->reload_callback);
     }
     if (a->shutdown_callback != Py_None && !PyCallable_Check(a->shutdown_callback)) {
         if ((ok = is_awaitable(st, a->shutdown_callback)) < 0) {
@@ -750,7 +754,8 @@ check_owner_only(RunObject *run, int on_main, run_args *a, watchdog_args *w,
             ? "exit_on_repeated_signal"
         : a->task_dump_signal != Py_None && a->task_dump_signal != Py_False
             ? "task_dump_signal"
-        : a->reap_orphans != Py_None && f->reap_orphans ? "reap_orphans" : NULL;
+        : a->reap_orphans != Py_None && f->reap_orphans ? "reap_orphans"
+        : a->reload_callback != Py_None ? "reload_callback" : NULL;
     if (asked != NULL) {
         PyErr_Format(PyExc_ValueError, on_main
                      ? "run() argument '%s' needs the outermost run(): another "
@@ -801,6 +806,12 @@ run_body(PyObject *module, RunObject *run, run_args *a, watchdog_args *w,
         goto done;
     }
     claim_process(st, run, on_main);
+    /* SIGHUP is taken with the others when there is a callback for it; a
+     * bad one is refused below, with the handlers given back. */
+    if (run->owns_process && a->reload_callback != Py_None
+        && PyCallable_Check(a->reload_callback)) {
+        run->reload_callback = Py_NewRef(a->reload_callback);
+    }
     /* First of all, so that a signal arriving from here on is neither
      * fatal nor lost; until now it was held back. */
     int taken = aiorun_signals_take_over(run);
@@ -853,18 +864,19 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
         "coro", "loop", "shutdown_handler", "shutdown_callback", "executor_workers",
         "executor", "use_uvloop", "stop_on_unhandled_errors", "timeout_task_shutdown",
         "shutdown_deadline", "exit_on_repeated_signal", "notify_ready_on_start",
-        "drain_delay", "cancel_main_first", "task_dump_signal", "reap_orphans", NULL,
+        "drain_delay", "cancel_main_first", "task_dump_signal", "reap_orphans",
+        "reload_callback", NULL,
     };
     aiorun_state *st = aiorun_get_state(module);
     run_args a = {Py_None, Py_None, Py_None, Py_None, Py_None, Py_None,
                   Py_False, Py_False, NULL, Py_None, Py_None, Py_True,
-                  Py_None, Py_False, Py_None, Py_None};
+                  Py_None, Py_False, Py_None, Py_None, Py_None};
     watchdog_args w = {0, 0};
     run_flags f = {0, 0, 1, -1, 0, 0, 0, 0};
     PyObject *result = NULL;
 
     if (aiorun_check_call("run", args, kwargs, kwlist, 1, 0) < 0
-        || !PyArg_ParseTupleAndKeywords(args, kwargs, "|O$OOOOOOOOOOOOOOO:run", kwlist,
+        || !PyArg_ParseTupleAndKeywords(args, kwargs, "|O$OOOOOOOOOOOOOOOO:run", kwlist,
                                      &a.coro, &a.loop, &a.shutdown_handler,
                                      &a.shutdown_callback, &a.executor_workers,
                                      &a.executor, &a.use_uvloop,
@@ -873,7 +885,7 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
                                      &a.exit_on_repeated_signal,
                                      &a.notify_ready_on_start, &a.drain_delay,
                                      &a.cancel_main_first, &a.task_dump_signal,
-                                     &a.reap_orphans)) {
+                                     &a.reap_orphans, &a.reload_callback)) {
         return NULL;
     }
     PyObject *default_timeout = NULL;

@@ -19,6 +19,11 @@ aiorun_run_new(aiorun_state *st)
     run->pending_exc = NULL;
     run->main_task = NULL;
     run->saved_handlers = NULL;
+    run->reload_callback = NULL;
+    run->reload_task = NULL;
+    run->reloading = 0;
+    run->reload_scheduled = 0;
+    run->reload_again = 0;
     run->drain_waiter = NULL;
     run->drain_remaining = 0;
     run->drain_over = 0;
@@ -106,6 +111,8 @@ run_traverse(RunObject *self, visitproc visit, void *arg)
     Py_VISIT(self->cancel_msg);
     Py_VISIT(self->shutdown_event);
     Py_VISIT(self->reap_timer);
+    Py_VISIT(self->reload_callback);
+    Py_VISIT(self->reload_task);
     return 0;
 }
 
@@ -129,6 +136,8 @@ aiorun_run_clear(RunObject *self)
     Py_CLEAR(self->ping_timer);
     Py_CLEAR(self->cancel_msg);
     Py_CLEAR(self->reap_timer);
+    Py_CLEAR(self->reload_callback);
+    Py_CLEAR(self->reload_task);
     return 0;
 }
 
@@ -173,6 +182,12 @@ static PyMethodDef run_methods[] = {
      METH_FASTCALL, "Handler of task_dump_signal: has the loop dump its tasks."},
     {"_dump_tasks", aiorun_run_dump_tasks, METH_NOARGS,
      "Logs every task of the loop with its await chain."},
+    {"_on_reload_signal", (PyCFunction)(void (*)(void))aiorun_run_on_reload_signal,
+     METH_FASTCALL, "SIGHUP handler when run() has a reload_callback."},
+    {"_reload", aiorun_run_reload, METH_NOARGS,
+     "Starts a reload on the loop: RELOADING=1, then reload_callback()."},
+    {"_reload_done", aiorun_run_reload_done, METH_O,
+     "Done callback of an async reload: READY=1, or the failure logged."},
     {"_reap", aiorun_run_reap, METH_NOARGS,
      "Reaps orphaned children that stayed zombies since the last call."},
 #ifdef MS_WINDOWS

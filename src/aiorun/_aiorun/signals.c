@@ -110,10 +110,22 @@ aiorun_signals_take_over(RunObject *run)
             goto fail;
         }
     }
+#ifndef MS_WINDOWS
+    if (run->reload_callback != NULL) {
+        Py_SETREF(handler, aiorun_run_method(run, "_on_reload_signal"));
+        PyObject *previous = handler ? set_handler(st, SIGHUP, handler) : NULL;
+        PyObject *entry = previous ? Py_BuildValue("(iN)", SIGHUP, previous) : NULL;
+        if (entry == NULL || PyList_Append(run->saved_handlers, entry) < 0) {
+            Py_XDECREF(entry);
+            goto fail;
+        }
+        Py_DECREF(entry);
+    }
+#endif
     Py_DECREF(handler);
     return 0;
 fail:
-    Py_DECREF(handler);
+    Py_XDECREF(handler);
     {
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);
@@ -206,6 +218,9 @@ aiorun_signals_loop_ready(RunObject *run)
 {
     if (run->shutdown_requested) {
         schedule_shutdown_handler(run);
+    }
+    else {
+        aiorun_reload_loop_ready(run);
     }
 }
 
