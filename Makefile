@@ -14,8 +14,8 @@
 # make bench-smoke     the same at tiny sizes, one run, writes nothing (CI)
 # make wheels          an sdist and a manylinux wheel per CPython into dist/,
 #                      each smoke-tested in a fresh venv without a compiler
-# make test-systemd    under a real systemd: a Debian bookworm root booted with
-#                      systemd-nspawn (cached), the systemd guide's units driven with
+# make test-systemd    under a real systemd: Debian bookworm (252) and trixie (257)
+#                      roots booted with systemd-nspawn (cached), the systemd guide's units driven with
 #                      systemctl and journalctl (as root)
 # make tsan            the threads stress test under ThreadSanitizer on a
 #                      3.13t built with it (~10 min once, cached; not in CI)
@@ -110,6 +110,7 @@ tsan:
 
 test-systemd:
 	scripts/test-systemd
+	AIORUN_SYSTEMD_SUITE=trixie scripts/test-systemd
 
 reliability:
 	$(MAKE) sanitize

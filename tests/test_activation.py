@@ -361,3 +361,53 @@ def test_a_stored_connection_survives_a_restart(tmp_path, store, listener):
     client.close()
     assert r2.returncode == 0, r2
     assert r2.stdout == ["ECHO still the same connection"], r2
+
+
+@pytest.mark.parametrize("server", ["create_server", "aiohttp"])
+def test_the_passed_socket_serves_with_create_server_and_aiohttp(tmp_path, listener, server):
+    if server == "aiohttp":
+        pytest.importorskip("aiohttp")
+    a = activated(tmp_path, """
+        import socket
+        sock, = aiorun.listen_sockets()["web"]
+        SERVER = sys.argv[1]
+
+        class Hello(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.transport = transport
+
+            def data_received(self, data):   # the request read, then answered
+                self.transport.write(b"HTTP/1.0 200 OK\\r\\n\\r\\nhello "
+                                     + str(os.getpid()).encode())
+                self.transport.close()
+
+        async def main():
+            if SERVER == "create_server":
+                await asyncio.get_running_loop().create_server(
+                    Hello, sock=sock, backlog=socket.SOMAXCONN)
+            else:
+                from aiohttp import web
+                async def hello(request):
+                    return web.Response(text=f"hello {os.getpid()}")
+                app = web.Application()
+                app.router.add_get("/", hello)
+                runner = web.AppRunner(app)
+                await runner.setup()
+                await web.SockSite(runner, sock, backlog=socket.SOMAXCONN).start()
+            say("SERVING")
+
+        run(main())
+    """.replace("sys.argv[1]", repr(server)), [listener], names="web")
+    a.wait_line("SERVING")
+    with socket.create_connection(listener.getsockname(), timeout=10) as c:
+        c.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        reply = b""
+        while True:
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    a.send(2)
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert reply.startswith(b"HTTP/1.") and reply.endswith(f"hello {a.proc.pid}".encode()), reply

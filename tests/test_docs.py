@@ -6,10 +6,11 @@ itself.
 A sample is a ```python block with a line of its own just before it:
 
     <!-- sample: [signal=SIGINT|SIGTERM] [after=TEXT] [exit=N] [file=NAME]
-                 [args="ARGS"] [env=K=V] -->
+                 [args="ARGS"] [env=K=V] [needs=MODULE] -->
 
 The harness writes the block to NAME (default app.py) in an empty directory
-and runs it there with this interpreter: `python NAME`, or `python ARGS`.  With a signal, it waits until the app is
+and runs it there with this interpreter: `python NAME`, or `python ARGS`
+(skipped when this interpreter lacks MODULE, a third-party package).  With a signal, it waits until the app is
 ready (READY=1 on a NOTIFY_SOCKET of the harness's own: run()'s main task has
 made its first step, or the app called notify_ready()), then until the line
 TEXT has been printed if `after` is given, and sends the signal.  The exit
@@ -155,6 +156,8 @@ def test_sample_runs_as_shown(sample, tmp_path):
     assert sample.spec is not None, (
         f"{sample.id}: a Python sample needs a '<!-- sample: ... -->' line before it")
     opts = sample.options
+    if "needs" in opts:
+        pytest.importorskip(opts["needs"])
     transcript = sample.transcript
     signame = opts.get("signal")
     if transcript is not None and "^C" in transcript:

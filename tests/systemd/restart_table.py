@@ -15,7 +15,10 @@ def table(rows):
              "| longest time without a success |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {LABELS.get(r['unit'], r['unit'])}, {r['restarts']} restarts "
+        label = LABELS.get(r["unit"], r["unit"])
+        if r["restarts"]:
+            label += f", {r['restarts']} restarts"
+        lines.append(f"| {label} "
                      f"| {r['attempts']:,} | {r['ok']:,} | {r['refused']:,} | {r['reset']:,} "
                      f"| {r['no_response']:,} | {r['timeout']:,} | {r['longest_gap_ms']:.0f} ms |")
     return "\n".join(lines)

@@ -261,3 +261,78 @@ def test_a_connection_in_the_fd_store_outlives_restarts(unit):
     # One connection, answered by four processes in turn.
     assert len(pids) == 4 and len(set(pids)) == 4, pids
     assert pids[-1] == int(show(unit, "MainPID")["MainPID"]), pids
+
+
+def systemd_version():
+    out = inside("systemctl", "--version").stdout.split()
+    return int(out[1])
+
+
+def get(port):
+    r = inside("/opt/app/venv/bin/python", "-c",
+               "import socket, sys\n"
+               f"s = socket.create_connection(('127.0.0.1', {port}), timeout=10)\n"
+               "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n"
+               "print(s.makefile().read().split('\\r\\n\\r\\n', 1)[1].strip())")
+    pid, greeting = r.stdout.split()
+    return int(pid), greeting
+
+
+def set_greeting(text):
+    inside("sh", "-c", f"echo {text} > /run/aiorun-web.greeting")
+
+
+@pytest.fixture
+def reload_unit(unit):
+    if systemd_version() < 253:
+        pytest.skip("Type=notify-reload needs systemd 253 or later")
+    set_greeting("hello")
+    inside("systemctl", "start", "aiorun-reload.socket")
+    inside("systemctl", "start", unit)
+    return unit
+
+
+@pytest.mark.parametrize("unit", ["aiorun-reload.service"], indirect=True)
+def test_reload_returns_once_the_callback_ran_and_refuses_nothing_under_load(reload_unit):
+    unit = reload_unit
+    pid, _ = get(18092)
+    inside("rm", "-f", "/run/aiorun-load.stop")
+    load = subprocess.Popen(["nsenter", "-t", INIT, "-a", "/opt/app/venv/bin/python",
+                             "/opt/app/load.py", "18092", "/run/aiorun-load.stop"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        for n in range(20):
+            set_greeting(f"version-{n}")
+            inside("systemctl", "reload", unit)       # returns after READY=1
+            # Its effect is in the very next response, from the same process.
+            assert get(18092) == (pid, f"version-{n}")
+    finally:
+        inside("touch", "/run/aiorun-load.stop")
+        out, _ = load.communicate(timeout=60)
+    c = json.loads(out)
+    if RESULTS:
+        with open(RESULTS, "a") as f:
+            f.write(json.dumps({"unit": unit + " (20 reloads)", "restarts": 0, **c}) + "\n")
+    assert c["ok"] > 100, c
+    failed = {k: c[k] for k in ("refused", "reset", "no_response", "timeout", "other")}
+    assert failed == dict.fromkeys(failed, 0), c
+    assert show(unit, "MainPID")["MainPID"] == str(pid)
+
+
+@pytest.mark.parametrize("unit", ["aiorun-reload.service"], indirect=True)
+def test_a_failed_reload_fails_systemctl_reload_while_the_service_serves_on(reload_unit):
+    unit = reload_unit
+    pid, greeting = get(18092)
+    set_greeting("fail")
+    r = inside("systemctl", "reload", unit, check=False)
+    assert r.returncode != 0, r
+    p = show(unit, "ActiveState", "SubState", "StatusText", "MainPID")
+    assert (p["ActiveState"], p["SubState"]) == ("active", "running"), p
+    assert p["StatusText"] == "reload failed (ValueError), serving on with the old state", p
+    assert get(18092) == (pid, greeting)
+    assert "ValueError: the greeting file says fail" in journal(unit)
+    # The next reload works again.
+    set_greeting("fixed")
+    inside("systemctl", "reload", unit)
+    assert get(18092) == (pid, "fixed")
+    assert show(unit, "StatusText")["StatusText"] == "running"

@@ -2,7 +2,8 @@
 passes it (aiorun-web.socket, named "web"), or on a port of its own when
 started without one (aiorun-web-bound.service, the baseline).
 
-GET answers "200 OK" and this process's pid.  A client that sends HOLD
+GET answers "200 OK", this process's pid and the greeting its last reload
+read from /run/aiorun-web.greeting ("fail" there makes the reload fail).  A client that sends HOLD
 keeps its connection: the server puts it in systemd's fd store, answers each
 line with the pid, and the next process takes it back from the store, so the
 connection outlives every restart.  On SIGTERM it stops accepting, lets the
@@ -16,7 +17,19 @@ import sys
 import aiorun
 
 PID = str(os.getpid()).encode()
+GREETING_FILE = "/run/aiorun-web.greeting"
 held = set()
+greeting = [b"hello"]
+
+
+async def reload():
+    """SIGHUP (Type=notify-reload): the greeting from its file."""
+    with open(GREETING_FILE, "rb") as f:
+        new = f.read().strip()
+    if new == b"fail":
+        raise ValueError("the greeting file says fail")
+    await asyncio.sleep(0.2)   # a reload that takes a while, while serving
+    greeting[0] = new
 
 
 async def serve_held(reader, writer, name):
@@ -49,7 +62,8 @@ async def handle(reader, writer):
         return
     while (await reader.readline()).strip():
         pass   # the headers
-    writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + PID + b"\n")
+    writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + PID + b" "
+                 + greeting[0] + b"\n")
     await writer.drain()
     writer.close()
 
@@ -82,4 +96,5 @@ async def main():
 
 # Held connections end by cancellation, which closes only this process's
 # copy: systemd's store keeps the connection open.
-aiorun.run(main(), notify_ready_on_start=False, drain_delay=10, cancel_main_first=True)
+aiorun.run(main(), notify_ready_on_start=False, drain_delay=10, cancel_main_first=True,
+           reload_callback=reload)
