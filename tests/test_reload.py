@@ -58,13 +58,6 @@ SERVICE = """
 """
 
 
-def wait_count(receiver, message, n, timeout=30):
-    """Until message has arrived n times."""
-    with receiver.arrived:
-        assert receiver.arrived.wait_for(lambda: receiver.messages.count(message) >= n,
-                                         timeout), (message, n, receiver.messages)
-
-
 def stop(a):
     """Close the app's stdin (its reader thread ends), then SIGTERM."""
     a.proc.stdin.close()
@@ -73,24 +66,33 @@ def stop(a):
     return a.finish()
 
 
-def test_a_reload_says_reloading_runs_the_callback_and_says_ready(app, receiver):
+def reloaded(receiver):
+    """The messages that end a reload: RELOADING=1 with READY=1."""
+    return [m for m in receiver.messages if m.startswith("RELOADING=1\n")]
+
+
+def test_a_reload_runs_the_callback_and_then_says_reloading_and_ready(app, receiver):
     a = app(SERVICE, env=receiver.env, stdin=True)
     a.wait_line("SERVING 1")
     receiver.wait_for("READY=1\nSTATUS=running")
     before = monotonic_usec()
     a.send(signal.SIGHUP)
     a.wait_line("RELOADING 2")
-    reloading = [m for m in receiver.messages if m.startswith("RELOADING=1")]
-    assert len(reloading) == 1, receiver.messages
-    fields = dict(line.split("=", 1) for line in reloading[0].split("\n"))
-    assert fields["STATUS"] == "reloading"
-    # systemd takes only a RELOADING=1 stamped after its SIGHUP.
-    assert before <= int(fields["MONOTONIC_USEC"]) <= monotonic_usec()
+    receiver.wait_for("STATUS=reloading")
+    after = monotonic_usec()
     a.write("version?\n")          # the app serves on during the reload
     assert a.wait_prefix("VERSION") == "VERSION 1"
+    assert reloaded(receiver) == []    # nothing systemd takes as the end yet
     a.write("ok\n")
     a.wait_line("RELOADED 2")
-    wait_count(receiver, "READY=1\nSTATUS=running", 2)
+    with receiver.arrived:
+        assert receiver.arrived.wait_for(lambda: reloaded(receiver), 30), receiver.messages
+    message, = reloaded(receiver)
+    fields = dict(line.split("=", 1) for line in message.split("\n"))
+    assert fields.keys() == {"RELOADING", "MONOTONIC_USEC", "READY", "STATUS"}, message
+    assert (fields["READY"], fields["STATUS"]) == ("1", "running")
+    # Stamped when the reload began, after the SIGHUP: what systemd checks.
+    assert before <= int(fields["MONOTONIC_USEC"]) <= after
     a.write("version?\n")
     a.wait_line("VERSION 2")
     r = stop(a)
@@ -108,16 +110,18 @@ def test_a_failed_reload_is_logged_and_the_app_serves_on_without_ready(app, rece
     receiver.wait_for("STATUS=reload failed (ValueError), serving on with the old state")
     a.write("version?\n")
     a.wait_line("VERSION 1")
+    assert reloaded(receiver) == [], receiver.messages
     # The next reload works, and only it says READY=1.
     a.send(signal.SIGHUP)
     a.wait_line("RELOADING 2")
     a.write("ok\n")
     a.wait_line("RELOADED 2")
-    wait_count(receiver, "READY=1\nSTATUS=running", 2)
+    with receiver.arrived:
+        assert receiver.arrived.wait_for(lambda: reloaded(receiver), 30), receiver.messages
     r = stop(a)
     assert r.returncode == 0, r
     receiver.wait_for("STATUS=stopped")
-    ready = [i for i, m in enumerate(receiver.messages) if m.startswith("READY=1")]
+    ready = [i for i, m in enumerate(receiver.messages) if "READY=1" in m.split("\n")]
     assert len(ready) == 2, receiver.messages   # the start, and the second reload
     failed = receiver.messages.index(
         "STATUS=reload failed (ValueError), serving on with the old state")
@@ -213,7 +217,7 @@ def test_a_reload_cut_short_by_the_shutdown_sends_no_ready(app, receiver):
     r = a.finish()
     assert r.returncode == 0, r
     receiver.wait_for("STATUS=stopped")
-    assert sum(m.startswith("READY=1") for m in receiver.messages) == 1, receiver.messages
+    assert sum("READY=1" in m.split("\n") for m in receiver.messages) == 1, receiver.messages
     assert "INFO:Reload cut short by the shutdown." in r.log, r
 
 

@@ -7,7 +7,8 @@ import json
 import sys
 
 LABELS = {"aiorun-web.service": "socket activation (aiorun-web.service)",
-          "aiorun-web-bound.service": "the app binds its port (aiorun-web-bound.service)"}
+          "aiorun-web-bound.service": "the app binds its port (aiorun-web-bound.service)",
+          "aiorun-reload.service (20 reloads)": "20 reloads (aiorun-reload.service)"}
 
 
 def table(rows):

@@ -273,7 +273,7 @@ def get(port):
                "import socket, sys\n"
                f"s = socket.create_connection(('127.0.0.1', {port}), timeout=10)\n"
                "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n"
-               "print(s.makefile().read().split('\\r\\n\\r\\n', 1)[1].strip())")
+               "print(s.makefile('rb').read().split(b'\\r\\n\\r\\n', 1)[1].decode().strip())")
     pid, greeting = r.stdout.split()
     return int(pid), greeting
 
@@ -324,10 +324,11 @@ def test_a_failed_reload_fails_systemctl_reload_while_the_service_serves_on(relo
     unit = reload_unit
     pid, greeting = get(18092)
     set_greeting("fail")
-    r = inside("systemctl", "reload", unit, check=False)
+    r = inside("systemctl", "reload", unit, check=False, timeout=60)
     assert r.returncode != 0, r
-    p = show(unit, "ActiveState", "SubState", "StatusText", "MainPID")
+    p = show(unit, "ActiveState", "SubState", "StatusText", "MainPID", "ReloadResult")
     assert (p["ActiveState"], p["SubState"]) == ("active", "running"), p
+    assert p["ReloadResult"] == "timeout", p     # TimeoutStartSec=3 ended it
     assert p["StatusText"] == "reload failed (ValueError), serving on with the old state", p
     assert get(18092) == (pid, greeting)
     assert "ValueError: the greeting file says fail" in journal(unit)

@@ -367,6 +367,7 @@ typedef struct RunObject {
     int reloading;             /* a reload has begun and not ended */
     int reload_scheduled;      /* _reload is on the loop's ready queue */
     int reload_again;          /* a SIGHUP came meanwhile: one more after it */
+    unsigned long long reload_usec; /* CLOCK_MONOTONIC at the reload's start */
 } RunObject;
 
 extern PyType_Spec aiorun_run_type_spec;
@@ -582,8 +583,9 @@ void aiorun_notify_stopping(RunObject *run, int signum);
 void aiorun_notify_stage(RunObject *run, aiorun_stage stage);
 /* Cancels the pings and closes the socket; keeps any exception set. */
 void aiorun_notify_stop(RunObject *run);
-/* RELOADING=1 with MONOTONIC_USEC; then READY=1 after a reload (exc NULL),
- * or only a STATUS= that says it failed. */
+/* A reload begins (STATUS=reloading, and its time noted); it ended well
+ * (exc NULL: RELOADING=1 with MONOTONIC_USEC and READY=1), or failed (only
+ * a STATUS= that says so). */
 void aiorun_notify_reloading(RunObject *run);
 void aiorun_notify_reloaded(RunObject *run, PyObject *exc);
 PyObject *aiorun_run_notify_ready(PyObject *self, PyObject *unused);

@@ -65,9 +65,9 @@ PyDoc_STRVAR(run_doc,
 "reload_callback\n"
 "    Called with no arguments on SIGHUP, on the loop (an awaitable it\n"
 "    returns is awaited), while the app goes on serving; under systemd\n"
-"    RELOADING=1 comes before it and READY=1 after it, as\n"
-"    Type=notify-reload expects.  If it raises, the error is logged and\n"
-"    the app serves on.\n"
+"    RELOADING=1 and READY=1 follow it, as Type=notify-reload expects.\n"
+"    If it raises, the error is logged, the app serves on, and systemd's\n"
+"    reload fails at its timeout.\n"
 "\n"
 "SIGINT, SIGTERM, SIGHUP, the deadline, systemd and the reaper belong to the\n"
 "process: only the outermost run() on the main thread takes them.");

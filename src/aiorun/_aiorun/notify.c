@@ -403,22 +403,25 @@ aiorun_notify_stage(RunObject *run, aiorun_stage stage)
     say(run, message);
 }
 
+/* CLOCK_MONOTONIC in microseconds, as systemd reads it. */
+static unsigned long long
+monotonic_usec(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (unsigned long long)now.tv_sec * 1000000ULL
+        + (unsigned long long)now.tv_nsec / 1000ULL;
+}
+
 void
 aiorun_notify_reloading(RunObject *run)
 {
-    if (live_notifier(run) == NULL) {
-        return;
+    /* Stamped now, after the SIGHUP: systemd takes only a reload stamped
+     * after its signal as the answer to it. */
+    run->reload_usec = monotonic_usec();
+    if (live_notifier(run) != NULL) {
+        say(run, "STATUS=reloading");
     }
-    /* CLOCK_MONOTONIC, as systemd's: it takes only a RELOADING=1 stamped
-     * after its SIGHUP as the answer to it. */
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    unsigned long long usec = (unsigned long long)now.tv_sec * 1000000ULL
-        + (unsigned long long)now.tv_nsec / 1000ULL;
-    char message[96];
-    snprintf(message, sizeof message, "RELOADING=1\nMONOTONIC_USEC=%llu\nSTATUS=reloading",
-             usec);
-    say(run, message);
 }
 
 void
@@ -429,10 +432,18 @@ aiorun_notify_reloaded(RunObject *run, PyObject *exc)
         return;
     }
     if (exc == NULL) {
-        say(run, "READY=1\nSTATUS=running");
+        /* RELOADING=1 only now, with READY=1: the reload is over and went
+         * well.  Said at its start, it could not be taken back when the
+         * callback fails (reload.c). */
+        char message[128];
+        snprintf(message, sizeof message,
+                 "RELOADING=1\nMONOTONIC_USEC=%llu\nREADY=1\nSTATUS=running",
+                 run->reload_usec);
+        say(run, message);
         return;
     }
-    /* No READY=1: systemd fails the reload at its timeout (reload.c). */
+    /* Nothing systemd would take as the end of the reload: it fails it at
+     * its timeout (reload.c). */
     PyObject *text = PyUnicode_FromFormat(
         "STATUS=reload failed (%.100s), serving on with the old state",
         Py_TYPE(exc)->tp_name);

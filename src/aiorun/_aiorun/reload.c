@@ -1,15 +1,19 @@
-/* Reloading on SIGHUP (run()'s reload_callback), as systemd's
- * Type=notify-reload expects: RELOADING=1 with MONOTONIC_USEC= when the
- * reload begins, the callback run on the loop while the app goes on
- * serving, then READY=1.
+/* Reloading on SIGHUP (run()'s reload_callback), for systemd's
+ * Type=notify-reload: the callback runs on the loop while the app goes on
+ * serving, and then systemd hears RELOADING=1 (stamped with MONOTONIC_USEC
+ * at the start of the reload, after the SIGHUP) and READY=1 together.
  *
- * A failed reload (the callback raised) is logged with its traceback and
+ * A failed reload (the callback raised) is logged with its traceback, and
  * the app serves on with its old state.  systemd 257 has no message that
- * fails a reload (READY=1 ends one successfully; ERRNO= and STATUS= only
- * describe the service), so aiorun says it by not sending READY=1:
- * systemd ends the reload at TimeoutStartSec= with result "timeout",
- * `systemctl reload` fails, and the service stays up; STATUS= says why
- * meanwhile.
+ * fails a reload: READY=1 ends one successfully, and ERRNO= and STATUS=
+ * only describe the service.  What fails it is its timeout
+ * (TimeoutStartSec=), and only while the service has not said RELOADING=1:
+ * after the timeout systemd goes back to waiting for as long as the last
+ * word was RELOADING=1 (seen under 257.13: the timeout repeats, and
+ * `systemctl reload` never returns).  So RELOADING=1 is said only with the
+ * READY=1 of a reload that worked, and a failed one says only its STATUS=:
+ * systemd ends the reload at its timeout with result "timeout", `systemctl
+ * reload` fails, and the service stays up.
  *
  * One reload at a time: a SIGHUP during a reload asks for one more after
  * it, and any number of them ask for just one.  Once the shutdown has

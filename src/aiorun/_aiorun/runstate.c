@@ -24,6 +24,7 @@ aiorun_run_new(aiorun_state *st)
     run->reloading = 0;
     run->reload_scheduled = 0;
     run->reload_again = 0;
+    run->reload_usec = 0;
     run->drain_waiter = NULL;
     run->drain_remaining = 0;
     run->drain_over = 0;
