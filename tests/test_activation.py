@@ -6,6 +6,8 @@ real child process with real sockets.
 """
 import array
 import os
+import shutil
+import subprocess
 import socket
 import sys
 import textwrap
@@ -411,3 +413,46 @@ def test_the_passed_socket_serves_with_create_server_and_aiohttp(tmp_path, liste
     r = a.finish()
     assert r.returncode == 0, r
     assert reply.startswith(b"HTTP/1.") and reply.endswith(f"hello {a.proc.pid}".encode()), reply
+
+
+def listen_backlog(port):
+    """The backlog of the socket listening on 127.0.0.1:port, as the kernel
+    has it (ss shows it as Send-Q of a listening socket)."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True,
+                         text=True, check=True).stdout.split()
+    return int(out[2])
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+@pytest.mark.parametrize("backlog, expected", [("socket.SOMAXCONN", 4096), ("None", 100)])
+def test_the_backlog_systemd_set_survives_when_asyncio_is_given_it(tmp_path, backlog,
+                                                                   expected):
+    """asyncio listens again on a socket it is given; with backlog= it keeps
+    the queue systemd made (Backlog=4096 here), without it the queue is cut
+    to asyncio's 100: what the guide tells apps to pass."""
+    if socket.SOMAXCONN < 4096 or int(open("/proc/sys/net/core/somaxconn").read()) < 4096:
+        pytest.skip("the kernel caps backlogs below 4096 here")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4096)
+    port = sock.getsockname()[1]
+    assert listen_backlog(port) == 4096
+    kwargs = "" if backlog == "None" else f", backlog={backlog}"
+    a = activated(tmp_path, f"""
+        import socket
+        sock, = aiorun.listen_sockets()["web"]
+
+        async def main():
+            await asyncio.start_server(lambda r, w: None, sock=sock{kwargs})
+            say("SERVING")
+
+        run(main())
+    """, [sock], names="web")
+    a.wait_line("SERVING")
+    try:
+        assert listen_backlog(port) == expected
+    finally:
+        a.send(2)
+        r = a.finish()
+        sock.close()
+    assert r.returncode == 0, r

@@ -8,7 +8,11 @@ import sys
 
 LABELS = {"aiorun-web.service": "socket activation (aiorun-web.service)",
           "aiorun-web-bound.service": "the app binds its port (aiorun-web-bound.service)",
-          "aiorun-reload.service (20 reloads)": "20 reloads (aiorun-reload.service)"}
+          "aiorun-reload.service (20 reloads)": "20 reloads (aiorun-reload.service)",
+          "aiorun-aiohttp.service": "aiohttp, socket activation (aiorun-aiohttp.service)",
+          "aiorun-aiohttp-bound.service":
+              "aiohttp binding its port (aiorun-aiohttp-bound.service)",
+          "aiorun-aiohttp.service (20 reloads)": "aiohttp, 20 reloads (aiorun-aiohttp.service)"}
 
 
 def table(rows):

@@ -206,7 +206,11 @@ def test_python_m_aiorun_waits_for_the_executor_job_under_killmode_mixed(unit):
 RESULTS = os.environ.get("AIORUN_SYSTEMD_RESULTS")
 
 
-def restarts_under_load(unit, port, restarts=10):
+def failures(counts):
+    return {k: counts[k] for k in ("refused", "reset", "no_response", "timeout", "other")}
+
+
+def restarts_under_load(unit, port, restarts=20):
     """The load client inside the container, `restarts` restarts of unit
     while it runs, then its counts."""
     inside("rm", "-f", "/run/aiorun-load.stop")
@@ -238,8 +242,7 @@ def test_restarts_under_load_refuse_nothing_with_socket_activation(unit):
     inside("systemctl", "start", unit)
     c = restarts_under_load(unit, 18090)
     assert c["ok"] > 100, c
-    failed = {k: c[k] for k in ("refused", "reset", "no_response", "timeout", "other")}
-    assert failed == dict.fromkeys(failed, 0), c
+    assert failures(c) == dict.fromkeys(failures(c), 0), c
 
 
 @pytest.mark.parametrize("unit", ["aiorun-web-bound.service"], indirect=True)
@@ -337,3 +340,45 @@ def test_a_failed_reload_fails_systemctl_reload_while_the_service_serves_on(relo
     inside("systemctl", "reload", unit)
     assert get(18092) == (pid, "fixed")
     assert show(unit, "StatusText")["StatusText"] == "running"
+
+
+def needs_notify_reload():
+    if systemd_version() < 253:
+        pytest.skip("Type=notify-reload needs systemd 253 or later")
+
+
+@pytest.mark.parametrize("unit", ["aiorun-aiohttp.service"], indirect=True)
+def test_aiohttp_restarts_and_reloads_under_load_fail_nothing(unit):
+    needs_notify_reload()
+    set_greeting("hello")
+    inside("systemctl", "start", "aiorun-aiohttp.socket")
+    inside("systemctl", "start", unit)
+    c = restarts_under_load(unit, 18093)
+    assert c["ok"] > 100 and failures(c) == dict.fromkeys(failures(c), 0), c
+    pid, _ = get(18093)
+    inside("rm", "-f", "/run/aiorun-load.stop")
+    load = subprocess.Popen(["nsenter", "-t", INIT, "-a", "/opt/app/venv/bin/python",
+                             "/opt/app/load.py", "18093", "/run/aiorun-load.stop"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        for n in range(20):
+            set_greeting(f"aiohttp-{n}")
+            inside("systemctl", "reload", unit)
+            assert get(18093) == (pid, f"aiohttp-{n}")
+    finally:
+        inside("touch", "/run/aiorun-load.stop")
+        out, _ = load.communicate(timeout=60)
+    r = json.loads(out)
+    if RESULTS:
+        with open(RESULTS, "a") as f:
+            f.write(json.dumps({"unit": unit + " (20 reloads)", "restarts": 0, **r}) + "\n")
+    assert r["ok"] > 100 and failures(r) == dict.fromkeys(failures(r), 0), r
+
+
+@pytest.mark.parametrize("unit", ["aiorun-aiohttp-bound.service"], indirect=True)
+def test_aiohttp_restarts_without_socket_activation_refuse_connections(unit):
+    needs_notify_reload()   # its pair above runs only there
+    inside("systemctl", "start", unit)
+    c = restarts_under_load(unit, 18094)
+    assert c["ok"] > 100, c
+    assert c["refused"] + c["reset"] + c["no_response"] > 0, c

@@ -26,7 +26,8 @@ def one():
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(b"GET / HTTP/1.0\r\n\r\n")
             data = s.recv(64)
-            return "ok" if data.startswith(b"HTTP/1.0 200") else "no_response"
+            return "ok" if data.startswith(b"HTTP/1.") and data[8:13] == b" 200 " \
+                else "no_response"
     except ConnectionRefusedError:
         return "refused"
     except ConnectionResetError:
