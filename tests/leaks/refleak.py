@@ -204,6 +204,40 @@ def scenario_fdstore():
         a.close()
         b.close()
 
+def scenario_reload():
+    # SIGHUP with reload_callback (reload.c): a reload that works, one that
+    # raises, SIGHUPs coalesced during a reload, and one cut short by the
+    # shutdown, with notifications to a receiver nobody reads.
+    import logging, socket
+    logger = logging.getLogger("aiorun")
+    name = f"aiorun-refleak-reload-{os.getpid()}"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    calls = []
+    async def reload():
+        calls.append(1)
+        await asyncio.sleep(0.01)
+        if len(calls) % 2 == 0:
+            raise ValueError("reload fails")
+    async def main():
+        for _ in range(3):
+            os.kill(os.getpid(), signal.SIGHUP)
+            os.kill(os.getpid(), signal.SIGHUP)
+            await asyncio.sleep(0.03)
+        os.kill(os.getpid(), signal.SIGHUP)
+        await asyncio.sleep(0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.sleep(10)
+    logger.disabled = True
+    try:
+        receiver.bind("\0" + name)
+        os.environ["NOTIFY_SOCKET"] = "@" + name
+        run(main(), reload_callback=reload, timeout_task_shutdown=2)
+        run(main(), reload_callback=lambda: None, timeout_task_shutdown=2)
+    finally:
+        logger.disabled = False
+        os.environ.pop("NOTIFY_SOCKET", None)
+        receiver.close()
+
 async def cli_target():
     asyncio.get_running_loop().stop()
 
@@ -368,7 +402,7 @@ def measure(fn, warm=5, reps=30, report=True):
 SCENARIOS = ["scenario_cancel_awaiter", "scenario_run_stop", "scenario_unhandled",
              "scenario_stuck", "scenario_watchdog", "scenario_waiters", "scenario_waiters_10k",
              "scenario_thread_and_nested", "scenario_bad_args", "scenario_notify", "scenario_cli",
-             "scenario_ordered", "scenario_fdstore"]
+             "scenario_ordered", "scenario_fdstore", "scenario_reload"]
 _kept = []
 
 def canary_leaks_one_object_per_rep():
