@@ -15,8 +15,9 @@ ready (READY=1 on a NOTIFY_SOCKET of the harness's own: run()'s main task has
 made its first step, or the app called notify_ready()), then until the line
 TEXT has been printed if `after` is given, and sends the signal.  The exit
 code must be N (default 0).  A ```console block right after the sample is
-its transcript: `$ ...` lines are the commands, a `^C` line is where Ctrl-C
-was pressed (it implies signal=SIGINT), and the rest must be the program's
+its transcript: `$ ...` lines are the commands, `^C` at the start of a line
+is where Ctrl-C was pressed (it implies signal=SIGINT; a terminal shows the
+next output right after it), and the rest must be the program's
 output (stdout and stderr as one stream), line for line; a line `...` stands
 for any number of lines and `...` inside a line for any text.
 """
@@ -160,7 +161,7 @@ def test_sample_runs_as_shown(sample, tmp_path):
         pytest.importorskip(opts["needs"])
     transcript = sample.transcript
     signame = opts.get("signal")
-    if transcript is not None and "^C" in transcript:
+    if transcript is not None and any(l.startswith("^C") for l in transcript):
         assert signame in (None, "SIGINT"), sample.id
         signame = "SIGINT"
     name = opts.get("file", "app.py")
@@ -194,7 +195,8 @@ def test_sample_runs_as_shown(sample, tmp_path):
     out.thread.join(TIMEOUT)
     assert code == int(opts.get("exit", 0)), (sample.id, code, out.lines)
     if transcript is not None:
-        shown = [l for l in transcript if not l.startswith("$ ") and l != "^C"]
+        shown = [l[2:] if l.startswith("^C") else l for l in transcript
+                 if not l.startswith("$ ") and l != "^C"]
         assert matches(shown, out.lines), (sample.id, "\n".join(out.lines))
 
 
