@@ -458,3 +458,122 @@ def test_two_signals_at_once_are_told_apart(app):
     r = a.finish()
     assert r.returncode == FORCED, r
     assert "aiorun: SIGINT again during the shutdown (requested by SIGTERM" in r.stderr_text, r
+
+
+AFTER_RUN = ("run() returned; waiting for the process to exit (atexit handlers, threads "
+             "that are not daemons)")
+
+
+@skip_on_pypy_stacks
+def test_deadline_covers_exit_bounds_a_thread_that_is_not_a_daemon(app):
+    a = app("""
+        never = threading.Event()
+
+        def worker():
+            never.wait()  # NOT A DAEMON, NEVER ENDS
+
+        async def main():
+            threading.Thread(target=worker).start()
+            say("READY")
+
+        run(main(), shutdown_deadline=1, deadline_covers_exit=True)
+        say("RETURNED")
+    """)
+    r, sent = signal_when_ready(a, signal.SIGTERM)
+    text = forced_exit(a, r, AFTER_RUN, sent, deadline=1)
+    assert r.stdout[-1] == "RETURNED", r
+    assert "Leaving. Bye!" in r.messages
+    assert thread_frame(a, "# NOT A DAEMON, NEVER ENDS", "worker") in text
+    assert "aiorun: run() had returned: no task list" in text
+
+
+def test_deadline_covers_exit_bounds_an_atexit_handler(app):
+    a = app("""
+        import atexit
+        atexit.register(lambda: threading.Event().wait())   # HANGS AT EXIT
+
+        async def main():
+            say("READY")
+
+        run(main(), shutdown_deadline=1)
+    """, env={"AIORUN_DEADLINE_COVERS_EXIT": "1"})
+    r, sent = signal_when_ready(a, signal.SIGTERM)
+    forced_exit(a, r, AFTER_RUN, sent, deadline=1)
+
+
+def test_deadline_covers_exit_leaves_a_clean_exit_alone(app):
+    r = app("""
+        async def main():
+            asyncio.get_running_loop().stop()
+        run(main(), shutdown_deadline=30, deadline_covers_exit=True)
+        say("RETURNED")
+    """).finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["RETURNED"], r
+    assert "aiorun: the shutdown deadline" not in r.stderr_text, r
+
+
+def test_without_covers_exit_the_deadline_ends_with_run(app):
+    """The default: what follows run() is the app's.  The thread ends
+    when this test says so, past the deadline, and the exit is clean."""
+    a = app("""
+        def worker():
+            sys.stdin.readline()   # ends when the test writes a line
+
+        async def main():
+            threading.Thread(target=worker).start()
+            say("READY")
+
+        run(main(), shutdown_deadline=1)
+        say("RETURNED")
+    """, stdin=True)
+    a.wait_line("READY")
+    a.send(signal.SIGTERM)
+    a.wait_line("RETURNED")
+    time.sleep(2)   # past the deadline: a bound to outlast, not an ordering
+    a.write("go\n")
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert "aiorun: the shutdown deadline" not in r.stderr_text, r
+
+
+def test_a_later_run_retires_the_exit_guard(app):
+    """The process went on to another run(): the first run()'s deadline no
+    longer bounds it."""
+    a = app("""
+        async def stop():
+            asyncio.get_running_loop().stop()
+
+        run(stop(), shutdown_deadline=1, deadline_covers_exit=True)
+
+        async def main():
+            say("SECOND")
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            asyncio.get_running_loop().stop()
+
+        run(main())
+        say("RETURNED")
+    """, stdin=True)
+    a.wait_line("SECOND")
+    time.sleep(2)   # past the first run()'s deadline
+    a.write("go\n")
+    r = a.finish()
+    assert r.returncode == 0, r
+    assert r.stdout[-1] == "RETURNED", r
+
+
+def test_deadline_covers_exit_needs_the_owner(app):
+    r = app("""
+        result = []
+        def helper():
+            async def main():
+                pass
+            try:
+                run(main(), deadline_covers_exit=True)
+            except ValueError as e:
+                result.append(str(e))
+        t = threading.Thread(target=helper); t.start(); t.join()
+        say(result[0])
+    """).finish()
+    assert r.stdout == ["run() argument 'deadline_covers_exit' needs run() in the main "
+                        "thread"], r

@@ -19,7 +19,8 @@ from aiorun import run, shutdown_waits_for
 PARAMS = ["coro", "loop", "shutdown_handler", "shutdown_callback", "executor_workers",
           "executor", "use_uvloop", "stop_on_unhandled_errors", "timeout_task_shutdown",
           "shutdown_deadline", "exit_on_repeated_signal", "drain_delay",
-          "cancel_main_first", "task_dump_signal", "reap_orphans", "reload_callback"]
+          "cancel_main_first", "task_dump_signal", "reap_orphans", "reload_callback",
+          "deadline_covers_exit"]
 
 # The one message aiorun 2025.1.1 words without a parameter name (kept).
 EXCLUSIVE = "'loop' and 'use_uvloop' parameters are mutually exclusive"
@@ -75,6 +76,7 @@ VALID = {
     "task_dump_signal": st.sampled_from([None, False, True, signal.SIGUSR2]),
     "reap_orphans": st.one_of(st.none(), st.booleans()),
     "reload_callback": st.sampled_from([None, lambda: None]),
+    "deadline_covers_exit": st.one_of(st.none(), st.booleans()),
 }
 # A Weird coroutine is a valid awaitable whose main task fails: the loop
 # then rightly runs on forever, so it is kept out of "coro".

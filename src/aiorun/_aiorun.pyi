@@ -53,6 +53,7 @@ def run(
     task_dump_signal: Union[int, bool, None] = None,
     reap_orphans: Optional[bool] = None,
     reload_callback: Optional[Callable[[], Optional[Awaitable[Any]]]] = None,
+    deadline_covers_exit: Optional[bool] = None,
 ) -> Optional[_T]: ...
 
 def shutdown_event(loop: Optional[asyncio.AbstractEventLoop] = None) -> asyncio.Event: ...

@@ -138,6 +138,9 @@ typedef struct {
      * calls any Python code, whether it is there. */
     unsigned long main_thread_ident;
     int fork_hook_registered;   /* os.register_at_fork() done (watchdog.c) */
+    /* The watchdog a run() with deadline_covers_exit left to bound the
+     * process's exit (watchdog.c), or NULL; main thread only. */
+    struct aiorun_watchdog *exit_guard;
 } aiorun_state;
 
 static inline aiorun_state *
@@ -565,6 +568,10 @@ int aiorun_register_fork_hook(aiorun_state *st);
 PyObject *aiorun_after_fork_child(PyObject *module, PyObject *unused);
 /* Joins the watchdog's threads; keeps any exception set.  No-op without. */
 void aiorun_watchdog_stop(RunObject *run);
+/* Instead of stop, with deadline_covers_exit: the watchdog bounds the
+ * process's exit; a later run() that owns the process retires it. */
+void aiorun_watchdog_hand_over(RunObject *run);
+void aiorun_exit_guard_retire(aiorun_state *st);
 void aiorun_watchdog_stage(RunObject *run, aiorun_stage stage);
 /* Called once run->loop is set: the loop whose tasks a forced exit lists. */
 void aiorun_watchdog_loop_ready(RunObject *run);

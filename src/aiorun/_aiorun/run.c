@@ -9,6 +9,7 @@
 
 #define DEADLINE_ENV "AIORUN_SHUTDOWN_DEADLINE"
 #define REPEATED_SIGNAL_ENV "AIORUN_EXIT_ON_REPEATED_SIGNAL"
+#define COVERS_EXIT_ENV "AIORUN_DEADLINE_COVERS_EXIT"
 #define REAP_ORPHANS_ENV "AIORUN_REAP_ORPHANS"
 
 typedef struct {
@@ -29,6 +30,7 @@ typedef struct {
     PyObject *task_dump_signal;
     PyObject *reap_orphans;
     PyObject *reload_callback;
+    PyObject *deadline_covers_exit;
 } run_args;
 
 /* What the arguments say, once checked. */
@@ -47,6 +49,7 @@ typedef struct {
 typedef struct {
     double deadline;           /* seconds, 0 for none */
     int exit_on_repeat;
+    int covers_exit;           /* the watchdog stays until the process exits */
 } watchdog_args;
 
 static int
@@ -243,8 +246,12 @@ check_watchdog_arguments(aiorun_state *st, run_args *a, watchdog_args *w, int us
     }
     w->deadline = deadline;
 
-    return flag_or_env(st, a->exit_on_repeated_signal, "exit_on_repeated_signal",
-                       use_env ? REPEATED_SIGNAL_ENV : NULL, &w->exit_on_repeat);
+    if (flag_or_env(st, a->exit_on_repeated_signal, "exit_on_repeated_signal",
+                    use_env ? REPEATED_SIGNAL_ENV : NULL, &w->exit_on_repeat) < 0) {
+        return -1;
+    }
+    return flag_or_env(st, a->deadline_covers_exit, "deadline_covers_exit",
+                       use_env ? COVERS_EXIT_ENV : NULL, &w->covers_exit);
 }
 
 static int
@@ -706,6 +713,9 @@ claim_process(aiorun_state *st, RunObject *run, int on_main)
     if (on_main && st->owner == NULL) {
         st->owner = run;
         run->owns_process = 1;
+        /* An earlier run() left its deadline to bound the exit, and the
+         * process goes on instead: this run() owns what that did. */
+        aiorun_exit_guard_retire(st);
     }
 }
 
@@ -755,7 +765,9 @@ check_owner_only(RunObject *run, int on_main, run_args *a, watchdog_args *w,
         : a->task_dump_signal != Py_None && a->task_dump_signal != Py_False
             ? "task_dump_signal"
         : a->reap_orphans != Py_None && f->reap_orphans ? "reap_orphans"
-        : a->reload_callback != Py_None ? "reload_callback" : NULL;
+        : a->reload_callback != Py_None ? "reload_callback"
+        : a->deadline_covers_exit != Py_None && w->covers_exit ? "deadline_covers_exit"
+        : NULL;
     if (asked != NULL) {
         PyErr_Format(PyExc_ValueError, on_main
                      ? "run() argument '%s' needs the outermost run(): another "
@@ -765,6 +777,7 @@ check_owner_only(RunObject *run, int on_main, run_args *a, watchdog_args *w,
     }
     w->deadline = 0;
     w->exit_on_repeat = 0;
+    w->covers_exit = 0;
     f->reap_orphans = 0;
     return 0;
 }
@@ -834,7 +847,12 @@ run_body(PyObject *module, RunObject *run, run_args *a, watchdog_args *w,
     forget_main_task(run);
     aiorun_reaper_stop(run);
     aiorun_notify_stop(run);
-    aiorun_watchdog_stop(run);
+    if (w->covers_exit) {
+        aiorun_watchdog_hand_over(run);
+    }
+    else {
+        aiorun_watchdog_stop(run);
+    }
     unregister_run(run);
     aiorun_signals_unwake_loop(run);
     remove_exception_handler(run);
@@ -865,18 +883,18 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
         "executor", "use_uvloop", "stop_on_unhandled_errors", "timeout_task_shutdown",
         "shutdown_deadline", "exit_on_repeated_signal", "notify_ready_on_start",
         "drain_delay", "cancel_main_first", "task_dump_signal", "reap_orphans",
-        "reload_callback", NULL,
+        "reload_callback", "deadline_covers_exit", NULL,
     };
     aiorun_state *st = aiorun_get_state(module);
     run_args a = {Py_None, Py_None, Py_None, Py_None, Py_None, Py_None,
                   Py_False, Py_False, NULL, Py_None, Py_None, Py_True,
-                  Py_None, Py_False, Py_None, Py_None, Py_None};
-    watchdog_args w = {0, 0};
+                  Py_None, Py_False, Py_None, Py_None, Py_None, Py_None};
+    watchdog_args w = {0, 0, 0};
     run_flags f = {0, 0, 1, -1, 0, 0, 0, 0};
     PyObject *result = NULL;
 
     if (aiorun_check_call("run", args, kwargs, kwlist, 1, 0) < 0
-        || !PyArg_ParseTupleAndKeywords(args, kwargs, "|O$OOOOOOOOOOOOOOOO:run", kwlist,
+        || !PyArg_ParseTupleAndKeywords(args, kwargs, "|O$OOOOOOOOOOOOOOOOO:run", kwlist,
                                      &a.coro, &a.loop, &a.shutdown_handler,
                                      &a.shutdown_callback, &a.executor_workers,
                                      &a.executor, &a.use_uvloop,
@@ -885,7 +903,8 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
                                      &a.exit_on_repeated_signal,
                                      &a.notify_ready_on_start, &a.drain_delay,
                                      &a.cancel_main_first, &a.task_dump_signal,
-                                     &a.reap_orphans, &a.reload_callback)) {
+                                     &a.reap_orphans, &a.reload_callback,
+                                     &a.deadline_covers_exit)) {
         return NULL;
     }
     PyObject *default_timeout = NULL;

@@ -62,6 +62,7 @@ struct aiorun_watchdog {
     atomic_int quit;             /* run() is returning */
     atomic_int late_claimed;     /* the late warning has been given */
     atomic_int stacks_claimed;   /* the forced exit's stacks have been dumped */
+    atomic_int after_run;        /* run() returned and handed it the exit */
     /* Written by the watchdog thread before any job is handed over. */
     int requested;
     int reason;
@@ -195,9 +196,16 @@ reason_text(const aiorun_watchdog *wd)
     }
 }
 
+#define AFTER_RUN_STAGE                                                        \
+    "run() returned; waiting for the process to exit (atexit handlers, threads " \
+    "that are not daemons)"
+
 static const char *
 stage_text(const aiorun_watchdog *wd)
 {
+    if (atomic_load((atomic_int *)&wd->after_run)) {
+        return AFTER_RUN_STAGE;
+    }
     int stage = atomic_load(&wd->stage);
     if (stage < 0 || stage > STAGE_LEAVING) {
         return "unknown";
@@ -626,17 +634,28 @@ force_exit(aiorun_watchdog *wd, int repeated_signum)
      * (seen: a SIGSEGV instead of exit 124 when the loop was busy logging),
      * so the helper dumps them holding the GIL.  Without the GIL in time the
      * holder is stuck, its frames stay still, and this thread dumps them. */
-    int gil_had = 1;
-    if (wd->dump_signum == 0 || !(gil_had = run_job(wd, JOB_STACKS))) {
+    if (atomic_load(&wd->after_run)) {
+        /* The interpreter may be finishing: no Python at all, not even the
+         * helper's.  faulthandler's own handler needs no GIL. */
         if (!atomic_exchange(&wd->stacks_claimed, 1)) {
             dump_threads(wd);
         }
+        say(wd, "aiorun: run() had returned: no task list, and Python's buffered "
+            "output is not flushed.\n");
     }
-    /* The grace for the GIL is given once: a holder that kept it through
-     * the first job keeps it through a second wait too. */
-    if (!gil_had || !run_job(wd, JOB_FINAL)) {
-        say(wd, "aiorun: the GIL could not be had within %g s: task stacks and "
-            "Python's buffered output are lost.\n", GIL_GRACE);
+    else {
+        int gil_had = 1;
+        if (wd->dump_signum == 0 || !(gil_had = run_job(wd, JOB_STACKS))) {
+            if (!atomic_exchange(&wd->stacks_claimed, 1)) {
+                dump_threads(wd);
+            }
+        }
+        /* The grace for the GIL is given once: a holder that kept it
+         * through the first job keeps it through a second wait too. */
+        if (!gil_had || !run_job(wd, JOB_FINAL)) {
+            say(wd, "aiorun: the GIL could not be had within %g s: task stacks and "
+                "Python's buffered output are lost.\n", GIL_GRACE);
+        }
     }
     say(wd, "aiorun: exiting with code %d, %.2f s after the shutdown was requested.\n",
         AIORUN_FORCED_EXIT_CODE, monotonic() - wd->requested_at);
@@ -949,6 +968,7 @@ aiorun_watchdog_start(RunObject *run, double deadline, int exit_on_repeat,
     atomic_init(&wd->quit, 0);
     atomic_init(&wd->late_claimed, 0);
     atomic_init(&wd->stacks_claimed, 0);
+    atomic_init(&wd->after_run, 0);
     if (init_sync(wd) < 0) {
         PyMem_RawFree(wd);
         PyErr_NoMemory();
@@ -1024,6 +1044,68 @@ aiorun_watchdog_stop(RunObject *run)
     run->watchdog = NULL;
     Py_XDECREF(loop);
     PyErr_Restore(type, value, tb);
+}
+
+/* deadline_covers_exit: run() is returning, and the watchdog stays to
+ * bound what follows until the process exits (atexit handlers, threads
+ * that are not daemons, the interpreter's end).  Its helper goes first: it
+ * needs the GIL, which the interpreter's end may never give, and the run's
+ * loop is let go.  Kept in the module state until the process exits, or
+ * until a later run() that owns the process retires it (that process
+ * evidently goes on). */
+void
+aiorun_watchdog_hand_over(RunObject *run)
+{
+    aiorun_watchdog *wd = run->watchdog;
+    if (wd == NULL || wd->pid != getpid() || run->state->exit_guard != NULL) {
+        aiorun_watchdog_stop(run);
+        return;
+    }
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    pthread_mutex_lock(&wd->mu);
+    wd->helper_quit = 1;
+    pthread_cond_broadcast(&wd->cv);
+    pthread_mutex_unlock(&wd->mu);
+    Py_BEGIN_ALLOW_THREADS
+    if (wd->helper_started) {
+        pthread_join(wd->helper, NULL);
+    }
+    Py_END_ALLOW_THREADS
+    pthread_mutex_lock(&wd->mu);
+    PyObject *loop = wd->loop;
+    wd->loop = NULL;
+    pthread_mutex_unlock(&wd->mu);
+    wd->run = NULL;
+    atomic_store(&wd->after_run, 1);
+    run->watchdog = NULL;
+    run->state->exit_guard = wd;
+    aiorun_sigwake_poke();
+    Py_XDECREF(loop);
+    PyErr_Restore(type, value, tb);
+}
+
+void
+aiorun_exit_guard_retire(aiorun_state *st)
+{
+    aiorun_watchdog *wd = st->exit_guard;
+    if (wd == NULL) {
+        return;
+    }
+    st->exit_guard = NULL;
+    if (wd->pid != getpid()) {
+        return;   /* a forked child: the thread is the parent's */
+    }
+    atomic_store(&wd->quit, 1);
+    aiorun_sigwake_poke();
+    Py_BEGIN_ALLOW_THREADS
+    pthread_join(wd->thread, NULL);
+    Py_END_ALLOW_THREADS
+    aiorun_sigwake_uninstall();
+    unregister_dump_signal(wd->dump_signum);
+    pthread_mutex_destroy(&wd->mu);
+    pthread_cond_destroy(&wd->cv);
+    PyMem_RawFree(wd);
 }
 
 void
@@ -1102,6 +1184,18 @@ void
 aiorun_watchdog_loop_ready(RunObject *run)
 {
     (void)run;
+}
+
+void
+aiorun_watchdog_hand_over(RunObject *run)
+{
+    (void)run;
+}
+
+void
+aiorun_exit_guard_retire(aiorun_state *st)
+{
+    (void)st;
 }
 
 void
