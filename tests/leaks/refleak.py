@@ -88,6 +88,9 @@ def scenario_watchdog():
         await asyncio.sleep(10)
     run(main(), shutdown_deadline=5, exit_on_repeated_signal=True,
         timeout_task_shutdown=0.01)
+    # The watchdog left to bound the exit, taken down by the next run().
+    run(main(), shutdown_deadline=5, timeout_task_shutdown=0.01,
+        deadline_covers_exit=True)
 
 def scenario_waiters():
     async def main():
