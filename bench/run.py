@@ -290,6 +290,25 @@ def time_table(w, what, samples, base_name):
     w("")
 
 
+def systemd_section():
+    """The restarts and reloads under load that make test-systemd measured
+    (bench/systemd-SUITE.md, which it writes), as a section of their own."""
+    parts = []
+    for suite, version in (("trixie", "257"), ("bookworm", "252")):
+        path = os.path.join(HERE, f"systemd-{suite}.md")
+        if os.path.exists(path):
+            with open(path) as f:
+                parts.append(f"Under systemd {version} (Debian {suite}):\n\n{f.read().strip()}\n")
+    if not parts:
+        return ""
+    return ("\n## 5. Restarts and reloads under systemd\n\n"
+            "Measured by `make test-systemd`, not by this benchmark (it boots the "
+            "Debian roots): 8 client threads, a new connection per request, while "
+            "`systemctl restart` or `reload` runs 20 times; beside each service with "
+            "socket activation, the same app binding its port itself.\n\n"
+            + "\n".join(parts))
+
+
 def report(args, facts, shutdown, configs, waits, profiles, imports, startups, command):
     out = []
     w = out.append
@@ -515,7 +534,7 @@ def main():
         imports, startups = earlier["import_s"], earlier["startup_s"]
     command = "make bench" if not args.smoke else "python bench/run.py --smoke"
     text = report(args, facts, shutdown, configs, waits, profiles, imports, startups,
-                  command)
+                  command) + systemd_section()
     log("")
     log(text)
     if not args.smoke:
