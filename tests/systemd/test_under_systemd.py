@@ -210,24 +210,40 @@ def failures(counts):
     return {k: counts[k] for k in ("refused", "reset", "no_response", "timeout", "other")}
 
 
-def restarts_under_load(unit, port, restarts=20):
+def restarts_under_load(unit, port, restarts=20, held=False):
     """The load client inside the container, `restarts` restarts of unit
-    while it runs, then its counts."""
+    while it runs, then its counts.  With held, a connection kept in the
+    fd store asks after each restart which process serves it."""
     inside("rm", "-f", "/run/aiorun-load.stop")
     load = subprocess.Popen(["nsenter", "-t", INIT, "-a", "/opt/app/venv/bin/python",
                              "/opt/app/load.py", str(port), "/run/aiorun-load.stop"],
                             stdout=subprocess.PIPE, text=True)
+    hold = subprocess.Popen(["nsenter", "-t", INIT, "-a", "/opt/app/venv/bin/python",
+                             "/opt/app/hold.py", str(port)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, bufsize=1) if held else None
+    answers = []
     try:
         pids = [show(unit, "MainPID")["MainPID"]]
+        if hold:
+            answers.append(hold.stdout.readline().strip())
         for _ in range(restarts):
             time.sleep(0.3)   # load between restarts, not a handshake
             inside("systemctl", "restart", unit)
             pids.append(show(unit, "MainPID")["MainPID"])
+            if hold:
+                hold.stdin.write("which\n")
+                answers.append(hold.stdout.readline().strip())
         time.sleep(0.3)
     finally:
         inside("touch", "/run/aiorun-load.stop")
         out, _ = load.communicate(timeout=60)
+        if hold:
+            hold.stdin.close()
+            hold.wait(timeout=30)
     assert len(set(pids)) == restarts + 1, pids   # each restart made a new process
+    if hold:
+        # The one connection, answered by every process in turn.
+        assert answers == pids, (answers, pids)
     counts = json.loads(out)
     counts["restarts"] = restarts
     if RESULTS:
@@ -240,7 +256,7 @@ def restarts_under_load(unit, port, restarts=20):
 def test_restarts_under_load_refuse_nothing_with_socket_activation(unit):
     inside("systemctl", "start", "aiorun-web.socket")
     inside("systemctl", "start", unit)
-    c = restarts_under_load(unit, 18090)
+    c = restarts_under_load(unit, 18090, held=True)
     assert c["ok"] > 100, c
     assert failures(c) == dict.fromkeys(failures(c), 0), c
 
