@@ -577,3 +577,64 @@ def test_deadline_covers_exit_needs_the_owner(app):
     """).finish()
     assert r.stdout == ["run() argument 'deadline_covers_exit' needs run() in the main "
                         "thread"], r
+
+
+def test_deadline_covers_exit_leaves_work_between_runs_alone(app):
+    """The guard holds once the interpreter exits, not while the process
+    goes on (longer than the deadline) between two run()s."""
+    r = app("""
+        async def stop():
+            asyncio.get_running_loop().stop()
+
+        for i in range(2):
+            run(stop(), shutdown_deadline=1, deadline_covers_exit=True)
+            time.sleep(1.5)   # work between the runs, past the deadline
+            say("WORKED", i)
+    """).finish()
+    assert r.returncode == 0, r
+    assert r.stdout == ["WORKED 0", "WORKED 1"], r
+    assert "aiorun: the shutdown deadline" not in r.stderr_text, r
+
+
+@skip_on_pypy_stacks
+def test_deadline_covers_exit_with_busy_threads_ends_with_124(app):
+    """Threads that run Python while the stacks are dumped: the dump holds
+    the GIL, as inside run(), so the exit is 124, never a crash."""
+    a = app("""
+        def busy(n=0):
+            while True:
+                busy_step(40)
+
+        def busy_step(depth):
+            if depth:
+                busy_step(depth - 1)
+
+        async def main():
+            for _ in range(3):
+                threading.Thread(target=busy).start()
+            say("READY")
+
+        run(main(), shutdown_deadline=0.3, deadline_covers_exit=True)
+    """)
+    r, sent = signal_when_ready(a, signal.SIGTERM)
+    forced_exit(a, r, AFTER_RUN, sent)
+
+
+def test_a_forked_child_runs_with_a_deadline_after_the_guard(app):
+    r = app("""
+        async def stop():
+            asyncio.get_running_loop().stop()
+
+        run(stop(), shutdown_deadline=30, deadline_covers_exit=True)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                run(stop(), shutdown_deadline=30)
+                os._exit(0)
+            except BaseException as e:
+                say("CHILD", type(e).__name__, e)
+                os._exit(1)
+        say("CHILD EXIT", os.waitpid(pid, 0)[1])
+    """).finish()
+    assert r.returncode == 0, r
+    assert r.stdout[-1] == "CHILD EXIT 0", r

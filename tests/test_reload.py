@@ -271,3 +271,41 @@ def test_the_command_line_takes_a_reload_callback(tmp_path):
     assert missing.returncode == 2, missing
     assert missing.stderr[-1] == "python -m aiorun: error: argument --reload-callback " \
                                  "must be module:function, not 'nope'", missing
+
+
+def test_system_exit_from_the_callback_ends_run_not_the_reload(app):
+    r = app("""
+        def reload():
+            sys.exit(3)
+        async def main():
+            os.kill(os.getpid(), signal.SIGHUP)
+            await asyncio.sleep(3600)
+        run(main(), reload_callback=reload)
+    """, env={"NOTIFY_SOCKET": None}).finish()
+    assert r.returncode == 3, r
+    assert "Reload failed" not in r.stderr_text, r
+
+
+def test_a_sighup_before_the_app_is_ready_sends_no_ready(app, receiver):
+    a = app("""
+        def reload():
+            say("RELOADED")
+        async def main():
+            os.kill(os.getpid(), signal.SIGHUP)
+            await asyncio.sleep(0.2)
+            say("NOT READY YET")
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            aiorun.notify_ready("ready now")
+            say("READY")
+        run(main(), reload_callback=reload, notify_ready_on_start=False)
+    """, env=receiver.env, stdin=True)
+    a.wait_line("RELOADED")
+    a.wait_line("NOT READY YET")
+    assert not any("READY=1" in m.split("\n") for m in receiver.messages), receiver.messages
+    a.write("go\n")
+    a.wait_line("READY")
+    receiver.wait_for("READY=1\nSTATUS=ready now")
+    r = stop(a)
+    assert r.returncode == 0, r
+    ready = [m for m in receiver.messages if "READY=1" in m.split("\n")]
+    assert ready == ["READY=1\nSTATUS=ready now"], receiver.messages

@@ -133,6 +133,7 @@ typedef struct {
      * and written on the main thread only. */
     struct RunObject *owner;
     aiorun_flag service_stopping; /* STOPPING=1 was sent: no READY=1 after it */
+    aiorun_flag service_ready;  /* READY=1 was sent: a reload may say it again */
     int gc_paused;              /* the owner's drain turned the collector off */
     /* threading.main_thread().ident at import: run() must know, before it
      * calls any Python code, whether it is there. */
@@ -141,6 +142,7 @@ typedef struct {
     /* The watchdog a run() with deadline_covers_exit left to bound the
      * process's exit (watchdog.c), or NULL; main thread only. */
     struct aiorun_watchdog *exit_guard;
+    int exit_hook_registered;   /* threading._register_atexit() done */
 } aiorun_state;
 
 static inline aiorun_state *
@@ -572,6 +574,8 @@ void aiorun_watchdog_stop(RunObject *run);
  * process's exit; a later run() that owns the process retires it. */
 void aiorun_watchdog_hand_over(RunObject *run);
 void aiorun_exit_guard_retire(aiorun_state *st);
+/* _exit_began(): threading's hook as the interpreter begins to exit. */
+PyObject *aiorun_exit_began(PyObject *module, PyObject *unused);
 void aiorun_watchdog_stage(RunObject *run, aiorun_stage stage);
 /* Called once run->loop is set: the loop whose tasks a forced exit lists. */
 void aiorun_watchdog_loop_ready(RunObject *run);

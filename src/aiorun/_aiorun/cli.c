@@ -42,7 +42,7 @@ static const cli_option options[] = {
     {"--exit-on-repeated-signal", "exit_on_repeated_signal", OPT_FLAG, 0,
      "a second SIGINT/SIGTERM during the shutdown exits at once (code 124)"},
     {"--deadline-covers-exit", "deadline_covers_exit", OPT_FLAG, 0,
-     "the deadline also bounds what follows run() until the process exits"},
+     "the deadline also bounds the process's exit after run() returns"},
     {"--drain-delay", "drain_delay", OPT_SECONDS, 1,
      "seconds the tasks get to finish before any is cancelled"},
     {"--cancel-main-first", "cancel_main_first", OPT_FLAG, 0,

@@ -189,4 +189,18 @@ aiorun_thread_ident(void)
     return (unsigned long)PyThread_get_thread_ident();
 }
 
+/* Has the interpreter begun finalizing?  Read without the GIL, from the
+ * watchdog's thread (CPython keeps it in an atomic). */
+static inline int
+aiorun_is_finalizing(void)
+{
+#if PY_VERSION_HEX >= 0x030D0000 && !defined(PYPY_VERSION)
+    return Py_IsFinalizing();
+#elif !defined(PYPY_VERSION)
+    return _Py_IsFinalizing();
+#else
+    return 0;
+#endif
+}
+
 #endif /* AIORUN_COMPAT_H */

@@ -64,9 +64,9 @@ PyDoc_STRVAR(run_doc,
 "reap_orphans\n"
 "    As PID 1, reap orphaned child processes.  None: AIORUN_REAP_ORPHANS.\n"
 "deadline_covers_exit\n"
-"    True: shutdown_deadline (and exit_on_repeated_signal) also bound what\n"
-"    follows run() until the process exits: atexit handlers, threads that\n"
-"    are not daemons.  None: AIORUN_DEADLINE_COVERS_EXIT.\n"
+"    True: shutdown_deadline also bounds the process's exit after run()\n"
+"    returns (atexit handlers, threads that are not daemons), once the\n"
+"    interpreter begins to exit.  None: AIORUN_DEADLINE_COVERS_EXIT.\n"
 "reload_callback\n"
 "    Called with no arguments on SIGHUP, on the loop (an awaitable it\n"
 "    returns is awaited), while the app goes on serving; under systemd\n"
@@ -184,6 +184,9 @@ static PyMethodDef aiorun_methods[] = {
     {"_protected_orphan_done", aiorun_protected_orphan_done, METH_O,
      "_protected_orphan_done(task)\n--\n\nDone callback of a protected task whose "
      "awaiter stopped waiting: logs its exception once, as a WARNING."},
+    {"_exit_began", aiorun_exit_began, METH_NOARGS,
+     "_exit_began()\n--\n\nthreading's hook as the interpreter begins to exit: "
+     "deadline_covers_exit's watchdog starts to count."},
     {"_after_fork_child", aiorun_after_fork_child, METH_NOARGS,
      "_after_fork_child()\n--\n\nos.register_at_fork() hook: the watchdog of a run() "
      "continued in a forked child."},
@@ -357,6 +360,8 @@ aiorun_exec(PyObject *module)
     st->owner = NULL;
     /* service_stopping: zeroed with the state, as an atomic may be. */
     st->gc_paused = 0;
+    st->exit_guard = NULL;
+    st->exit_hook_registered = 0;
     /* passed_fds and passed_sockets stay NULL until the first call takes
      * what systemd passed (activation.c). */
     /* Kept here, not looked up by name when needed: a waiter may be

@@ -330,6 +330,7 @@ aiorun_run_notify_ready(PyObject *self, PyObject *unused)
     if (nt != NULL && !nt->stopping_sent
         && !aiorun_flag_get(&run->state->service_stopping)) {
         say(run, "READY=1\nSTATUS=running");
+        aiorun_flag_set(&run->state->service_ready);
     }
     Py_RETURN_NONE;
 }
@@ -430,6 +431,9 @@ aiorun_notify_reloaded(RunObject *run, PyObject *exc)
     aiorun_notifier *nt = live_notifier(run);
     if (nt == NULL || nt->stopping_sent || aiorun_flag_get(&run->state->service_stopping)) {
         return;
+    }
+    if (!aiorun_flag_get(&run->state->service_ready)) {
+        return;   /* still starting (a SIGHUP of someone's): READY=1 is the app's */
     }
     if (exc == NULL) {
         /* RELOADING=1 only now, with READY=1: the reload is over and went
@@ -597,6 +601,9 @@ send_ready(aiorun_state *st, const char *text)
             ? "STOPPING=1 was sent already, and READY=1 never follows it" : NULL,
         &problem);
     Py_DECREF(message);
+    if (rc == 1) {
+        aiorun_flag_set(&st->service_ready);
+    }
     if (rc != 0 || problem == NULL) {
         return rc;
     }

@@ -71,30 +71,36 @@ aiorun_reload_loop_ready(RunObject *run)
     }
 }
 
-/* The reload is over: exc is NULL when it succeeded.  Tells the supervisor
- * and the log, then starts the reload a SIGHUP asked for meanwhile. */
+/* The reload is over: exc is NULL when it succeeded.  Tells the log and
+ * (while the app serves) the supervisor, then starts the reload a SIGHUP
+ * asked for meanwhile. */
 static void
 reload_finished(RunObject *run, PyObject *exc)
 {
     aiorun_state *st = run->state;
     run->reloading = 0;
-    if (run->phase >= PHASE_SHUTDOWN) {
-        /* The shutdown cancelled it: no READY=1, and nothing failed. */
-        if (aiorun_log(st, LOG_INFO, "Reload cut short by the shutdown.") < 0) {
-            PyErr_WriteUnraisable((PyObject *)run);
-        }
-        return;
+    int serving = run->phase == PHASE_RUNNING && !run->shutdown_requested;
+    int cancelled = exc != NULL && PyObject_TypeCheck(exc, (PyTypeObject *)st->CancelledError);
+    if (exc != NULL && !cancelled
+        && !PyObject_TypeCheck(exc, (PyTypeObject *)PyExc_Exception)) {
+        return;   /* SystemExit, KeyboardInterrupt: run() reports them itself */
     }
-    int rc = exc == NULL
-        ? aiorun_log(st, LOG_INFO, "Reload done.")
+    int rc = exc == NULL ? aiorun_log(st, LOG_INFO, "Reload done.")
+        : cancelled && !serving ? aiorun_log(st, LOG_INFO,
+                                             "Reload cut short by the shutdown.")
         : aiorun_log_exc(st, LOG_ERROR,
-                         "Reload failed; serving on with the state from before it", NULL,
-                         exc);
+                         serving ? "Reload failed; serving on with the state from "
+                                   "before it"
+                                 : "Reload failed during the shutdown",
+                         NULL, exc);
     if (rc < 0) {
         PyErr_WriteUnraisable((PyObject *)run);
     }
+    if (!serving) {
+        return;   /* the service is stopping: no READY=1, no more reloads */
+    }
     aiorun_notify_reloaded(run, exc);
-    if (run->reload_again && run->phase == PHASE_RUNNING) {
+    if (run->reload_again) {
         run->reload_again = 0;
         schedule_reload(run);
     }
@@ -146,28 +152,49 @@ aiorun_run_reload(PyObject *self, PyObject *unused)
         awaitable = check ? PyObject_IsTrue(check) : -1;
         Py_XDECREF(check);
     }
-    PyObject *task = NULL;
+    if (awaitable < 0 && !PyErr_ExceptionMatches(PyExc_Exception)) {
+        /* SystemExit, KeyboardInterrupt: not a failed reload, but the
+         * app's request, which run() handles as it does from any callback. */
+        run->reloading = 0;
+        Py_XDECREF(res);
+        return NULL;
+    }
     if (awaitable == 1) {
         PyObject *args = PyTuple_Pack(1, res);
         PyObject *kwargs = args ? Py_BuildValue("{sO}", "loop", run->loop) : NULL;
-        task = kwargs ? PyObject_Call(st->ensure_future, args, kwargs) : NULL;
+        PyObject *task = kwargs ? PyObject_Call(st->ensure_future, args, kwargs) : NULL;
         Py_XDECREF(args);
         Py_XDECREF(kwargs);
-        PyObject *done = task ? aiorun_run_method(run, "_reload_done") : NULL;
-        PyObject *added = done ? PyObject_CallMethodOneArg(task, st->s_add_done_callback,
-                                                           done) : NULL;
-        Py_XDECREF(done);
-        if (added == NULL) {
-            Py_CLEAR(task);
+        Py_DECREF(res);
+        if (task != NULL) {
+            /* Known as the reload before its done callback can run. */
+            Py_XSETREF(run->reload_task, task);
+            PyObject *done = aiorun_run_method(run, "_reload_done");
+            PyObject *added = done ? PyObject_CallMethodOneArg(
+                task, st->s_add_done_callback, done) : NULL;
+            Py_XDECREF(done);
+            if (added != NULL) {
+                Py_DECREF(added);
+                Py_RETURN_NONE;   /* _reload_done finishes it */
+            }
+            /* Nothing will say when it ends: stop it, and fail the reload. */
+            PyObject *exc = fetch_exception();
+            PyObject *cancel = PyObject_CallMethodNoArgs(task, st->s_cancel);
+            if (cancel == NULL) {
+                PyErr_WriteUnraisable(task);
+            }
+            Py_XDECREF(cancel);
+            if (run->reload_task == task) {
+                Py_CLEAR(run->reload_task);
+            }
+            reload_finished(run, exc);
+            Py_XDECREF(exc);
+            Py_RETURN_NONE;
         }
-        Py_XDECREF(added);
+        res = NULL;
     }
     Py_XDECREF(res);
-    if (awaitable == 1 && task != NULL) {
-        Py_XSETREF(run->reload_task, task);
-        Py_RETURN_NONE;   /* _reload_done finishes it */
-    }
-    PyObject *exc = awaitable < 0 || PyErr_Occurred() ? fetch_exception() : NULL;
+    PyObject *exc = PyErr_Occurred() ? fetch_exception() : NULL;
     reload_finished(run, exc);
     Py_XDECREF(exc);
     Py_RETURN_NONE;

@@ -277,6 +277,14 @@ check_arguments(aiorun_state *st, run_args *a, run_flags *f, int use_env)
     if (a->reload_callback != Py_None && !PyCallable_Check(a->reload_callback)) {
         return type_error("reload_callback", "callable or None", a->reload_callback);
     }
+#ifdef MS_WINDOWS
+    if (a->reload_callback != Py_None) {
+        PyErr_SetString(PyExc_NotImplementedError,
+                        "run() argument 'reload_callback' needs SIGHUP, which Windows "
+                        "does not have");
+        return -1;
+    }
+#endif
     if (a->shutdown_callback != Py_None && !PyCallable_Check(a->shutdown_callback)) {
         if ((ok = is_awaitable(st, a->shutdown_callback)) < 0) {
             return -1;

@@ -36,6 +36,8 @@
 #include <unistd.h>
 
 #define LATE_AFTER 1.0      /* seconds before the late-signal warning */
+/* After run(): the least time an exit gets once it has begun. */
+#define EXIT_GRACE 1.0
 #define GIL_GRACE 0.25      /* seconds the helper gets to take the GIL */
 /* The forced exit ends the process at most this long after it began, even
  * when stderr is a full pipe nobody reads (a stuck log collector): its
@@ -63,6 +65,8 @@ struct aiorun_watchdog {
     atomic_int late_claimed;     /* the late warning has been given */
     atomic_int stacks_claimed;   /* the forced exit's stacks have been dumped */
     atomic_int after_run;        /* run() returned and handed it the exit */
+    atomic_int exit_began;       /* ... and the interpreter has begun to exit */
+    double exit_began_at;        /* when (written before exit_began is set) */
     /* Written by the watchdog thread before any job is handed over. */
     int requested;
     int reason;
@@ -591,6 +595,9 @@ dump_threads(aiorun_watchdog *wd)
 static void
 late_warning(aiorun_watchdog *wd, double now)
 {
+    if (atomic_load(&wd->after_run)) {
+        return;   /* run() has returned: nothing of it is late */
+    }
     wd->late_ago = now - wd->requested_at;
     if (run_job(wd, JOB_LATE) || atomic_exchange(&wd->late_claimed, 1)) {
         return;
@@ -635,10 +642,17 @@ force_exit(aiorun_watchdog *wd, int repeated_signum)
      * so the helper dumps them holding the GIL.  Without the GIL in time the
      * holder is stuck, its frames stay still, and this thread dumps them. */
     if (atomic_load(&wd->after_run)) {
-        /* The interpreter may be finishing: no Python at all, not even the
-         * helper's.  faulthandler's own handler needs no GIL. */
-        if (!atomic_exchange(&wd->stacks_claimed, 1)) {
-            dump_threads(wd);
+        /* Threads that are not daemons are joined, and atexit handlers
+         * run, before the interpreter calls itself finalizing: until then
+         * the helper can hold the GIL while the stacks are walked, as
+         * always (walking a thread that runs Python meanwhile can crash).
+         * Once finalizing, no Python at all: faulthandler's own handler
+         * needs no GIL. */
+        if (aiorun_is_finalizing() || wd->dump_signum == 0
+            || !run_job(wd, JOB_STACKS)) {
+            if (!atomic_exchange(&wd->stacks_claimed, 1)) {
+                dump_threads(wd);
+            }
         }
         say(wd, "aiorun: run() had returned: no task list, and Python's buffered "
             "output is not flushed.\n");
@@ -684,6 +698,22 @@ note_request(aiorun_watchdog *wd, int reason, double now)
     }
 }
 
+/* When the deadline ends the process: requested_at + deadline, and after
+ * run() no sooner than EXIT_GRACE after the exit began (one whose deadline
+ * passed while the process went on gets that long to exit by itself). */
+static double
+deadline_end(const aiorun_watchdog *wd)
+{
+    double end = wd->requested_at + wd->deadline;
+    if (atomic_load((atomic_int *)&wd->after_run)) {
+        double grace = wd->exit_began_at + EXIT_GRACE;
+        if (grace > end) {
+            end = grace;
+        }
+    }
+    return end;
+}
+
 /* Milliseconds until the next thing the watchdog must do, -1 for never. */
 static int
 next_timeout(const aiorun_watchdog *wd, int late_done, double now)
@@ -691,9 +721,13 @@ next_timeout(const aiorun_watchdog *wd, int late_done, double now)
     if (!wd->requested) {
         return -1;
     }
+    if (atomic_load((atomic_int *)&wd->after_run)
+        && !atomic_load((atomic_int *)&wd->exit_began)) {
+        return -1;   /* woken when the exit begins */
+    }
     double next = -1;
     if (wd->deadline > 0) {
-        next = wd->requested_at + wd->deadline;
+        next = deadline_end(wd);
     }
     if (!late_done) {
         double late = wd->requested_at + LATE_AFTER;
@@ -742,13 +776,17 @@ watchdog_main(void *arg)
         if (python_reason) {
             note_request(wd, python_reason, now);
         }
-        if (fresh > 0 && wd->exit_on_repeat) {
+        int after_run = atomic_load(&wd->after_run);
+        if (fresh > 0 && wd->exit_on_repeat && !after_run) {
             force_exit(wd, aiorun_sigwake_last_signum());
         }
         if (!wd->requested) {
             continue;
         }
-        if (wd->deadline > 0 && now >= wd->requested_at + wd->deadline) {
+        /* After run(), the deadline holds once the interpreter exits: work
+         * the process goes on doing is the app's. */
+        if (wd->deadline > 0 && (!after_run || atomic_load(&wd->exit_began))
+            && now >= deadline_end(wd)) {
             force_exit(wd, 0);
         }
         if (!late_done && now >= wd->requested_at + LATE_AFTER) {
@@ -969,6 +1007,7 @@ aiorun_watchdog_start(RunObject *run, double deadline, int exit_on_repeat,
     atomic_init(&wd->late_claimed, 0);
     atomic_init(&wd->stacks_claimed, 0);
     atomic_init(&wd->after_run, 0);
+    atomic_init(&wd->exit_began, 0);
     if (init_sync(wd) < 0) {
         PyMem_RawFree(wd);
         PyErr_NoMemory();
@@ -1046,6 +1085,29 @@ aiorun_watchdog_stop(RunObject *run)
     PyErr_Restore(type, value, tb);
 }
 
+/* threading._register_atexit(module._exit_began), once per process:
+ * 0, or -1 with an exception (a threading without it, 3.8's). */
+static int
+register_exit_hook(aiorun_state *st)
+{
+    if (st->exit_hook_registered) {
+        return 0;
+    }
+    PyObject *module = PyType_GetModule((PyTypeObject *)st->RunType);
+    PyObject *hook = module ? PyObject_GetAttrString(module, "_exit_began") : NULL;
+    PyObject *threading = hook ? PyImport_ImportModule("threading") : NULL;
+    PyObject *res = threading ? PyObject_CallMethod(threading, "_register_atexit", "O",
+                                                    hook) : NULL;
+    Py_XDECREF(hook);
+    Py_XDECREF(threading);
+    if (res == NULL) {
+        return -1;
+    }
+    Py_DECREF(res);
+    st->exit_hook_registered = 1;
+    return 0;
+}
+
 /* deadline_covers_exit: run() is returning, and the watchdog stays to
  * bound what follows until the process exits (atexit handlers, threads
  * that are not daemons, the interpreter's end).  Its helper goes first: it
@@ -1066,23 +1128,51 @@ aiorun_watchdog_hand_over(RunObject *run)
     pthread_mutex_lock(&wd->mu);
     wd->helper_quit = 1;
     pthread_cond_broadcast(&wd->cv);
+    int helper = wd->helper_started;
     pthread_mutex_unlock(&wd->mu);
     Py_BEGIN_ALLOW_THREADS
-    if (wd->helper_started) {
+    if (helper) {
         pthread_join(wd->helper, NULL);
     }
     Py_END_ALLOW_THREADS
     pthread_mutex_lock(&wd->mu);
     PyObject *loop = wd->loop;
     wd->loop = NULL;
+    /* A forced exit may start a new helper: it takes the pending job and
+     * ends (helper_quit stays set). */
+    wd->helper_started = 0;
+    wd->jobs = wd->jobs_done = 0;
     pthread_mutex_unlock(&wd->mu);
     wd->run = NULL;
+    atomic_store(&wd->late_claimed, 1);
     atomic_store(&wd->after_run, 1);
     run->watchdog = NULL;
     run->state->exit_guard = wd;
+    /* The deadline holds from the moment the interpreter begins to exit:
+     * threading calls this before it joins the threads that are not
+     * daemons, and before the atexit handlers run.  Without the hook (an
+     * older threading), it holds at once. */
+    if (register_exit_hook(run->state) < 0) {
+        PyErr_WriteUnraisable(NULL);
+        wd->exit_began_at = monotonic();
+        atomic_store(&wd->exit_began, 1);
+    }
     aiorun_sigwake_poke();
     Py_XDECREF(loop);
     PyErr_Restore(type, value, tb);
+}
+
+PyObject *
+aiorun_exit_began(PyObject *module, PyObject *unused)
+{
+    (void)unused;
+    aiorun_watchdog *wd = aiorun_get_state(module)->exit_guard;
+    if (wd != NULL) {
+        wd->exit_began_at = monotonic();
+        atomic_store(&wd->exit_began, 1);
+        aiorun_sigwake_poke();
+    }
+    Py_RETURN_NONE;
 }
 
 void
@@ -1094,12 +1184,24 @@ aiorun_exit_guard_retire(aiorun_state *st)
     }
     st->exit_guard = NULL;
     if (wd->pid != getpid()) {
-        return;   /* a forked child: the thread is the parent's */
+        /* A forked child: the threads are the parent's (and its copy of
+         * wd is leaked, not freed), but the handlers are this process's. */
+        aiorun_sigwake_uninstall();
+        unregister_dump_signal(wd->dump_signum);
+        return;
     }
     atomic_store(&wd->quit, 1);
     aiorun_sigwake_poke();
+    pthread_mutex_lock(&wd->mu);
+    wd->helper_quit = 1;
+    pthread_cond_broadcast(&wd->cv);
+    int helper = wd->helper_started;
+    pthread_mutex_unlock(&wd->mu);
     Py_BEGIN_ALLOW_THREADS
     pthread_join(wd->thread, NULL);
+    if (helper) {
+        pthread_join(wd->helper, NULL);
+    }
     Py_END_ALLOW_THREADS
     aiorun_sigwake_uninstall();
     unregister_dump_signal(wd->dump_signum);
@@ -1196,6 +1298,14 @@ void
 aiorun_exit_guard_retire(aiorun_state *st)
 {
     (void)st;
+}
+
+PyObject *
+aiorun_exit_began(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    Py_RETURN_NONE;
 }
 
 void
