@@ -106,22 +106,6 @@ reload_finished(RunObject *run, PyObject *exc)
     }
 }
 
-/* The exception set now, normalized with its traceback, as a new
- * reference; the error indicator is cleared. */
-static PyObject *
-fetch_exception(void)
-{
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    if (value != NULL && tb != NULL) {
-        PyException_SetTraceback(value, tb);
-    }
-    Py_XDECREF(type);
-    Py_XDECREF(tb);
-    return value;
-}
-
 PyObject *
 aiorun_run_reload(PyObject *self, PyObject *unused)
 {
@@ -137,7 +121,7 @@ aiorun_run_reload(PyObject *self, PyObject *unused)
     run->reload_again = 0;
     aiorun_notify_reloading(run);
     if (aiorun_log(st, LOG_INFO, "Reloading (SIGHUP).") < 0) {
-        PyObject *exc = fetch_exception();
+        PyObject *exc = aiorun_take_error();
         reload_finished(run, exc);
         Py_XDECREF(exc);
         Py_RETURN_NONE;
@@ -178,7 +162,7 @@ aiorun_run_reload(PyObject *self, PyObject *unused)
                 Py_RETURN_NONE;   /* _reload_done finishes it */
             }
             /* Nothing will say when it ends: stop it, and fail the reload. */
-            PyObject *exc = fetch_exception();
+            PyObject *exc = aiorun_take_error();
             PyObject *cancel = PyObject_CallMethodNoArgs(task, st->s_cancel);
             if (cancel == NULL) {
                 PyErr_WriteUnraisable(task);
@@ -194,7 +178,7 @@ aiorun_run_reload(PyObject *self, PyObject *unused)
         res = NULL;
     }
     Py_XDECREF(res);
-    PyObject *exc = PyErr_Occurred() ? fetch_exception() : NULL;
+    PyObject *exc = PyErr_Occurred() ? aiorun_take_error() : NULL;
     reload_finished(run, exc);
     Py_XDECREF(exc);
     Py_RETURN_NONE;
@@ -228,7 +212,7 @@ aiorun_run_reload_done(PyObject *self, PyObject *task)
     }
     if (PyErr_Occurred()) {
         Py_XDECREF(exc);
-        exc = fetch_exception();
+        exc = aiorun_take_error();
     }
     Py_DECREF(task);
     reload_finished(run, exc);

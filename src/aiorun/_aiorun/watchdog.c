@@ -1042,35 +1042,36 @@ fail:
     return -1;
 }
 
-void
-aiorun_watchdog_stop(RunObject *run)
+/* Ends the watchdog's threads and frees it (the caller has unlinked it);
+ * returns its loop reference for the caller to release, after the free.
+ * In a child forked meanwhile the threads stayed in the parent, and their
+ * mutex may be held there: only this process's handlers go, the rest is
+ * the parent's, leaked, not freed.  Keeps any exception set. */
+static PyObject *
+watchdog_end(aiorun_watchdog *wd)
 {
-    aiorun_watchdog *wd = run->watchdog;
-    if (wd == NULL) {
-        return;
-    }
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
+    PyObject *loop = NULL;
     if (wd->pid != getpid()) {
-        /* A child forked during run(): the threads stayed in the parent,
-         * and their mutex may be held there.  Forget the lot. */
         aiorun_sigwake_uninstall();
         unregister_dump_signal(wd->dump_signum);
-        run->watchdog = NULL;
-        Py_CLEAR(wd->loop);   /* the rest is the parent's: leaked, not freed */
+        loop = wd->loop;
+        wd->loop = NULL;
         PyErr_Restore(type, value, tb);
-        return;
+        return loop;
     }
     atomic_store(&wd->quit, 1);
     aiorun_sigwake_poke();
     pthread_mutex_lock(&wd->mu);
     wd->helper_quit = 1;
     pthread_cond_broadcast(&wd->cv);
+    int helper = wd->helper_started;
     pthread_mutex_unlock(&wd->mu);
     /* The helper may be waiting for the GIL: let it have it to finish. */
     Py_BEGIN_ALLOW_THREADS
     pthread_join(wd->thread, NULL);
-    if (wd->helper_started) {
+    if (helper) {
         pthread_join(wd->helper, NULL);
     }
     Py_END_ALLOW_THREADS
@@ -1078,11 +1079,28 @@ aiorun_watchdog_stop(RunObject *run)
     unregister_dump_signal(wd->dump_signum);
     pthread_mutex_destroy(&wd->mu);
     pthread_cond_destroy(&wd->cv);
-    PyObject *loop = wd->loop;
+    loop = wd->loop;
     PyMem_RawFree(wd);
-    run->watchdog = NULL;
-    Py_XDECREF(loop);
     PyErr_Restore(type, value, tb);
+    return loop;
+}
+
+void
+aiorun_watchdog_stop(RunObject *run)
+{
+    aiorun_watchdog *wd = run->watchdog;
+    if (wd == NULL) {
+        return;
+    }
+    run->watchdog = NULL;
+    PyObject *loop = watchdog_end(wd);
+    if (loop != NULL) {
+        /* Its release may run any code: keep the caller's exception. */
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        Py_DECREF(loop);
+        PyErr_Restore(type, value, tb);
+    }
 }
 
 /* threading._register_atexit(module._exit_began), once per process:
@@ -1183,31 +1201,8 @@ aiorun_exit_guard_retire(aiorun_state *st)
         return;
     }
     st->exit_guard = NULL;
-    if (wd->pid != getpid()) {
-        /* A forked child: the threads are the parent's (and its copy of
-         * wd is leaked, not freed), but the handlers are this process's. */
-        aiorun_sigwake_uninstall();
-        unregister_dump_signal(wd->dump_signum);
-        return;
-    }
-    atomic_store(&wd->quit, 1);
-    aiorun_sigwake_poke();
-    pthread_mutex_lock(&wd->mu);
-    wd->helper_quit = 1;
-    pthread_cond_broadcast(&wd->cv);
-    int helper = wd->helper_started;
-    pthread_mutex_unlock(&wd->mu);
-    Py_BEGIN_ALLOW_THREADS
-    pthread_join(wd->thread, NULL);
-    if (helper) {
-        pthread_join(wd->helper, NULL);
-    }
-    Py_END_ALLOW_THREADS
-    aiorun_sigwake_uninstall();
-    unregister_dump_signal(wd->dump_signum);
-    pthread_mutex_destroy(&wd->mu);
-    pthread_cond_destroy(&wd->cv);
-    PyMem_RawFree(wd);
+    /* The hand-over let go of the loop already. */
+    (void)watchdog_end(wd);
 }
 
 void
