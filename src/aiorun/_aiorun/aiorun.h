@@ -14,6 +14,7 @@
  *   watchdog.c  the thread that bounds the shutdown: deadline, forced exit
  *   sigwake.c   the C-level signal handler that wakes the watchdog
  *   notify.c    systemd notifications: ready, stopping, phases, pings
+ *   health.c    the health endpoint: /readyz and /livez from a C thread
  *   cli.c       python -m aiorun: options, target, run()
  *   stacks.c    Python stacks formatted the way tracebacks show them
  *   reasons.c   how the app learns of the shutdown: shutdown_event(), the
@@ -143,6 +144,11 @@ typedef struct {
      * process's exit (watchdog.c), or NULL; main thread only. */
     struct aiorun_watchdog *exit_guard;
     int exit_hook_registered;   /* threading._register_atexit() done */
+#ifndef MS_WINDOWS
+    /* notify_ready() calls, from any thread: the health endpoint's /readyz
+     * turns ready when the count moves (health.c). */
+    atomic_uint ready_calls;
+#endif
 } aiorun_state;
 
 static inline aiorun_state *
@@ -317,6 +323,7 @@ typedef enum {
 typedef struct aiorun_watchdog aiorun_watchdog;
 typedef struct aiorun_notifier aiorun_notifier;
 typedef struct aiorun_reaper aiorun_reaper;
+typedef struct aiorun_probe aiorun_probe;
 
 /* Why the shutdown began (reasons.c). */
 typedef enum {
@@ -373,6 +380,8 @@ typedef struct RunObject {
     int reload_scheduled;      /* _reload is on the loop's ready queue */
     int reload_again;          /* a SIGHUP came meanwhile: one more after it */
     unsigned long long reload_usec; /* CLOCK_MONOTONIC at the reload's start */
+    aiorun_probe *health;      /* the health endpoint, or NULL (health.c) */
+    PyObject *health_timer;    /* the loop's handle of the next heartbeat */
 } RunObject;
 
 extern PyType_Spec aiorun_run_type_spec;
@@ -609,6 +618,29 @@ PyObject *aiorun_notify_ready(PyObject *module, PyObject *args, PyObject *kwargs
  * is sent. */
 int aiorun_notify_oneshot(aiorun_state *st, const char *message, int fd,
                           const char *refusal, PyObject **problem);
+
+/* ---- health.c: the health endpoint ---- */
+typedef struct {
+    PyObject *address;         /* a new str, or NULL: no endpoint */
+    const char *source;        /* the parameter or variable it came from */
+    double liveness_timeout;   /* seconds without a heartbeat: not alive */
+} aiorun_health_args;
+/* Checks health= and liveness_timeout= (and, with use_env, AIORUN_HEALTH
+ * and AIORUN_LIVENESS_TIMEOUT).  0, or -1 with an exception. */
+int aiorun_health_check(aiorun_state *st, PyObject *health, PyObject *liveness_timeout,
+                        int use_env, aiorun_health_args *out);
+/* Listens and starts the endpoint's threads (sets run->health); 0 or -1. */
+int aiorun_health_start(RunObject *run, aiorun_health_args *args);
+/* Called once run->loop is set: the heartbeat starts. */
+int aiorun_health_loop_ready(RunObject *run);
+PyObject *aiorun_run_health_beat(PyObject *self, PyObject *unused);
+/* /readyz: the app is ready (READY=1's moment); the shutdown has begun. */
+void aiorun_health_ready(RunObject *run);
+void aiorun_health_stopping(RunObject *run);
+/* os.register_at_fork() hook: a child lets go of the parent's socket. */
+void aiorun_health_after_fork(RunObject *run);
+/* Ends the threads, closes the socket; keeps any exception set. */
+void aiorun_health_stop(RunObject *run);
 
 /* ---- fdstore.c: systemd's file descriptor store ---- */
 PyObject *aiorun_store_fd(PyObject *module, PyObject *args, PyObject *kwargs);

@@ -14,7 +14,8 @@ typedef enum {
     OPT_FLAG,       /* given: keyword=True */
     OPT_FLAG_OFF,   /* given: keyword=False */
     OPT_SECONDS,    /* a float, finite, >= 0 (or > 0 unless zero_ok) */
-    OPT_COUNT       /* an int > 0 */
+    OPT_COUNT,      /* an int > 0 */
+    OPT_ADDRESS     /* a str, checked by run() */
 } option_kind;
 
 /* One option: its flag, the run() keyword it sets, and how it is read.
@@ -51,6 +52,11 @@ static const cli_option options[] = {
      "SIGUSR1 logs every task with its await chain"},
     {"--reap-orphans", "reap_orphans", OPT_FLAG, 0,
      "as PID 1, reap orphaned child processes"},
+    {"--health", "health", OPT_ADDRESS, 0,
+     "serve GET /readyz and GET /livez on HOST:PORT, :PORT (127.0.0.1) or a unix "
+     "socket path, from a thread that needs no GIL"},
+    {"--liveness-timeout", "liveness_timeout", OPT_SECONDS, 0,
+     "seconds without a loop heartbeat before /livez answers 503 (default 10)"},
 };
 #define N_OPTIONS (sizeof options / sizeof options[0])
 
@@ -136,10 +142,13 @@ make_parser(void)
         }
         else {
             PyObject *type = (PyObject *)(o->kind == OPT_COUNT ? &PyLong_Type
-                                                                : &PyFloat_Type);
+                                          : o->kind == OPT_ADDRESS ? &PyUnicode_Type
+                                                                   : &PyFloat_Type);
             res = call_with(add, Py_BuildValue("(s)", o->flag), "{sOsssssssO}", "type",
                             type, "dest", o->keyword, "help", o->help, "metavar",
-                            o->kind == OPT_COUNT ? "N" : "SECONDS", "default", Py_None);
+                            o->kind == OPT_COUNT ? "N"
+                            : o->kind == OPT_ADDRESS ? "ADDRESS" : "SECONDS",
+                            "default", Py_None);
         }
         if (res == NULL) {
             goto fail;

@@ -294,7 +294,7 @@ schedule(RunObject *run, const char *method, double delay)
 int
 aiorun_notify_loop_ready(RunObject *run, int ready_on_start)
 {
-    if (live_notifier(run) == NULL) {
+    if (live_notifier(run) == NULL && run->health == NULL) {
         return 0;
     }
     if (ready_on_start) {
@@ -326,6 +326,7 @@ aiorun_run_notify_ready(PyObject *self, PyObject *unused)
 {
     RunObject *run = (RunObject *)self;
     (void)unused;
+    aiorun_health_ready(run);
     aiorun_notifier *nt = live_notifier(run);
     if (nt != NULL && !nt->stopping_sent
         && !aiorun_flag_get(&run->state->service_stopping)) {
@@ -732,7 +733,11 @@ aiorun_notify_ready(PyObject *module, PyObject *args, PyObject *kwargs)
             return NULL;
         }
     }
-    int sent = send_ready(aiorun_get_state(module), text);
+    aiorun_state *st = aiorun_get_state(module);
+#ifndef MS_WINDOWS
+    atomic_fetch_add(&st->ready_calls, 1);   /* the health endpoint's /readyz */
+#endif
+    int sent = send_ready(st, text);
     if (sent < 0) {
         return NULL;
     }

@@ -18,6 +18,7 @@ aiorun_run_request(RunObject *run, aiorun_cause cause, int signum)
         run->cause = cause;
         run->cause_signum = signum;
     }
+    aiorun_health_stopping(run);   /* /readyz 503 before drain_delay */
     /* The watchdog only tells signals, loop.stop() and errors apart. */
     aiorun_watchdog_request(run, cause == CAUSE_SIGNAL ? REQUEST_SIGNAL
                                  : cause == CAUSE_UNHANDLED_ERROR

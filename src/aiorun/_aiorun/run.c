@@ -31,6 +31,8 @@ typedef struct {
     PyObject *reap_orphans;
     PyObject *reload_callback;
     PyObject *deadline_covers_exit;
+    PyObject *health;
+    PyObject *liveness_timeout;
 } run_args;
 
 /* What the arguments say, once checked. */
@@ -615,7 +617,8 @@ run_with_signals(RunObject *run, run_args *a, run_flags *f)
     if (f->reap_orphans && aiorun_reaper_start(run) < 0) {
         goto fail;
     }
-    if (aiorun_notify_loop_ready(run, f->ready_on_start) < 0) {
+    if (aiorun_notify_loop_ready(run, f->ready_on_start) < 0
+        || aiorun_health_loop_ready(run) < 0) {
         goto fail;
     }
 #ifdef MS_WINDOWS
@@ -775,6 +778,7 @@ check_owner_only(RunObject *run, int on_main, run_args *a, watchdog_args *w,
         : a->reap_orphans != Py_None && f->reap_orphans ? "reap_orphans"
         : a->reload_callback != Py_None ? "reload_callback"
         : a->deadline_covers_exit != Py_None && w->covers_exit ? "deadline_covers_exit"
+        : a->health != Py_None ? "health"
         : NULL;
     if (asked != NULL) {
         PyErr_Format(PyExc_ValueError, on_main
@@ -816,6 +820,7 @@ run_body(PyObject *module, RunObject *run, run_args *a, watchdog_args *w,
 {
     aiorun_state *st = run->state;
     PyObject *result = NULL;
+    aiorun_health_args health = {NULL, NULL, 0};
     run->shutdown_handler = a->shutdown_handler != Py_None
         ? Py_NewRef(a->shutdown_handler)
         : PyObject_GetAttrString(module, "_shutdown_handler");
@@ -845,16 +850,21 @@ run_body(PyObject *module, RunObject *run, run_args *a, watchdog_args *w,
             || aiorun_log(st, LOG_WARNING, not_owner_reason(on_main)) == 0)
         && check_arguments(st, a, f, run->owns_process) == 0
         && check_watchdog_arguments(st, a, w, run->owns_process) == 0
+        && aiorun_health_check(st, a->health, a->liveness_timeout, run->owns_process,
+                               &health) == 0
         && check_owner_only(run, on_main, a, w, f) == 0
         && ((w->deadline == 0 && !w->exit_on_repeat)
             || aiorun_watchdog_start(run, w->deadline, w->exit_on_repeat,
                                      f->dump_signum) == 0)
-        && (!run->owns_process || aiorun_notify_start(run, f->task_timeout) == 0)) {
+        && (!run->owns_process || aiorun_notify_start(run, f->task_timeout) == 0)
+        && (!run->owns_process || aiorun_health_start(run, &health) == 0)) {
         result = run_with_signals(run, a, f);
     }
+    Py_CLEAR(health.address);
     forget_main_task(run);
     aiorun_reaper_stop(run);
     aiorun_notify_stop(run);
+    aiorun_health_stop(run);
     if (w->covers_exit) {
         aiorun_watchdog_hand_over(run);
     }
@@ -891,18 +901,19 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
         "executor", "use_uvloop", "stop_on_unhandled_errors", "timeout_task_shutdown",
         "shutdown_deadline", "exit_on_repeated_signal", "notify_ready_on_start",
         "drain_delay", "cancel_main_first", "task_dump_signal", "reap_orphans",
-        "reload_callback", "deadline_covers_exit", NULL,
+        "reload_callback", "deadline_covers_exit", "health", "liveness_timeout", NULL,
     };
     aiorun_state *st = aiorun_get_state(module);
     run_args a = {Py_None, Py_None, Py_None, Py_None, Py_None, Py_None,
                   Py_False, Py_False, NULL, Py_None, Py_None, Py_True,
-                  Py_None, Py_False, Py_None, Py_None, Py_None, Py_None};
+                  Py_None, Py_False, Py_None, Py_None, Py_None, Py_None,
+                  Py_None, Py_None};
     watchdog_args w = {0, 0, 0};
     run_flags f = {0, 0, 1, -1, 0, 0, 0, 0};
     PyObject *result = NULL;
 
     if (aiorun_check_call("run", args, kwargs, kwlist, 1, 0) < 0
-        || !PyArg_ParseTupleAndKeywords(args, kwargs, "|O$OOOOOOOOOOOOOOOOO:run", kwlist,
+        || !PyArg_ParseTupleAndKeywords(args, kwargs, "|O$OOOOOOOOOOOOOOOOOOO:run", kwlist,
                                      &a.coro, &a.loop, &a.shutdown_handler,
                                      &a.shutdown_callback, &a.executor_workers,
                                      &a.executor, &a.use_uvloop,
@@ -912,7 +923,8 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
                                      &a.notify_ready_on_start, &a.drain_delay,
                                      &a.cancel_main_first, &a.task_dump_signal,
                                      &a.reap_orphans, &a.reload_callback,
-                                     &a.deadline_covers_exit)) {
+                                     &a.deadline_covers_exit, &a.health,
+                                     &a.liveness_timeout)) {
         return NULL;
     }
     PyObject *default_timeout = NULL;

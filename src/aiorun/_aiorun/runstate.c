@@ -49,6 +49,8 @@ aiorun_run_new(aiorun_state *st)
     run->dump_signum = 0;
     run->reaper = NULL;
     run->reap_timer = NULL;
+    run->health = NULL;
+    run->health_timer = NULL;
     PyObject_GC_Track(run);
     return run;
 }
@@ -96,6 +98,9 @@ aiorun_run_stage(RunObject *run, int stage)
 {
     aiorun_watchdog_stage(run, (aiorun_stage)stage);
     aiorun_notify_stage(run, (aiorun_stage)stage);
+    if (stage >= STAGE_HANDLER) {
+        aiorun_health_stopping(run);
+    }
 }
 
 static int
@@ -112,6 +117,7 @@ run_traverse(RunObject *self, visitproc visit, void *arg)
     Py_VISIT(self->cancel_msg);
     Py_VISIT(self->shutdown_event);
     Py_VISIT(self->reap_timer);
+    Py_VISIT(self->health_timer);
     Py_VISIT(self->reload_callback);
     Py_VISIT(self->reload_task);
     return 0;
@@ -137,6 +143,7 @@ aiorun_run_clear(RunObject *self)
     Py_CLEAR(self->ping_timer);
     Py_CLEAR(self->cancel_msg);
     Py_CLEAR(self->reap_timer);
+    Py_CLEAR(self->health_timer);
     Py_CLEAR(self->reload_callback);
     Py_CLEAR(self->reload_task);
     return 0;
@@ -189,6 +196,8 @@ static PyMethodDef run_methods[] = {
      "Starts a reload on the loop: RELOADING=1, then reload_callback()."},
     {"_reload_done", aiorun_run_reload_done, METH_O,
      "Done callback of an async reload: READY=1, or the failure logged."},
+    {"_health_beat", aiorun_run_health_beat, METH_NOARGS,
+     "The loop's heartbeat for the health endpoint's /livez."},
     {"_reap", aiorun_run_reap, METH_NOARGS,
      "Reaps orphaned children that stayed zombies since the last call."},
 #ifdef MS_WINDOWS

@@ -979,6 +979,7 @@ aiorun_after_fork_child(PyObject *module, PyObject *unused)
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(runs); i++) {
         watchdog_after_fork((RunObject *)PyList_GET_ITEM(runs, i));
+        aiorun_health_after_fork((RunObject *)PyList_GET_ITEM(runs, i));
     }
     Py_DECREF(runs);
     Py_RETURN_NONE;
