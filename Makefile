@@ -17,6 +17,11 @@
 # make test-systemd    under a real systemd: Debian bookworm (252) and trixie (257)
 #                      roots booted with systemd-nspawn (cached), the systemd guide's units driven with
 #                      systemctl and journalctl (as root)
+# make test-haproxy    the drain behind Debian's haproxy: no request lost with
+#                      drain_delay=2, against drain_delay=0 (writes bench/haproxy.md)
+# make bench-health    the health endpoint's latency under load, during a call
+#                      that holds the GIL, and the app's latency while the
+#                      endpoint is abused (writes bench/health.md)
 # make tsan            the threads stress test under ThreadSanitizer on a
 #                      3.13t built with it (~10 min once, cached; not in CI)
 # make deadline-bound how far past shutdown_deadline=1 each way of hanging
@@ -34,7 +39,7 @@ STEP ?= 1
 EXAMPLES ?= 300
 SEED ?= 1
 
-.PHONY: deadline-bound demo docs test test-newest test-pypy test-freethreaded test-systemd tsan wheels bench bench-smoke clean reliability sanitize memcheck refleak nomemory storm startup-window fuzz fuzz-sanitize
+.PHONY: deadline-bound demo docs test test-newest test-pypy test-freethreaded test-systemd test-haproxy bench-health tsan wheels bench bench-smoke clean reliability sanitize memcheck refleak nomemory storm startup-window fuzz fuzz-sanitize
 
 demo:
 	@[ -x .venvs/demo/bin/python ] || $(PYTHON) -m venv .venvs/demo
@@ -107,6 +112,12 @@ test-freethreaded:
 
 tsan:
 	scripts/tsan
+
+test-haproxy:
+	scripts/test-haproxy
+
+bench-health: $(PY311)
+	$(PY311) bench/health.py --write bench/health.md
 
 test-systemd:
 	scripts/test-systemd

@@ -20,7 +20,7 @@ PARAMS = ["coro", "loop", "shutdown_handler", "shutdown_callback", "executor_wor
           "executor", "use_uvloop", "stop_on_unhandled_errors", "timeout_task_shutdown",
           "shutdown_deadline", "exit_on_repeated_signal", "drain_delay",
           "cancel_main_first", "task_dump_signal", "reap_orphans", "reload_callback",
-          "deadline_covers_exit"]
+          "deadline_covers_exit", "health", "liveness_timeout"]
 
 # The one message aiorun 2025.1.1 words without a parameter name (kept).
 EXCLUSIVE = "'loop' and 'use_uvloop' parameters are mutually exclusive"
@@ -77,6 +77,8 @@ VALID = {
     "reap_orphans": st.one_of(st.none(), st.booleans()),
     "reload_callback": st.sampled_from([None, lambda: None]),
     "deadline_covers_exit": st.one_of(st.none(), st.booleans()),
+    "health": st.sampled_from([None, "127.0.0.1:0", 0]),
+    "liveness_timeout": st.one_of(st.none(), st.floats(0.01, 60)),
 }
 # A Weird coroutine is a valid awaitable whose main task fails: the loop
 # then rightly runs on forever, so it is kept out of "coro".

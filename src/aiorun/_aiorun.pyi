@@ -1,4 +1,5 @@
 import asyncio
+import os
 import logging
 import socket
 from concurrent.futures import Executor
@@ -54,6 +55,8 @@ def run(
     reap_orphans: Optional[bool] = None,
     reload_callback: Optional[Callable[[], Optional[Awaitable[Any]]]] = None,
     deadline_covers_exit: Optional[bool] = None,
+    health: Union[str, int, os.PathLike[str], None] = None,
+    liveness_timeout: Optional[float] = None,
 ) -> Optional[_T]: ...
 
 def shutdown_event(loop: Optional[asyncio.AbstractEventLoop] = None) -> asyncio.Event: ...

@@ -241,6 +241,48 @@ def scenario_reload():
         os.environ.pop("NOTIFY_SOCKET", None)
         receiver.close()
 
+def scenario_health():
+    # The health endpoint (health.c): start, probes answered while the loop
+    # runs, ready turned by notify_ready(), bad addresses and a port in use
+    # refused, and a run() in sequence with a unix socket.
+    import logging, socket, tempfile
+    logger = logging.getLogger("aiorun")
+    def ask(where, family, path):
+        with socket.socket(family) as s:
+            s.connect(where)
+            s.sendall(f"GET {path} HTTP/1.1\r\n\r\n".encode())
+            while s.recv(4096):
+                pass
+    async def main(where_box, family):
+        loop = asyncio.get_running_loop()
+        for path in ("/readyz", "/livez", "/nope"):
+            await loop.run_in_executor(None, ask, where_box[0], family, path)
+        aiorun.notify_ready()
+        loop.stop()
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    logger.disabled = True
+    try:
+        box = []
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        box.append(("127.0.0.1", port))
+        run(main(box, socket.AF_INET), health=f"127.0.0.1:{port}", liveness_timeout=0.5)
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "h.sock")
+            run(main([path], socket.AF_UNIX), health=path)
+        for bad in ("nowhere", 1.5, 70000, f"127.0.0.1:{busy.getsockname()[1]}"):
+            try:
+                run(main(box, socket.AF_INET), health=bad)
+            except (ValueError, TypeError, OSError):
+                pass
+    finally:
+        logger.disabled = False
+        busy.close()
+
 async def cli_target():
     asyncio.get_running_loop().stop()
 
@@ -405,7 +447,8 @@ def measure(fn, warm=5, reps=30, report=True):
 SCENARIOS = ["scenario_cancel_awaiter", "scenario_run_stop", "scenario_unhandled",
              "scenario_stuck", "scenario_watchdog", "scenario_waiters", "scenario_waiters_10k",
              "scenario_thread_and_nested", "scenario_bad_args", "scenario_notify", "scenario_cli",
-             "scenario_ordered", "scenario_fdstore", "scenario_reload"]
+             "scenario_ordered", "scenario_fdstore", "scenario_reload",
+             "scenario_health"]
 _kept = []
 
 def canary_leaks_one_object_per_rep():

@@ -11,7 +11,7 @@ PyDoc_STRVAR(run_doc,
 "    shutdown_deadline=None, exit_on_repeated_signal=None,\n"
 "    notify_ready_on_start=True, drain_delay=0, cancel_main_first=False,\n"
 "    task_dump_signal=None, reap_orphans=None, reload_callback=None,\n"
-"    deadline_covers_exit=None)\n"
+"    deadline_covers_exit=None, health=None, liveness_timeout=None)\n"
 "--\n"
 "\n"
 "Run the event loop until SIGINT or SIGTERM (or loop.stop()), then shut\n"
@@ -73,9 +73,20 @@ PyDoc_STRVAR(run_doc,
 "    RELOADING=1 and READY=1 follow it, as Type=notify-reload expects.\n"
 "    If it raises, the error is logged, the app serves on, and systemd's\n"
 "    reload fails at its timeout.\n"
+"health\n"
+"    Serve GET /readyz and GET /livez from a thread that needs no GIL, on\n"
+"    'HOST:PORT', ':PORT' or a port number (127.0.0.1), or a unix socket\n"
+"    path.  /readyz is 200 from READY=1's moment (or notify_ready()) until\n"
+"    the shutdown's first moment, before drain_delay; /livez is 503 with\n"
+"    the reason when the loop has not run for liveness_timeout seconds.\n"
+"    None: AIORUN_HEALTH.\n"
+"liveness_timeout\n"
+"    Seconds without a loop heartbeat before /livez answers 503 (default\n"
+"    10).  None: AIORUN_LIVENESS_TIMEOUT.\n"
 "\n"
-"SIGINT, SIGTERM, SIGHUP, the deadline, systemd and the reaper belong to the\n"
-"process: only the outermost run() on the main thread takes them.");
+"SIGINT, SIGTERM, SIGHUP, the deadline, systemd, the health endpoint and\n"
+"the reaper belong to the process: only the outermost run() on the main\n"
+"thread takes them.");
 
 PyDoc_STRVAR(shutdown_waits_for_doc,
 "shutdown_waits_for(coro, loop=None)\n"
@@ -101,7 +112,8 @@ PyDoc_STRVAR(notify_ready_doc,
 "start.  True if delivered; False when NOTIFY_SOCKET is not set, or when\n"
 "it could not be delivered (a WARNING on the aiorun logger says why: an\n"
 "unusable address, a receiver gone, a full socket).  It never raises for\n"
-"a delivery problem.");
+"a delivery problem.  The health endpoint's /readyz turns 200 with it,\n"
+"with or without systemd.");
 
 PyDoc_STRVAR(shutdown_event_doc,
 "shutdown_event(loop=None)\n"
