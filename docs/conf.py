@@ -26,7 +26,7 @@ myst_enable_extensions = ["colon_fence"]
 # names of the signatures (there is no network here for intersphinx).
 nitpicky = True
 nitpick_ignore_regex = [
-    ("py:class", r"(asyncio|concurrent|typing|logging|weakref|collections|socket)\b.*"),
+    ("py:class", r"(asyncio|concurrent|typing|logging|weakref|collections|socket|os)\b.*"),
     ("py:class", r"FileDescriptorLike"),
     ("py:class", r"(Optional|Union|Awaitable|Callable|Coroutine|Generator|Any|List|_T)\b.*"),
     ("py:class", r"(int|float|bool|str|None|BaseException|Executor)"),
