@@ -9,7 +9,7 @@ SOURCES = [
     "unhandled.c", "shutdown.c", "shield.c", "waitfuture.c", "watchdog.c",
     "sigwake.c", "stacks.c", "notify.c", "cli.c", "reasons.c", "taskdump.c",
     "reaper.c", "sigcatch.c", "callargs.c", "idset.c", "protectedset.c",
-    "environ.c", "activation.c", "fdstore.c", "reload.c", "health.c",
+    "environ.c", "activation.c", "fdstore.c", "reload.c", "health.c", "report.c",
 ]
 
 if sys.platform == "win32":

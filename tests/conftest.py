@@ -166,13 +166,20 @@ class Result:
 
     @property
     def log(self):
-        """aiorun's log lines as 'LEVEL:message' (first line of each)."""
+        """aiorun's log lines as 'LEVEL:message' (first line of each), but
+        for the shutdown's summary line (see `summaries`), which comes after
+        the original's lines and is checked on its own."""
         out = []
         for line in self.stderr:
             m = re.match(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL):aiorun:(.*)$", line)
-            if m:
+            if m and not m.group(2).startswith(SUMMARY_PREFIX):
                 out.append(f"{m.group(1)}:{m.group(2)}")
         return out
+
+    @property
+    def summaries(self):
+        """The shutdown summary lines, as logged (INFO:aiorun:...)."""
+        return [l for l in self.stderr if l.startswith("INFO:aiorun:" + SUMMARY_PREFIX)]
 
     @property
     def messages(self):
@@ -232,6 +239,9 @@ SHUTDOWN_TAIL = [
 ]
 
 SIGNALS = [signal.SIGINT, signal.SIGTERM]
+
+# Every shutdown's last log line (report.c).
+SUMMARY_PREFIX = "Shutdown summary ("
 
 
 def line_of(path, marker):

@@ -70,6 +70,10 @@ ACCEPTED = {
     "Work that protected work starts is protected with it.":
         "the original cancelled the tasks a protected coroutine started for its own "
         "work, so the work it protected failed with CancelledError",
+    "Every shutdown ends with one INFO summary line":
+        "what the shutdown did (cause, time taken, tasks cancelled and refused, "
+        "protected work, threads left) in one line a log search finds; it comes "
+        "after the original's last line, so its sequence is unchanged",
     "A DEBUG line per cancelled task":
         "the old documentation's transcript shows 'Cancelling task: ...', which 2025.1.1 dropped; "
         "at DEBUG it does not flood a service's log",

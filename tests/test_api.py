@@ -54,7 +54,8 @@ def test_signatures_are_introspectable():
         "executor", "use_uvloop", "stop_on_unhandled_errors", "timeout_task_shutdown",
         "shutdown_deadline", "exit_on_repeated_signal", "notify_ready_on_start",
         "drain_delay", "cancel_main_first", "task_dump_signal", "reap_orphans",
-        "reload_callback", "deadline_covers_exit", "health", "liveness_timeout"]
+        "reload_callback", "deadline_covers_exit", "health", "liveness_timeout",
+        "shutdown_report"]
     assert params["timeout_task_shutdown"].default == 60
     assert params["notify_ready_on_start"].default is True
     assert params["drain_delay"].default == 0

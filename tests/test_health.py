@@ -512,3 +512,128 @@ def test_the_cli_options(app, tmp_path):
         assert a.finish().returncode == 0
     finally:
         a.kill()
+
+
+def test_a_huge_liveness_timeout_means_never_stale(app):
+    a = app("""
+    async def main():
+        say("STARTED")
+        await asyncio.sleep(1000)
+    run(main(), health=":0", liveness_timeout=1e300)
+    """)
+    where = endpoint(a)
+    a.wait_line("STARTED")
+    assert get(where, "/livez")[0] == 200
+    a.send(signal.SIGTERM)
+    assert a.finish().returncode == 0
+
+
+def test_head_gets_no_body_whatever_the_answer(app):
+    a = app("""
+    async def main():
+        say("STARTED")
+        await asyncio.sleep(1000)
+    run(main(), health=":0")
+    """)
+    where = endpoint(a)
+    a.wait_line("STARTED")
+    for request, status in ((b"HEAD /nope HTTP/1.1\r\n\r\n", b"404"),
+                            (b"HEAD /readyz HTTP/3\r\n\r\n", b"400")):
+        raw = exchange(where, request)
+        assert raw.startswith(b"HTTP/1.1 " + status) and raw.endswith(b"\r\n\r\n"), raw
+    a.send(signal.SIGTERM)
+    assert a.finish().returncode == 0
+
+
+def test_a_unix_socket_whose_owner_does_not_accept_is_in_use_not_a_hang(app, tmp_path):
+    path = str(tmp_path / "busy.sock")
+    owner = socket.socket(socket.AF_UNIX)
+    owner.bind(path)
+    owner.listen(0)
+    queued = []
+    try:
+        while True:   # fill its backlog: a new connect would block
+            c = socket.socket(socket.AF_UNIX)
+            c.setblocking(False)
+            try:
+                c.connect(path)
+            except BlockingIOError:
+                c.close()
+                break
+            queued.append(c)
+        r = app(f"""
+        async def main():
+            say("NEVER")
+        try:
+            run(main(), health={path!r})
+        except OSError as e:
+            say("OSError", e.errno == __import__("errno").EADDRINUSE)
+        """).finish()
+    finally:
+        for c in queued:
+            c.close()
+        owner.close()
+    assert r.stdout == ["OSError True"]
+
+
+def test_a_path_object_without_a_slash_is_a_unix_socket(app, tmp_path):
+    a = app("""
+    import pathlib
+    async def main():
+        say("STARTED")
+        await asyncio.sleep(1000)
+    run(main(), health=pathlib.Path("h.sock"))
+    """)
+    assert endpoint(a) == "./h.sock"
+    a.wait_line("STARTED")
+    poll_until(str(tmp_path / "h.sock"), "/readyz", lambda s, b: s == 200, "ready")
+    a.send(signal.SIGTERM)
+    assert a.finish().returncode == 0
+    assert not (tmp_path / "h.sock").exists()
+
+
+def test_a_stray_liveness_variable_does_not_break_a_run_without_the_endpoint(app):
+    r = app("""
+    async def main():
+        asyncio.get_running_loop().stop()
+    run(main())
+    say("RETURNED")
+    """, env={"AIORUN_LIVENESS_TIMEOUT": "10s"}).finish()
+    assert r.returncode == 0 and r.stdout == ["RETURNED"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_while_the_endpoint_starts_lets_go_of_the_socket(app):
+    # Forked by a logging handler on the endpoint's own INFO line: before
+    # run() has listed its loop, so only the owner leads the hook to it.
+    a = app("""
+    children = []
+    class ForkOnLine(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("Health endpoint on") and not children:
+                pid = os.fork()
+                if pid == 0:
+                    time.sleep(3)
+                    os._exit(0)
+                children.append(pid)
+    logging.getLogger("aiorun").addHandler(ForkOnLine())
+
+    async def main():
+        say("FORKED", children[0])
+        await asyncio.sleep(1000)
+
+    run(main(), health=":0")
+    """)
+    where = endpoint(a)
+    child = int(a.wait_prefix("FORKED").split()[1])
+    a.send(signal.SIGTERM)
+    assert a.finish().returncode == 0
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            connect(where)
+        os.kill(child, 0)
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

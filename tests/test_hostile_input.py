@@ -7,7 +7,9 @@ In-process on purpose: a crash, a leak of handlers or a loop left behind
 would show here, in this very interpreter."""
 import asyncio
 import math
+import os
 import signal
+import tempfile
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,7 +22,7 @@ PARAMS = ["coro", "loop", "shutdown_handler", "shutdown_callback", "executor_wor
           "executor", "use_uvloop", "stop_on_unhandled_errors", "timeout_task_shutdown",
           "shutdown_deadline", "exit_on_repeated_signal", "drain_delay",
           "cancel_main_first", "task_dump_signal", "reap_orphans", "reload_callback",
-          "deadline_covers_exit", "health", "liveness_timeout"]
+          "deadline_covers_exit", "health", "liveness_timeout", "shutdown_report"]
 
 # The one message aiorun 2025.1.1 words without a parameter name (kept).
 EXCLUSIVE = "'loop' and 'use_uvloop' parameters are mutually exclusive"
@@ -79,6 +81,7 @@ VALID = {
     "deadline_covers_exit": st.one_of(st.none(), st.booleans()),
     "health": st.sampled_from([None, "127.0.0.1:0", 0]),
     "liveness_timeout": st.one_of(st.none(), st.floats(0.01, 60)),
+    "shutdown_report": st.sampled_from([None, os.path.join(tempfile.gettempdir(), f"aiorun-hostile-{os.getpid()}.json")]),
 }
 # A Weird coroutine is a valid awaitable whose main task fails: the loop
 # then rightly runs on forever, so it is kept out of "coro".

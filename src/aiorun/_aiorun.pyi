@@ -57,6 +57,7 @@ def run(
     deadline_covers_exit: Optional[bool] = None,
     health: Union[str, int, os.PathLike[str], None] = None,
     liveness_timeout: Optional[float] = None,
+    shutdown_report: Union[str, os.PathLike[str], None] = None,
 ) -> Optional[_T]: ...
 
 def shutdown_event(loop: Optional[asyncio.AbstractEventLoop] = None) -> asyncio.Event: ...

@@ -255,10 +255,12 @@ def scenario_health():
                 pass
     async def main(where_box, family):
         loop = asyncio.get_running_loop()
-        for path in ("/readyz", "/livez", "/nope"):
-            await loop.run_in_executor(None, ask, where_box[0], family, path)
-        aiorun.notify_ready()
-        loop.stop()
+        try:   # stops even when an ask fails (fault injection)
+            for path in ("/readyz", "/livez", "/nope"):
+                await loop.run_in_executor(None, ask, where_box[0], family, path)
+            aiorun.notify_ready()
+        finally:
+            loop.stop()
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -282,6 +284,40 @@ def scenario_health():
     finally:
         logger.disabled = False
         busy.close()
+
+def scenario_report():
+    # The shutdown report (report.c): the summary line and the JSON of a
+    # shutdown with a refused task, protected work and an error, and a path
+    # that cannot be written.
+    import logging, tempfile
+    logger = logging.getLogger("aiorun")
+    async def stubborn():
+        for _ in range(3):
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass
+    async def saved():
+        await asyncio.sleep(0.01)
+    async def main():
+        asyncio.ensure_future(stubborn())
+        asyncio.ensure_future(shutdown_waits_for(saved()))
+        await asyncio.sleep(0)
+        raise ValueError("boom")
+    logger.disabled = True
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            try:
+                run(main(), stop_on_unhandled_errors=True, timeout_task_shutdown=0.05,
+                    shutdown_report=os.path.join(d, "r.json"))
+            except ValueError:
+                pass
+            run(stop_soon(), shutdown_report=os.path.join(d, "no", "r.json"))
+    finally:
+        logger.disabled = False
+
+async def stop_soon():
+    asyncio.get_running_loop().stop()
 
 async def cli_target():
     asyncio.get_running_loop().stop()
@@ -448,7 +484,7 @@ SCENARIOS = ["scenario_cancel_awaiter", "scenario_run_stop", "scenario_unhandled
              "scenario_stuck", "scenario_watchdog", "scenario_waiters", "scenario_waiters_10k",
              "scenario_thread_and_nested", "scenario_bad_args", "scenario_notify", "scenario_cli",
              "scenario_ordered", "scenario_fdstore", "scenario_reload",
-             "scenario_health"]
+             "scenario_health", "scenario_report"]
 _kept = []
 
 def canary_leaks_one_object_per_rep():

@@ -43,6 +43,10 @@ SCENARIOS = {
     # drain_delay, cancel_main_first, shutdown_event, messages, task dump,
     # the reaper timer, the result, a stuck main task
     "ordered": refleak.scenario_ordered,
+    # the health endpoint: start, probes, a unix socket, refused addresses
+    "health": refleak.scenario_health,
+    # the shutdown report: summary, JSON, refused and protected tasks
+    "report": refleak.scenario_report,
 }
 NOT_REACHED_TO_STOP = 5
 

@@ -15,6 +15,7 @@
  *   sigwake.c   the C-level signal handler that wakes the watchdog
  *   notify.c    systemd notifications: ready, stopping, phases, pings
  *   health.c    the health endpoint: /readyz and /livez from a C thread
+ *   report.c    the shutdown report: the summary line, the JSON file
  *   cli.c       python -m aiorun: options, target, run()
  *   stacks.c    Python stacks formatted the way tracebacks show them
  *   reasons.c   how the app learns of the shutdown: shutdown_event(), the
@@ -334,6 +335,41 @@ typedef enum {
     CAUSE_KEYBOARD_INTERRUPT
 } aiorun_cause;
 
+/* A counter another thread may read (the watchdog's, on a forced exit). */
+#ifndef MS_WINDOWS
+typedef atomic_long aiorun_counter;
+#define aiorun_counter_get(c) atomic_load(c)
+#define aiorun_counter_set(c, v) atomic_store((c), (v))
+#define aiorun_counter_add(c, v) atomic_fetch_add((c), (v))
+#else
+typedef volatile long aiorun_counter;
+#define aiorun_counter_get(c) (*(c))
+#define aiorun_counter_set(c, v) (*(c) = (v))
+#define aiorun_counter_add(c, v) (*(c) += (v))
+#endif
+
+#define AIORUN_REPORT_PHASES 32
+#define AIORUN_REPORT_REFUSED_MAX (256 * 1024)
+
+/* What the shutdown did, for its summary and report (report.c).  Written
+ * on the loop's thread only; what the watchdog's thread reads on a forced
+ * exit is published by the counters. */
+typedef struct {
+    char *path;                /* shutdown_report, fs-encoded, or NULL */
+    double requested_at;       /* CLOCK_MONOTONIC at the first request, 0 */
+    double requested_wall;     /* the same moment in Unix time */
+    aiorun_counter n_phases;
+    struct { int stage; double at; } phases[AIORUN_REPORT_PHASES];
+    aiorun_counter cancelled;  /* cancel() called */
+    aiorun_counter drained;    /* finished by themselves during drain_delay */
+    aiorun_counter refused;    /* still alive at timeout_task_shutdown */
+    aiorun_counter protected_seen;
+    aiorun_counter protected_abandoned;
+    char *refused_json;        /* their descriptions, JSON objects, append-only */
+    aiorun_counter refused_len;
+    int refused_cut;           /* some did not fit */
+} aiorun_report;
+
 typedef struct RunObject {
     PyObject_HEAD
     aiorun_state *state;       /* borrowed: the type keeps the module alive */
@@ -382,6 +418,7 @@ typedef struct RunObject {
     unsigned long long reload_usec; /* CLOCK_MONOTONIC at the reload's start */
     aiorun_probe *health;      /* the health endpoint, or NULL (health.c) */
     PyObject *health_timer;    /* the loop's handle of the next heartbeat */
+    aiorun_report report;      /* the shutdown's figures (report.c) */
 } RunObject;
 
 extern PyType_Spec aiorun_run_type_spec;
@@ -456,6 +493,8 @@ PyObject *aiorun_run_main_done(PyObject *self, PyObject *task);
  * Never raises. */
 void aiorun_keep_exception(RunObject *run, PyObject *exc, const char *message,
                            const char *what);
+/* aiorun_keep_exception() of the error that is set. */
+void aiorun_keep_error(RunObject *run, const char *what);
 /* The whole shutdown phase; returns None or raises the pending exception. */
 PyObject *aiorun_shutdown(RunObject *run, PyObject *shutdown_callback,
                           PyObject *executor, PyObject *timeout);
@@ -641,6 +680,23 @@ void aiorun_health_stopping(RunObject *run);
 void aiorun_health_after_fork(RunObject *run);
 /* Ends the threads, closes the socket; keeps any exception set. */
 void aiorun_health_stop(RunObject *run);
+
+/* ---- report.c: the shutdown report ---- */
+/* shutdown_report= (or, with use_env, AIORUN_SHUTDOWN_REPORT); 0 or -1. */
+int aiorun_report_configure(RunObject *run, PyObject *arg, int use_env);
+void aiorun_report_free(RunObject *run);
+void aiorun_report_requested(RunObject *run);
+void aiorun_report_stage(RunObject *run, int stage);
+void aiorun_report_cancelled(RunObject *run);
+void aiorun_report_protected(RunObject *run);
+void aiorun_report_drained(RunObject *run, long n);
+void aiorun_report_refused(RunObject *run, PyObject *task);
+void aiorun_report_refused_text(RunObject *run, PyObject *description);
+/* The summary line, and the JSON when asked; exc is what run() will raise
+ * (borrowed, or NULL).  Never raises. */
+void aiorun_report_end(RunObject *run, PyObject *exc);
+/* On the watchdog's thread, without the GIL, just before _exit(). */
+void aiorun_report_forced_exit(RunObject *run, int stage);
 
 /* ---- fdstore.c: systemd's file descriptor store ---- */
 PyObject *aiorun_store_fd(PyObject *module, PyObject *args, PyObject *kwargs);

@@ -15,7 +15,7 @@ typedef enum {
     OPT_FLAG_OFF,   /* given: keyword=False */
     OPT_SECONDS,    /* a float, finite, >= 0 (or > 0 unless zero_ok) */
     OPT_COUNT,      /* an int > 0 */
-    OPT_ADDRESS     /* a str, checked by run() */
+    OPT_TEXT        /* a str, checked by run() */
 } option_kind;
 
 /* One option: its flag, the run() keyword it sets, and how it is read.
@@ -26,37 +26,40 @@ typedef struct {
     option_kind kind;
     int zero_ok;
     const char *help;
+    const char *metavar;   /* for OPT_TEXT */
 } cli_option;
 
 static const cli_option options[] = {
     {"--no-ready-on-start", "notify_ready_on_start", OPT_FLAG_OFF, 0,
-     "under systemd, leave READY=1 to the app's aiorun.notify_ready()"},
-    {"--uvloop", "use_uvloop", OPT_FLAG, 0, "run on a new uvloop event loop"},
+     "under systemd, leave READY=1 to the app's aiorun.notify_ready()", NULL},
+    {"--uvloop", "use_uvloop", OPT_FLAG, 0, "run on a new uvloop event loop", NULL},
     {"--stop-on-unhandled-errors", "stop_on_unhandled_errors", OPT_FLAG, 0,
-     "an unhandled error stops the loop; it is raised after the shutdown (exit 1)"},
+     "an unhandled error stops the loop; it is raised after the shutdown (exit 1)", NULL},
     {"--timeout-task-shutdown", "timeout_task_shutdown", OPT_SECONDS, 1,
-     "seconds to wait for cancelled tasks (default 60)"},
+     "seconds to wait for cancelled tasks (default 60)", NULL},
     {"--executor-workers", "executor_workers", OPT_COUNT, 0,
-     "max_workers of the default ThreadPoolExecutor"},
+     "max_workers of the default ThreadPoolExecutor", NULL},
     {"--shutdown-deadline", "shutdown_deadline", OPT_SECONDS, 0,
-     "seconds the whole shutdown may take; past it, exit code 124"},
+     "seconds the whole shutdown may take; past it, exit code 124", NULL},
     {"--exit-on-repeated-signal", "exit_on_repeated_signal", OPT_FLAG, 0,
-     "a second SIGINT/SIGTERM during the shutdown exits at once (code 124)"},
+     "a second SIGINT/SIGTERM during the shutdown exits at once (code 124)", NULL},
     {"--deadline-covers-exit", "deadline_covers_exit", OPT_FLAG, 0,
-     "the deadline also bounds the process's exit after run() returns"},
+     "the deadline also bounds the process's exit after run() returns", NULL},
     {"--drain-delay", "drain_delay", OPT_SECONDS, 1,
-     "seconds the tasks get to finish before any is cancelled"},
+     "seconds the tasks get to finish before any is cancelled", NULL},
     {"--cancel-main-first", "cancel_main_first", OPT_FLAG, 0,
-     "cancel the main task and wait for it before the other tasks"},
+     "cancel the main task and wait for it before the other tasks", NULL},
     {"--task-dump", "task_dump_signal", OPT_FLAG, 0,
-     "SIGUSR1 logs every task with its await chain"},
+     "SIGUSR1 logs every task with its await chain", NULL},
     {"--reap-orphans", "reap_orphans", OPT_FLAG, 0,
-     "as PID 1, reap orphaned child processes"},
-    {"--health", "health", OPT_ADDRESS, 0,
+     "as PID 1, reap orphaned child processes", NULL},
+    {"--health", "health", OPT_TEXT, 0,
      "serve GET /readyz and GET /livez on HOST:PORT, :PORT (127.0.0.1) or a unix "
-     "socket path, from a thread that needs no GIL"},
+     "socket path, from a thread that needs no GIL", "ADDRESS"},
     {"--liveness-timeout", "liveness_timeout", OPT_SECONDS, 0,
-     "seconds without a loop heartbeat before /livez answers 503 (default 10)"},
+     "seconds without a loop heartbeat before /livez answers 503 (default 10)", NULL},
+    {"--shutdown-report", "shutdown_report", OPT_TEXT, 0,
+     "write what the shutdown did to PATH as JSON, also on a forced exit", "PATH"},
 };
 #define N_OPTIONS (sizeof options / sizeof options[0])
 
@@ -142,12 +145,12 @@ make_parser(void)
         }
         else {
             PyObject *type = (PyObject *)(o->kind == OPT_COUNT ? &PyLong_Type
-                                          : o->kind == OPT_ADDRESS ? &PyUnicode_Type
+                                          : o->kind == OPT_TEXT ? &PyUnicode_Type
                                                                    : &PyFloat_Type);
             res = call_with(add, Py_BuildValue("(s)", o->flag), "{sOsssssssO}", "type",
                             type, "dest", o->keyword, "help", o->help, "metavar",
                             o->kind == OPT_COUNT ? "N"
-                            : o->kind == OPT_ADDRESS ? "ADDRESS" : "SECONDS",
+                            : o->kind == OPT_TEXT ? o->metavar : "SECONDS",
                             "default", Py_None);
         }
         if (res == NULL) {

@@ -16,6 +16,7 @@
  * then one answer and the close.  Nothing a client sends reaches Python. */
 #include "aiorun.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -45,8 +46,8 @@
 #define READ_TIMEOUT_NS 2000000000LL
 #define ACCEPTS_PER_ROUND 64
 #define GIL_TICK_MS 100
-/* Waiting this long for the GIL (a hundred switch intervals) means its
- * holder is not letting it go. */
+/* Waiting this long for the GIL means its holder is not letting it go: at
+ * least half a second, and a hundred switch intervals. */
 #define GIL_HELD_NS 500000000LL
 #define NS 1000000000LL
 
@@ -70,8 +71,10 @@ struct aiorun_probe {
     atomic_llong beat_ns;           /* the loop's last heartbeat */
     atomic_llong gil_wait_since_ns; /* the ticker waits since then, or 0 */
     atomic_uint *ready_calls;       /* the module's notify_ready() count */
+    PyInterpreterState *interp;     /* the ticker's (the main one) */
     unsigned int ready_calls_base;
     long long stale_ns;             /* liveness_timeout */
+    long long gil_held_ns;          /* waiting this long: the GIL is held */
     double beat_interval;
     long long backoff_until_ns;     /* no accept() before (out of fds) */
     char unix_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
@@ -122,15 +125,16 @@ probe_body(aiorun_probe *p, int live, char *body, size_t size)
         snprintf(body, size, atomic_load(&p->stopping) ? "stopping\n" : "starting\n");
         return 503;
     }
+    long long beat = atomic_load(&p->beat_ns);
     long long now = now_ns();
-    long long age = now - atomic_load(&p->beat_ns);
+    long long age = now > beat ? now - beat : 0;
     if (age <= p->stale_ns) {
         snprintf(body, size, "alive: the loop ran %.1f s ago\n", (double)age / NS);
         return 200;
     }
     long long since = atomic_load(&p->gil_wait_since_ns);
     long long held = since ? now - since : 0;
-    if (held >= GIL_HELD_NS) {
+    if (held >= p->gil_held_ns) {
         snprintf(body, size,
                  "the loop has not run for %.1f s: a call has held the GIL for "
                  "%.1f s without letting it go\n", (double)age / NS, (double)held / NS);
@@ -204,12 +208,13 @@ answer(aiorun_probe *p, probe_conn *c)
     if (len > 0 && line[len - 1] == '\r') {
         len--;
     }
-    /* METHOD SP TARGET SP HTTP/1.x */
+    /* METHOD SP TARGET SP HTTP/1.x; a HEAD gets no body, whatever the answer. */
     const char *sp1 = memchr(line, ' ', len);
+    int head = sp1 != NULL && token_is(line, (size_t)(sp1 - line), "HEAD");
     const char *sp2 = sp1 ? memchr(sp1 + 1, ' ', len - (size_t)(sp1 + 1 - line)) : NULL;
     if (sp1 == NULL || sp2 == NULL || sp1 == line || sp2 == sp1 + 1
         || (size_t)(line + len - (sp2 + 1)) != 8 || memcmp(sp2 + 1, "HTTP/1.", 7) != 0) {
-        respond(c, 400, 0, "bad request\n");
+        respond(c, 400, head, "bad request\n");
         return;
     }
     size_t mlen = (size_t)(sp1 - line);
@@ -221,10 +226,9 @@ answer(aiorun_probe *p, probe_conn *c)
     }
     int live = token_is(target, tlen, "/livez");
     if (!live && !token_is(target, tlen, "/readyz")) {
-        respond(c, 404, 0, "not found: GET /readyz or /livez\n");
+        respond(c, 404, head, "not found: GET /readyz or /livez\n");
         return;
     }
-    int head = token_is(line, mlen, "HEAD");
     if (!head && !token_is(line, mlen, "GET")) {
         respond(c, 405, 0, "method not allowed\n");
         return;
@@ -273,19 +277,25 @@ conn_read(aiorun_probe *p, probe_conn *c)
     }
 }
 
+/* A free slot, else the oldest connection accepted before this round (one
+ * of this round may be a probe not read yet); NULL when all are of this
+ * round: then the new one is turned away. */
 static probe_conn *
-free_or_oldest(aiorun_probe *p)
+free_or_oldest(aiorun_probe *p, long long now)
 {
-    probe_conn *oldest = &p->conns[0];
+    probe_conn *oldest = NULL;
     for (int i = 0; i < MAX_CONNS; i++) {
-        if (p->conns[i].fd < 0) {
-            return &p->conns[i];
+        probe_conn *c = &p->conns[i];
+        if (c->fd < 0) {
+            return c;
         }
-        if (p->conns[i].since_ns < oldest->since_ns) {
-            oldest = &p->conns[i];
+        if (c->since_ns < now && (oldest == NULL || c->since_ns < oldest->since_ns)) {
+            oldest = c;
         }
     }
-    conn_close(oldest);
+    if (oldest != NULL) {
+        conn_close(oldest);
+    }
     return oldest;
 }
 
@@ -314,7 +324,11 @@ accept_some(aiorun_probe *p, long long now)
             }
             return;
         }
-        probe_conn *c = free_or_oldest(p);
+        probe_conn *c = free_or_oldest(p, now);
+        if (c == NULL) {
+            close(fd);
+            continue;
+        }
         c->fd = fd;
         c->since_ns = now;
         c->len = 0;
@@ -393,13 +407,17 @@ server_main(void *arg)
 }
 
 #ifndef Py_GIL_DISABLED
-/* Takes the GIL every GIL_TICK_MS, noting since when it waits for it. */
+/* Takes the GIL every GIL_TICK_MS, noting since when it waits for it.  A
+ * thread state of its own, made once: no allocation per tick, and none
+ * that can fail fatally (PyGILState_Ensure() aborts when it cannot make
+ * one).  Without one, /livez only cannot name a held GIL. */
 static void *
 ticker_main(void *arg)
 {
     aiorun_probe *p = arg;
     block_signals();
     struct pollfd wake = {.fd = p->wake_fds[0], .events = POLLIN};
+#ifdef PYPY_VERSION
     while (!atomic_load(&p->quit)) {
         if (poll(&wake, 1, GIL_TICK_MS) > 0 || atomic_load(&p->quit)) {
             break;
@@ -409,6 +427,24 @@ ticker_main(void *arg)
         atomic_store(&p->gil_wait_since_ns, 0);
         PyGILState_Release(gil);
     }
+#else
+    PyThreadState *ts = PyThreadState_New(p->interp);
+    if (ts == NULL) {
+        return NULL;
+    }
+    while (!atomic_load(&p->quit)) {
+        if (poll(&wake, 1, GIL_TICK_MS) > 0 || atomic_load(&p->quit)) {
+            break;
+        }
+        atomic_store(&p->gil_wait_since_ns, now_ns());
+        PyEval_RestoreThread(ts);
+        atomic_store(&p->gil_wait_since_ns, 0);
+        (void)PyEval_SaveThread();
+    }
+    PyEval_RestoreThread(ts);
+    PyThreadState_Clear(ts);
+    PyThreadState_DeleteCurrent();
+#endif
     return NULL;
 }
 #endif
@@ -438,45 +474,96 @@ usage_error(const char *source, PyObject *value)
     return -1;
 }
 
+/* 0 if nobody listens on the socket file at addr (connecting is refused:
+ * its process is gone), 1 if someone does or it cannot be told. */
+static int
+socket_is_live(const struct sockaddr_un *addr)
+{
+    int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (probe < 0) {
+        return 1;
+    }
+    int refused = connect(probe, (const struct sockaddr *)addr, sizeof *addr) < 0
+                  && errno == ECONNREFUSED;
+    close(probe);
+    return !refused;
+}
+
+static int
+is_stale_socket(const char *path, const struct sockaddr_un *addr)
+{
+    struct stat sb;
+    return lstat(path, &sb) == 0 && S_ISSOCK(sb.st_mode) && !socket_is_live(addr);
+}
+
+static int
+unix_address(struct sockaddr_un *addr, const char *path)
+{
+    memset(addr, 0, sizeof *addr);
+    addr->sun_family = AF_UNIX;
+    if (strlen(path) >= sizeof addr->sun_path) {
+        return -1;
+    }
+    strcpy(addr->sun_path, path);
+    return 0;
+}
+
+/* The socket is bound and listening under a name of its own first, then
+ * linked to path: a client never finds the path bound but not listening,
+ * and a socket file is replaced only when nobody listens on it (a process
+ * that is gone), never one another instance is setting up.  A path too
+ * long for the extra name is bound directly. */
 static int
 listen_unix(aiorun_probe *p, const char *path, PyObject *where)
 {
-    struct sockaddr_un addr;
-    memset(&addr, 0, sizeof addr);
-    addr.sun_family = AF_UNIX;
-    if (strlen(path) >= sizeof addr.sun_path) {
+    struct sockaddr_un addr, tmp;
+    char tmp_path[sizeof addr.sun_path + 32];
+    if (unix_address(&addr, path) < 0) {
         PyErr_Format(PyExc_ValueError, "health endpoint: the unix socket path %R is "
                      "longer than %d bytes", where, (int)sizeof addr.sun_path - 1);
         return -1;
     }
-    strcpy(addr.sun_path, path);
+    snprintf(tmp_path, sizeof tmp_path, "%s.%ld~", path, (long)getpid());
+    int staged = unix_address(&tmp, tmp_path) == 0;
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) {
         return set_os_error(errno, "cannot make a socket for", where);
     }
-    int rc = bind(fd, (struct sockaddr *)&addr, sizeof addr);
-    if (rc < 0 && errno == EADDRINUSE) {
-        /* A socket file left by a process that is gone (nobody accepts on
-         * it) is replaced; one that answers is another process's. */
-        int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        struct stat sb;
-        if (probe >= 0 && connect(probe, (struct sockaddr *)&addr, sizeof addr) < 0
-            && errno == ECONNREFUSED && lstat(path, &sb) == 0 && S_ISSOCK(sb.st_mode)) {
+    int rc, err = 0;
+    if (staged) {
+        unlink(tmp_path);   /* left by a process of this pid before */
+        rc = bind(fd, (struct sockaddr *)&tmp, sizeof tmp) == 0 && listen(fd, 128) == 0
+            ? 0 : -1;
+        if (rc == 0 && link(tmp_path, path) < 0) {
+            if (errno != EEXIST) {
+                rc = -1;
+            }
+            else if (is_stale_socket(path, &addr)) {
+                rc = rename(tmp_path, path);
+            }
+            else {
+                rc = -1;
+                errno = EADDRINUSE;
+            }
+        }
+        err = errno;
+        unlink(tmp_path);   /* after a rename: gone already */
+    }
+    else {
+        rc = bind(fd, (struct sockaddr *)&addr, sizeof addr);
+        if (rc < 0 && errno == EADDRINUSE && is_stale_socket(path, &addr)) {
             unlink(path);
             rc = bind(fd, (struct sockaddr *)&addr, sizeof addr);
         }
-        else {
-            errno = EADDRINUSE;
+        else if (rc < 0) {
+            errno = errno == EEXIST ? EADDRINUSE : errno;
         }
-        if (probe >= 0) {
-            int saved = errno;
-            close(probe);
-            errno = saved;
-        }
+        rc = rc == 0 ? listen(fd, 128) : rc;
+        err = errno;
     }
     struct stat sb;
-    if (rc < 0 || listen(fd, 128) < 0 || stat(path, &sb) < 0) {
-        int err = errno;
+    if (rc < 0 || stat(path, &sb) < 0) {
+        err = rc < 0 ? err : errno;
         close(fd);
         return set_os_error(err, "cannot listen on", where);
     }
@@ -565,6 +652,17 @@ bound_address(aiorun_probe *p)
     }
     return PyUnicode_FromFormat(ss.ss_family == AF_INET6 ? "http://[%s]:%s"
                                                          : "http://%s:%s", host, serv);
+}
+
+/* The socket file, if it is still the one this endpoint made. */
+static void
+unlink_own_socket(aiorun_probe *p)
+{
+    struct stat sb;
+    if (p->unix_path[0] != '\0' && stat(p->unix_path, &sb) == 0
+        && sb.st_dev == p->unix_dev && sb.st_ino == p->unix_ino) {
+        unlink(p->unix_path);
+    }
 }
 
 static void
@@ -676,8 +774,17 @@ read_address(aiorun_state *st, PyObject *health, int use_env, PyObject **address
         Py_DECREF(path);
         goto type_error;
     }
+    Py_ssize_t slash = PyUnicode_FindChar(path, '/', 0, PyUnicode_GET_LENGTH(path), 1);
+    if (slash == -2) {
+        Py_DECREF(path);
+        return -1;
+    }
+    if (slash == -1 && !PyUnicode_Check(health)) {
+        /* A path object names a file even without a '/' in it. */
+        Py_SETREF(path, PyUnicode_FromFormat("./%U", path));
+    }
     *address = path;
-    return 0;
+    return *address == NULL ? -1 : 0;
 type_error:
     PyErr_Format(PyExc_TypeError,
                  "run() argument 'health' must be str, int, os.PathLike or None, "
@@ -738,8 +845,12 @@ aiorun_health_check(aiorun_state *st, PyObject *health, PyObject *liveness_timeo
 {
     out->address = NULL;
     out->source = NULL;
-    if (read_liveness(st, liveness_timeout, use_env, &out->liveness_timeout) < 0
-        || read_address(st, health, use_env, &out->address, &out->source) < 0) {
+    /* The variable is read only for an endpoint: a stray one cannot make a
+     * run() without it fail. */
+    if (read_address(st, health, use_env, &out->address, &out->source) < 0
+        || read_liveness(st, liveness_timeout, use_env && out->address != NULL,
+                         &out->liveness_timeout) < 0) {
+        Py_CLEAR(out->address);
         return -1;
     }
 #ifdef MS_WINDOWS
@@ -780,7 +891,9 @@ aiorun_health_start(RunObject *run, aiorun_health_args *args)
         p->conns[i].fd = -1;
     }
     p->pid = getpid();
-    p->stale_ns = (long long)(args->liveness_timeout * NS);
+    /* Beyond ~292 years a count of ns does not fit: never stale, then. */
+    p->stale_ns = args->liveness_timeout >= 9.0e9 ? LLONG_MAX
+                                                   : (long long)(args->liveness_timeout * NS);
     p->beat_interval = fmin(fmax(args->liveness_timeout / 4, 0.01), 1.0);
     atomic_init(&p->quit, 0);
     atomic_init(&p->ready, 0);
@@ -788,6 +901,20 @@ aiorun_health_start(RunObject *run, aiorun_health_args *args)
     atomic_init(&p->beat_ns, now_ns());
     atomic_init(&p->gil_wait_since_ns, 0);
     p->ready_calls = &run->state->ready_calls;
+    p->interp = PyInterpreterState_Get();
+    p->gil_held_ns = GIL_HELD_NS;
+    PyObject *sys_get = PySys_GetObject("getswitchinterval");   /* borrowed */
+    PyObject *interval = sys_get ? PyObject_CallNoArgs(sys_get) : NULL;
+    if (interval != NULL && PyFloat_Check(interval)
+        && PyFloat_AS_DOUBLE(interval) * 100 * NS > (double)GIL_HELD_NS
+        && PyFloat_AS_DOUBLE(interval) < 1e6) {
+        p->gil_held_ns = (long long)(PyFloat_AS_DOUBLE(interval) * 100 * NS);
+    }
+    Py_XDECREF(interval);
+    if (PyErr_Occurred()) {
+        probe_free(p);
+        return -1;
+    }
     p->ready_calls_base = atomic_load(p->ready_calls);
 
     int rc;
@@ -819,7 +946,11 @@ aiorun_health_start(RunObject *run, aiorun_health_args *args)
         probe_free(p);
         return -1;
     }
+#ifdef __linux__
+    if (pipe2(p->wake_fds, O_CLOEXEC) < 0) {
+#else
     if (pipe(p->wake_fds) < 0) {
+#endif
         set_os_error(errno, "cannot make a pipe for", where);
         goto fail;
     }
@@ -843,9 +974,7 @@ aiorun_health_start(RunObject *run, aiorun_health_args *args)
     Py_DECREF(shown);
     return 0;
 fail:
-    if (p->unix_path[0] != '\0') {
-        unlink(p->unix_path);
-    }
+    unlink_own_socket(p);
     probe_free(p);
     return -1;
 }
@@ -920,13 +1049,18 @@ aiorun_health_after_fork(RunObject *run)
     }
     /* The threads stayed in the parent, and the socket is the parent's to
      * answer on: this process lets go of its copies at once, so that a
-     * long-lived child never keeps the port after the parent is gone. */
+     * long-lived child never keeps the port after the parent is gone.  The
+     * connections are left alone: the parent's thread may have been
+     * closing one as it forked, and its number may be another file's now. */
     if (p->listen_fd >= 0) {
         close(p->listen_fd);
         p->listen_fd = -1;
     }
-    for (int i = 0; i < MAX_CONNS; i++) {
-        conn_close(&p->conns[i]);
+    for (int i = 0; i < 2; i++) {
+        if (p->wake_fds[i] >= 0) {
+            close(p->wake_fds[i]);
+            p->wake_fds[i] = -1;
+        }
     }
 }
 
@@ -956,11 +1090,7 @@ aiorun_health_stop(RunObject *run)
                 pthread_join(p->ticker, NULL);
             }
             Py_END_ALLOW_THREADS
-            struct stat sb;
-            if (p->unix_path[0] != '\0' && stat(p->unix_path, &sb) == 0
-                && sb.st_dev == p->unix_dev && sb.st_ino == p->unix_ino) {
-                unlink(p->unix_path);
-            }
+            unlink_own_socket(p);
         }
         else {
             aiorun_health_after_fork(run);   /* a child: the parent's threads */

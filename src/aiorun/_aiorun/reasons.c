@@ -14,6 +14,7 @@
 void
 aiorun_run_request(RunObject *run, aiorun_cause cause, int signum)
 {
+    aiorun_report_requested(run);
     if (run->cause == CAUSE_NONE) {
         run->cause = cause;
         run->cause_signum = signum;

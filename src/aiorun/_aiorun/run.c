@@ -33,6 +33,7 @@ typedef struct {
     PyObject *deadline_covers_exit;
     PyObject *health;
     PyObject *liveness_timeout;
+    PyObject *shutdown_report;
 } run_args;
 
 /* What the arguments say, once checked. */
@@ -779,6 +780,7 @@ check_owner_only(RunObject *run, int on_main, run_args *a, watchdog_args *w,
         : a->reload_callback != Py_None ? "reload_callback"
         : a->deadline_covers_exit != Py_None && w->covers_exit ? "deadline_covers_exit"
         : a->health != Py_None ? "health"
+        : a->shutdown_report != Py_None ? "shutdown_report"
         : NULL;
     if (asked != NULL) {
         PyErr_Format(PyExc_ValueError, on_main
@@ -853,6 +855,7 @@ run_body(PyObject *module, RunObject *run, run_args *a, watchdog_args *w,
         && aiorun_health_check(st, a->health, a->liveness_timeout, run->owns_process,
                                &health) == 0
         && check_owner_only(run, on_main, a, w, f) == 0
+        && aiorun_report_configure(run, a->shutdown_report, run->owns_process) == 0
         && ((w->deadline == 0 && !w->exit_on_repeat)
             || aiorun_watchdog_start(run, w->deadline, w->exit_on_repeat,
                                      f->dump_signum) == 0)
@@ -887,6 +890,7 @@ done:
     if (result == NULL && run->main_task == NULL) {
         close_refused(a->coro);
     }
+    aiorun_report_free(run);
     /* Break the cycles through the loop and the tasks at once. */
     (void)aiorun_run_clear(run);
     return result;
@@ -901,19 +905,20 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
         "executor", "use_uvloop", "stop_on_unhandled_errors", "timeout_task_shutdown",
         "shutdown_deadline", "exit_on_repeated_signal", "notify_ready_on_start",
         "drain_delay", "cancel_main_first", "task_dump_signal", "reap_orphans",
-        "reload_callback", "deadline_covers_exit", "health", "liveness_timeout", NULL,
+        "reload_callback", "deadline_covers_exit", "health", "liveness_timeout",
+        "shutdown_report", NULL,
     };
     aiorun_state *st = aiorun_get_state(module);
     run_args a = {Py_None, Py_None, Py_None, Py_None, Py_None, Py_None,
                   Py_False, Py_False, NULL, Py_None, Py_None, Py_True,
                   Py_None, Py_False, Py_None, Py_None, Py_None, Py_None,
-                  Py_None, Py_None};
+                  Py_None, Py_None, Py_None};
     watchdog_args w = {0, 0, 0};
     run_flags f = {0, 0, 1, -1, 0, 0, 0, 0};
     PyObject *result = NULL;
 
     if (aiorun_check_call("run", args, kwargs, kwlist, 1, 0) < 0
-        || !PyArg_ParseTupleAndKeywords(args, kwargs, "|O$OOOOOOOOOOOOOOOOOOO:run", kwlist,
+        || !PyArg_ParseTupleAndKeywords(args, kwargs, "|O$OOOOOOOOOOOOOOOOOOOO:run", kwlist,
                                      &a.coro, &a.loop, &a.shutdown_handler,
                                      &a.shutdown_callback, &a.executor_workers,
                                      &a.executor, &a.use_uvloop,
@@ -924,7 +929,7 @@ run_holding_signals(PyObject *module, PyObject *args, PyObject *kwargs,
                                      &a.cancel_main_first, &a.task_dump_signal,
                                      &a.reap_orphans, &a.reload_callback,
                                      &a.deadline_covers_exit, &a.health,
-                                     &a.liveness_timeout)) {
+                                     &a.liveness_timeout, &a.shutdown_report)) {
         return NULL;
     }
     PyObject *default_timeout = NULL;

@@ -4,6 +4,8 @@
  * the same state without any global. */
 #include "aiorun.h"
 
+#include <string.h>
+
 RunObject *
 aiorun_run_new(aiorun_state *st)
 {
@@ -51,6 +53,7 @@ aiorun_run_new(aiorun_state *st)
     run->reap_timer = NULL;
     run->health = NULL;
     run->health_timer = NULL;
+    memset(&run->report, 0, sizeof run->report);
     PyObject_GC_Track(run);
     return run;
 }
@@ -98,6 +101,7 @@ aiorun_run_stage(RunObject *run, int stage)
 {
     aiorun_watchdog_stage(run, (aiorun_stage)stage);
     aiorun_notify_stage(run, (aiorun_stage)stage);
+    aiorun_report_stage(run, stage);
     if (stage >= STAGE_HANDLER) {
         aiorun_health_stopping(run);
     }

@@ -59,11 +59,12 @@ aiorun_keep_exception(RunObject *run, PyObject *exc, const char *message, const 
     "going to see about it."
 
 /* Keeps the error that is set (aiorun_keep_exception); the shutdown goes on. */
-static void
-keep_error(RunObject *run, const char *what)
+void
+aiorun_keep_error(RunObject *run, const char *what)
 {
     aiorun_keep_exception(run, aiorun_take_error(), LATER_ERROR, what);
 }
+#define keep_error aiorun_keep_error
 
 /* One of aiorun's log lines; a logging filter or handler that raises on it
  * does not stop the shutdown. */
@@ -263,6 +264,9 @@ cancel_task(RunObject *run, PyObject *task, int *debug)
     }
     if (res == NULL) {
         keep_error(run, "A task's cancel()");
+    }
+    else {
+        aiorun_report_cancelled(run);
     }
     Py_XDECREF(res);
 }
@@ -514,6 +518,9 @@ cancel_new_tasks(RunObject *run, PyObject *pending, wait_plan *plan)
         if (protected_ == 0) {
             cancel_task(run, task, &debug);
         }
+        else if (protected_ > 0) {
+            aiorun_report_protected(run);
+        }
     }
     return 0;
 }
@@ -571,12 +578,13 @@ wait_until(RunObject *run, PyObject *tasks, double seconds, wait_plan *plan)
 /* One task of the stuck-tasks warning: its repr, then its stack the way a
  * traceback shows it. */
 static int
-describe_stuck_task(PyObject *parts, PyObject *task)
+describe_stuck_task(RunObject *run, PyObject *parts, PyObject *task)
 {
     PyObject *described = aiorun_describe_task(task);
     if (described == NULL) {
         return -1;
     }
+    aiorun_report_refused_text(run, described);
     /* The frames end in a newline; the log record must not. */
     PyObject *line = PyUnicode_FromFormat("\n%U", described);
     Py_DECREF(described);
@@ -608,7 +616,7 @@ warn_stuck_tasks(RunObject *run, PyObject *stuck, PyObject *timeout)
         goto done;
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(stuck); i++) {
-        if (describe_stuck_task(parts, PyList_GET_ITEM(stuck, i)) < 0) {
+        if (describe_stuck_task(run, parts, PyList_GET_ITEM(stuck, i)) < 0) {
             goto done;
         }
     }
@@ -630,8 +638,13 @@ done:
 static void
 report_stuck(RunObject *run, PyObject *stuck, PyObject *timeout)
 {
-    if (stuck != NULL && PyList_GET_SIZE(stuck) > 0
-        && warn_stuck_tasks(run, stuck, timeout) < 0) {
+    if (stuck == NULL) {
+        return;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(stuck); i++) {
+        aiorun_report_refused(run, PyList_GET_ITEM(stuck, i));
+    }
+    if (PyList_GET_SIZE(stuck) > 0 && warn_stuck_tasks(run, stuck, timeout) < 0) {
         keep_error(run, "The warning about tasks that refuse to exit");
     }
 }
@@ -652,7 +665,11 @@ let_tasks_finish(RunObject *run)
     Py_XDECREF(delay);
     aiorun_idset seen = AIORUN_IDSET_INIT;
     wait_plan plan = {&seen, 0, 0, 0, 0, NULL};
-    Py_XDECREF(wait_until(run, NULL, run->drain_delay, &plan));
+    PyObject *left = wait_until(run, NULL, run->drain_delay, &plan);
+    if (left != NULL) {
+        aiorun_report_drained(run, (long)seen.used - (long)PyList_GET_SIZE(left));
+        Py_DECREF(left);
+    }
     aiorun_idset_clear(&seen);
 }
 
@@ -851,13 +868,32 @@ aiorun_shutdown(RunObject *run, PyObject *shutdown_callback, PyObject *executor,
      * loop's exception handler, which sets and clears the field. */
     PyObject *exc = run->pending_exc;
     run->pending_exc = NULL;
+    if (exc != NULL && aiorun_log(st, LOG_INFO, "Reraising unhandled exception") < 0) {
+        PyErr_WriteUnraisable((PyObject *)run);
+    }
+    /* The summary runs Python code (logging, threading, a signal handler
+     * between two of its calls): an error there is kept as any other, and
+     * is what run() raises if nothing else is. */
+    aiorun_report_end(run, exc);
+    PyObject *later = run->pending_exc;
+    run->pending_exc = NULL;
+    if (exc == NULL) {
+        exc = later;
+    }
+    else if (later != NULL) {
+        /* Logged, never put in the field: the log call may run the loop's
+         * exception handler, which sets it. */
+        PyObject *what = PyUnicode_FromString("The shutdown summary");
+        if (what == NULL || aiorun_log_exc(st, LOG_ERROR, LATER_ERROR, what, later) < 0) {
+            PyErr_WriteUnraisable((PyObject *)run);
+        }
+        Py_XDECREF(what);
+        Py_DECREF(later);
+    }
     if (exc == NULL) {
         return result;
     }
     Py_DECREF(result);
-    if (aiorun_log(st, LOG_INFO, "Reraising unhandled exception") < 0) {
-        PyErr_WriteUnraisable((PyObject *)run);
-    }
     /* Raise it with the traceback it already carries, so the user sees
      * where it came from. */
     aiorun_restore_error(exc);

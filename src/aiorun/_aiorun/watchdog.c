@@ -66,6 +66,11 @@ struct aiorun_watchdog {
     atomic_int stacks_claimed;   /* the forced exit's stacks have been dumped */
     atomic_int after_run;        /* run() returned and handed it the exit */
     atomic_int exit_began;       /* ... and the interpreter has begun to exit */
+    /* The forced exit writing the run's shutdown report; and run() no
+     * longer letting it (deadline_covers_exit's hand-over): each sets its
+     * own, then looks at the other's. */
+    atomic_int report_busy;
+    atomic_int report_closed;
     double exit_began_at;        /* when (written before exit_began is set) */
     /* Written by the watchdog thread before any job is handed over. */
     int requested;
@@ -636,6 +641,12 @@ force_exit(aiorun_watchdog *wd, int repeated_signum)
             "ago).\n", wd->deadline, reason_text(wd), elapsed);
     }
     say(wd, "aiorun: the shutdown was in phase: %s.\n", stage_text(wd));
+    /* The report first: it is quick, and the stacks may not be. */
+    atomic_store(&wd->report_busy, 1);
+    if (!atomic_load(&wd->report_closed) && !atomic_load(&wd->after_run)
+        && wd->run != NULL) {
+        aiorun_report_forced_exit(wd->run, atomic_load(&wd->stage));
+    }
     say(wd, "aiorun: stacks of all threads:\n");
     /* Walking the frames of a thread that runs Python meanwhile can crash
      * (seen: a SIGSEGV instead of exit 124 when the loop was busy logging),
@@ -926,6 +937,7 @@ watchdog_after_fork(RunObject *run)
     wd->jobs = wd->jobs_done = 0;
     atomic_store(&wd->late_claimed, 0);
     atomic_store(&wd->stacks_claimed, 0);
+    atomic_store(&wd->report_busy, 0);
     if (aiorun_sigwake_after_fork(&wd->wake_fd, &wd->signals_base) < 0) {
         PyErr_WriteUnraisable((PyObject *)run);
         return;
@@ -972,6 +984,11 @@ aiorun_after_fork_child(PyObject *module, PyObject *unused)
         st->gc_paused = 0;
         PyGC_Enable();
     }
+    /* Through the owner, not the runs: the endpoint starts before the run
+     * is listed, and code that may fork runs in between. */
+    if (st->owner != NULL) {
+        aiorun_health_after_fork(st->owner);
+    }
     PyObject *runs = st->runs ? PyDict_Values(st->runs) : NULL;
     if (runs == NULL) {
         PyErr_Clear();
@@ -979,7 +996,6 @@ aiorun_after_fork_child(PyObject *module, PyObject *unused)
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(runs); i++) {
         watchdog_after_fork((RunObject *)PyList_GET_ITEM(runs, i));
-        aiorun_health_after_fork((RunObject *)PyList_GET_ITEM(runs, i));
     }
     Py_DECREF(runs);
     Py_RETURN_NONE;
@@ -1009,6 +1025,8 @@ aiorun_watchdog_start(RunObject *run, double deadline, int exit_on_repeat,
     atomic_init(&wd->stacks_claimed, 0);
     atomic_init(&wd->after_run, 0);
     atomic_init(&wd->exit_began, 0);
+    atomic_init(&wd->report_busy, 0);
+    atomic_init(&wd->report_closed, 0);
     if (init_sync(wd) < 0) {
         PyMem_RawFree(wd);
         PyErr_NoMemory();
@@ -1144,12 +1162,19 @@ aiorun_watchdog_hand_over(RunObject *run)
     }
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
+    /* The run's report is freed after this: a forced exit already writing
+     * it ends the process within EXIT_WITHIN, so this thread waits. */
+    atomic_store(&wd->report_closed, 1);
     pthread_mutex_lock(&wd->mu);
     wd->helper_quit = 1;
     pthread_cond_broadcast(&wd->cv);
     int helper = wd->helper_started;
     pthread_mutex_unlock(&wd->mu);
     Py_BEGIN_ALLOW_THREADS
+    while (atomic_load(&wd->report_busy)) {
+        struct timespec pause = {0, 10000000};
+        nanosleep(&pause, NULL);
+    }
     if (helper) {
         pthread_join(wd->helper, NULL);
     }
