@@ -480,7 +480,7 @@ def test_a_forked_child_lets_go_of_the_socket(app):
     """)
     where = endpoint(a)
     child = int(a.wait_prefix("FORKED").split()[1])
-    assert get(where, "/readyz")[0] == 200
+    poll_until(where, "/readyz", lambda s, b: s == 200, "ready")
     a.send(signal.SIGTERM)
     assert a.finish().returncode == 0
     try:
