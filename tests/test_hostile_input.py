@@ -80,7 +80,7 @@ VALID = {
     "reload_callback": st.sampled_from([None, lambda: None]),
     "deadline_covers_exit": st.one_of(st.none(), st.booleans()),
     "health": st.sampled_from([None, "127.0.0.1:0", 0]),
-    "liveness_timeout": st.one_of(st.none(), st.floats(0.01, 60)),
+    "liveness_timeout": st.one_of(st.none(), st.floats(0.05, 60)),
     "shutdown_report": st.sampled_from([None, os.path.join(tempfile.gettempdir(), f"aiorun-hostile-{os.getpid()}.json")]),
 }
 # A Weird coroutine is a valid awaitable whose main task fails: the loop

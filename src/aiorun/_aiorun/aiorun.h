@@ -676,6 +676,8 @@ PyObject *aiorun_run_health_beat(PyObject *self, PyObject *unused);
 /* /readyz: the app is ready (READY=1's moment); the shutdown has begun. */
 void aiorun_health_ready(RunObject *run);
 void aiorun_health_stopping(RunObject *run);
+/* The shutdown's stage: /livez stays 200 during the shutdown. */
+void aiorun_health_stage(RunObject *run, int stage);
 /* os.register_at_fork() hook: a child lets go of the parent's socket. */
 void aiorun_health_after_fork(RunObject *run);
 /* Ends the threads, closes the socket; keeps any exception set. */

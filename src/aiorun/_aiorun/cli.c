@@ -357,6 +357,44 @@ run_kwargs(PyObject *parser, PyObject *ns)
     return kwargs;
 }
 
+/* --health, --liveness-timeout and --shutdown-report as run() would check
+ * them, so that a value it refuses is a usage error (exit code 2) too. */
+static int
+check_health_options(aiorun_state *st, PyObject *parser, PyObject *kwargs)
+{
+    PyObject *health = PyDict_GetItemString(kwargs, "health");          /* borrowed */
+    PyObject *timeout = PyDict_GetItemString(kwargs, "liveness_timeout");
+    PyObject *report = PyDict_GetItemString(kwargs, "shutdown_report");
+    if (report != NULL && PyUnicode_Check(report) && PyUnicode_GET_LENGTH(report) == 0) {
+        return usage_error(parser, PyUnicode_FromString(
+            "argument --shutdown-report: must be a path")) ? 0 : -1;
+    }
+    if (health == NULL && timeout == NULL) {
+        return 0;
+    }
+    aiorun_health_args checked;
+    if (aiorun_health_check(st, health ? health : Py_None, timeout ? timeout : Py_None,
+                            0, &checked) == 0) {
+        Py_XDECREF(checked.address);
+        return 0;
+    }
+    if (!PyErr_ExceptionMatches(PyExc_ValueError)) {
+        return -1;
+    }
+    PyObject *exc = aiorun_take_error();
+    PyObject *text = exc ? PyObject_Str(exc) : NULL;
+    Py_XDECREF(exc);
+    if (text == NULL) {
+        return -1;
+    }
+    PyObject *message = PyUnicode_FromFormat(
+        "argument %s: %U", health && !timeout ? "--health"
+                           : !health ? "--liveness-timeout" : "--health/--liveness-timeout",
+        text);
+    Py_DECREF(text);
+    return usage_error(parser, message) ? 0 : -1;
+}
+
 /* --log-level: logging.basicConfig(level=LEVEL) unless it is "off" or the
  * root logger has handlers already (the app configured logging as its
  * module was imported).  0, or -1 with an exception (a usage error for a
@@ -498,6 +536,7 @@ aiorun_cli_main(PyObject *module, PyObject *argv)
     Py_DECREF(app_argv);
     if (rc < 0
         || (kwargs = run_kwargs(parser, ns)) == NULL
+        || check_health_options(st, parser, kwargs) < 0
         || (obj = resolve_target(parser, target, "TARGET")) == NULL
         || add_reload_callback(parser, ns, kwargs) < 0
         || configure_logging(parser, ns) < 0

@@ -24,6 +24,9 @@
 #define ADDRESS_ENV "AIORUN_HEALTH"
 #define LIVENESS_ENV "AIORUN_LIVENESS_TIMEOUT"
 #define DEFAULT_LIVENESS_TIMEOUT 10.0
+/* Below this the heartbeat (a quarter of it, at least 10 ms) would be the
+ * loop's main work. */
+#define MIN_LIVENESS_TIMEOUT 0.05
 
 #ifndef MS_WINDOWS
 
@@ -71,13 +74,16 @@ struct aiorun_probe {
     atomic_llong beat_ns;           /* the loop's last heartbeat */
     atomic_llong gil_wait_since_ns; /* the ticker waits since then, or 0 */
     atomic_uint *ready_calls;       /* the module's notify_ready() count */
+    int sigwake_on;                 /* sigwake.c counts SIGINT/SIGTERM for us */
+    unsigned long signals_base;     /* its count when the endpoint started */
+    atomic_int stage;               /* the shutdown's stage, for /livez */
     PyInterpreterState *interp;     /* the ticker's (the main one) */
     unsigned int ready_calls_base;
     long long stale_ns;             /* liveness_timeout */
     long long gil_held_ns;          /* waiting this long: the GIL is held */
     double beat_interval;
     long long backoff_until_ns;     /* no accept() before (out of fds) */
-    char unix_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+    char unix_path[PATH_MAX + 1];   /* absolute: the process may chdir() */
     dev_t unix_dev;
     ino_t unix_ino;
     probe_conn conns[MAX_CONNS];
@@ -91,6 +97,22 @@ now_ns(void)
     return (long long)ts.tv_sec * NS + ts.tv_nsec;
 }
 
+/* The shutdown's stages, as the shutdown report names them. */
+static const char *const stage_names[] = {
+    [STAGE_STARTING] = "starting",
+    [STAGE_RUNNING] = "running",
+    [STAGE_HANDLER] = "shutdown_handler",
+    [STAGE_SHUTDOWN] = "shutdown",
+    [STAGE_CALLBACK] = "shutdown_callback",
+    [STAGE_DRAINING] = "drain",
+    [STAGE_CANCELLING] = "cancelling",
+    [STAGE_WAITING_TASKS] = "waiting_for_tasks",
+    [STAGE_EXECUTOR] = "executor",
+    [STAGE_ASYNCGENS] = "async_generators",
+    [STAGE_CLOSING] = "closing_the_loop",
+    [STAGE_LEAVING] = "leaving",
+};
+
 /* ---- the answering thread ---- */
 
 static void
@@ -103,10 +125,20 @@ conn_close(probe_conn *c)
     c->len = 0;
 }
 
+/* The shutdown has been asked for: run() has seen it, or a SIGINT/SIGTERM
+ * has come, which sigwake.c counts in C the moment it lands, even while
+ * the loop's thread is stuck in a call that holds the GIL. */
+static int
+is_stopping(aiorun_probe *p)
+{
+    return atomic_load(&p->stopping)
+        || (p->sigwake_on && aiorun_sigwake_count() != p->signals_base);
+}
+
 static int
 is_ready(aiorun_probe *p)
 {
-    if (atomic_load(&p->stopping)) {
+    if (is_stopping(p)) {
         return 0;
     }
     return atomic_load(&p->ready)
@@ -122,12 +154,20 @@ probe_body(aiorun_probe *p, int live, char *body, size_t size)
             snprintf(body, size, "ready\n");
             return 200;
         }
-        snprintf(body, size, atomic_load(&p->stopping) ? "stopping\n" : "starting\n");
+        snprintf(body, size, is_stopping(p) ? "stopping\n" : "starting\n");
         return 503;
     }
     long long beat = atomic_load(&p->beat_ns);
     long long now = now_ns();
     long long age = now > beat ? now - beat : 0;
+    int stage = atomic_load(&p->stage);
+    if (stage >= STAGE_HANDLER && stage <= STAGE_LEAVING) {
+        /* Restarting a process that is shutting down would cut its drain
+         * short: it stays alive, and shutdown_deadline bounds it. */
+        snprintf(body, size, "alive: shutting down (%s); the loop ran %.1f s ago\n",
+                 stage_names[stage], (double)age / NS);
+        return 200;
+    }
     if (age <= p->stale_ns) {
         snprintf(body, size, "alive: the loop ran %.1f s ago\n", (double)age / NS);
         return 200;
@@ -332,6 +372,9 @@ accept_some(aiorun_probe *p, long long now)
         c->fd = fd;
         c->since_ns = now;
         c->len = 0;
+        /* A probe's request is often there already: answered now, its
+         * slot is free again before the next accept. */
+        conn_read(p, c);
     }
 }
 
@@ -542,8 +585,10 @@ listen_unix(aiorun_probe *p, const char *path, PyObject *where)
                 rc = rename(tmp_path, path);
             }
             else {
-                rc = -1;
-                errno = EADDRINUSE;
+                struct stat there;
+                rc = -1;   /* a file that is not a socket is no address in use */
+                errno = lstat(path, &there) == 0 && !S_ISSOCK(there.st_mode)
+                    ? EEXIST : EADDRINUSE;
             }
         }
         err = errno;
@@ -567,42 +612,83 @@ listen_unix(aiorun_probe *p, const char *path, PyObject *where)
         close(fd);
         return set_os_error(err, "cannot listen on", where);
     }
-    strcpy(p->unix_path, path);
+    char cwd[PATH_MAX + 1] = "";
+    if (path[0] != '/' && getcwd(cwd, sizeof cwd - 1) != NULL) {
+        strcat(cwd, "/");
+    }
+    snprintf(p->unix_path, sizeof p->unix_path, "%s%s", cwd,
+             cwd[0] != '\0' && strncmp(path, "./", 2) == 0 ? path + 2 : path);
     p->unix_dev = sb.st_dev;
     p->unix_ino = sb.st_ino;
     p->listen_fd = fd;
     return 0;
 }
 
-/* host:port, [v6]:port, :port or port. */
+/* host:port, [v6]:port, :port or port, split: host gets 127.0.0.1 when
+ * none is given.  0, or -1 (no exception) when it is none of them. */
 static int
-listen_inet(aiorun_probe *p, const char *text, const char *source, PyObject *where)
+split_inet(const char *text, char host[256], const char **port)
 {
-    char host[256] = "127.0.0.1";
-    const char *port = text;
+    strcpy(host, "127.0.0.1");
+    *port = text;
     const char *colon = strrchr(text, ':');
     if (colon != NULL) {
         const char *h = text;
         size_t hlen = (size_t)(colon - text);
         if (hlen >= 2 && h[0] == '[' && h[hlen - 1] == ']') {
+            if (hlen == 2) {
+                return -1;   /* "[]" names no host */
+            }
             h++;
             hlen -= 2;
         }
         else if (memchr(h, ':', hlen) != NULL) {
-            return usage_error(source, where);   /* an IPv6 address needs [] */
+            return -1;   /* an IPv6 address needs [] */
         }
-        if (hlen >= sizeof host) {
-            return usage_error(source, where);
+        if (hlen >= 256) {
+            return -1;
         }
         if (hlen > 0) {
             memcpy(host, h, hlen);
             host[hlen] = '\0';
         }
-        port = colon + 1;
+        *port = colon + 1;
     }
-    if (*port == '\0' || strspn(port, "0123456789") != strlen(port) || strlen(port) > 5
-        || atoi(port) > 65535) {
+    const char *pt = *port;
+    return *pt == '\0' || strspn(pt, "0123456789") != strlen(pt) || strlen(pt) > 5
+           || atoi(pt) > 65535 ? -1 : 0;
+}
+
+/* The address as text, checked for its form: 0, or -1 with the ValueError
+ * (an embedded NUL, a lone surrogate, no HOST:PORT form). */
+static int
+check_inet(PyObject *where, const char *source)
+{
+    Py_ssize_t size;
+    const char *text = PyUnicode_AsUTF8AndSize(where, &size);
+    if (text == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
+            return -1;
+        }
+        PyErr_Clear();   /* a lone surrogate: no host name has one */
         return usage_error(source, where);
+    }
+    char host[256];
+    const char *port;
+    if (strlen(text) != (size_t)size || split_inet(text, host, &port) < 0) {
+        return usage_error(source, where);
+    }
+    return 0;
+}
+
+static int
+listen_inet(aiorun_probe *p, const char *text, PyObject *where)
+{
+    char host[256];
+    const char *port;
+    if (split_inet(text, host, &port) < 0) {
+        PyErr_SetString(PyExc_SystemError, "health endpoint: an address not checked");
+        return -1;
     }
     struct addrinfo hints, *res = NULL;
     memset(&hints, 0, sizeof hints);
@@ -807,10 +893,10 @@ read_liveness(aiorun_state *st, PyObject *timeout, int use_env, double *seconds)
         if (s == -1.0 && PyErr_Occurred()) {
             return -1;
         }
-        if (!isfinite(s) || !(s > 0)) {
+        if (isnan(s) || s < MIN_LIVENESS_TIMEOUT) {
             PyErr_Format(PyExc_ValueError,
-                         "run() argument 'liveness_timeout' must be a finite number of "
-                         "seconds > 0, not %R", timeout);
+                         "run() argument 'liveness_timeout' must be a number of "
+                         "seconds >= 0.05 (the heartbeat's pace), not %R", timeout);
             return -1;
         }
         *seconds = s;
@@ -827,10 +913,11 @@ read_liveness(aiorun_state *st, PyObject *timeout, int use_env, double *seconds)
     const char *text = PyBytes_AS_STRING(value);
     char *end;
     double s = strtod(text, &end);
-    if (end == text || *end != '\0' || !isfinite(s) || !(s > 0)) {
+    if (end == text || *end != '\0' || isnan(s) || s < MIN_LIVENESS_TIMEOUT
+        || strspn(text, "0123456789.eE+-") != strlen(text)) {
         PyErr_Format(PyExc_ValueError,
                      "environment variable " LIVENESS_ENV " must be a number of "
-                     "seconds > 0, not '%.100s'", text);
+                     "seconds >= 0.05, not '%.100s'", text);
         Py_DECREF(value);
         return -1;
     }
@@ -859,6 +946,15 @@ aiorun_health_check(aiorun_state *st, PyObject *health, PyObject *liveness_timeo
                      "%s: the health endpoint is not available on Windows", out->source);
         Py_CLEAR(out->address);
         return -1;
+    }
+#else
+    if (out->address != NULL) {
+        Py_ssize_t slash = PyUnicode_FindChar(out->address, '/', 0,
+                                              PyUnicode_GET_LENGTH(out->address), 1);
+        if (slash == -2 || (slash == -1 && check_inet(out->address, out->source) < 0)) {
+            Py_CLEAR(out->address);
+            return -1;
+        }
     }
 #endif
     return 0;
@@ -894,12 +990,13 @@ aiorun_health_start(RunObject *run, aiorun_health_args *args)
     /* Beyond ~292 years a count of ns does not fit: never stale, then. */
     p->stale_ns = args->liveness_timeout >= 9.0e9 ? LLONG_MAX
                                                    : (long long)(args->liveness_timeout * NS);
-    p->beat_interval = fmin(fmax(args->liveness_timeout / 4, 0.01), 1.0);
+    p->beat_interval = fmin(fmax(args->liveness_timeout / 4, 0.0125), 1.0);
     atomic_init(&p->quit, 0);
     atomic_init(&p->ready, 0);
     atomic_init(&p->stopping, run->shutdown_requested);
     atomic_init(&p->beat_ns, now_ns());
     atomic_init(&p->gil_wait_since_ns, 0);
+    atomic_init(&p->stage, STAGE_STARTING);
     p->ready_calls = &run->state->ready_calls;
     p->interp = PyInterpreterState_Get();
     p->gil_held_ns = GIL_HELD_NS;
@@ -933,14 +1030,8 @@ aiorun_health_start(RunObject *run, aiorun_health_args *args)
         Py_DECREF(bytes);
     }
     else {
-        Py_ssize_t size;
-        const char *text = PyUnicode_AsUTF8AndSize(where, &size);
-        if (text == NULL) {
-            probe_free(p);
-            return -1;
-        }
-        rc = strlen(text) != (size_t)size ? usage_error(args->source, where)
-                                          : listen_inet(p, text, args->source, where);
+        const char *text = PyUnicode_AsUTF8(where);   /* checked already */
+        rc = text == NULL ? -1 : listen_inet(p, text, where);
     }
     if (rc < 0) {
         probe_free(p);
@@ -957,6 +1048,11 @@ aiorun_health_start(RunObject *run, aiorun_health_args *args)
     fcntl(p->wake_fds[0], F_SETFD, FD_CLOEXEC);
     fcntl(p->wake_fds[1], F_SETFD, FD_CLOEXEC);
     fcntl(p->listen_fd, F_SETFL, fcntl(p->listen_fd, F_GETFL) | O_NONBLOCK);
+    int sigwake_fd;
+    if (aiorun_sigwake_install(&sigwake_fd, &p->signals_base) < 0) {
+        goto fail;
+    }
+    p->sigwake_on = 1;
     rc = start_threads(p);
     if (rc != 0) {
         set_os_error(rc, "cannot start the thread for", where);
@@ -975,6 +1071,9 @@ aiorun_health_start(RunObject *run, aiorun_health_args *args)
     return 0;
 fail:
     unlink_own_socket(p);
+    if (p->sigwake_on) {
+        aiorun_sigwake_uninstall();
+    }
     probe_free(p);
     return -1;
 }
@@ -1041,6 +1140,17 @@ aiorun_health_stopping(RunObject *run)
 }
 
 void
+aiorun_health_stage(RunObject *run, int stage)
+{
+    if (run->health != NULL) {
+        atomic_store(&run->health->stage, stage);
+        if (stage >= STAGE_HANDLER) {
+            atomic_store(&run->health->stopping, 1);
+        }
+    }
+}
+
+void
 aiorun_health_after_fork(RunObject *run)
 {
     aiorun_probe *p = run->health;
@@ -1095,6 +1205,9 @@ aiorun_health_stop(RunObject *run)
         else {
             aiorun_health_after_fork(run);   /* a child: the parent's threads */
         }
+        if (p->sigwake_on) {
+            aiorun_sigwake_uninstall();
+        }
         probe_free(p);
     }
     PyErr_Restore(type, value, tb);
@@ -1135,6 +1248,13 @@ void
 aiorun_health_stopping(RunObject *run)
 {
     (void)run;
+}
+
+void
+aiorun_health_stage(RunObject *run, int stage)
+{
+    (void)run;
+    (void)stage;
 }
 
 void

@@ -612,14 +612,18 @@ run_with_signals(RunObject *run, run_args *a, run_flags *f)
     if (executor == NULL) {
         goto fail;
     }
+    /* Before the main task: a loop that refuses the heartbeat's timer
+     * fails run() with the coroutine closed, never left pending. */
+    if (aiorun_health_loop_ready(run) < 0) {
+        goto fail;
+    }
     if (a->coro != Py_None && start_main_task(run, a->coro) < 0) {
         goto fail;
     }
     if (f->reap_orphans && aiorun_reaper_start(run) < 0) {
         goto fail;
     }
-    if (aiorun_notify_loop_ready(run, f->ready_on_start) < 0
-        || aiorun_health_loop_ready(run) < 0) {
+    if (aiorun_notify_loop_ready(run, f->ready_on_start) < 0) {
         goto fail;
     }
 #ifdef MS_WINDOWS

@@ -102,9 +102,7 @@ aiorun_run_stage(RunObject *run, int stage)
     aiorun_watchdog_stage(run, (aiorun_stage)stage);
     aiorun_notify_stage(run, (aiorun_stage)stage);
     aiorun_report_stage(run, stage);
-    if (stage >= STAGE_HANDLER) {
-        aiorun_health_stopping(run);
-    }
+    aiorun_health_stage(run, stage);
 }
 
 static int

@@ -28,6 +28,9 @@ static const int chained_signals[] = {SIGINT, SIGTERM};
  * while our handler is not installed. */
 static struct sigaction previous[N_CHAINED];
 static int installed;
+/* Who uses it (the watchdog, the health endpoint): the handler goes in with
+ * the first and out with the last.  Main thread only. */
+static int users;
 
 static atomic_ulong signal_count;
 static atomic_int last_signum;
@@ -120,10 +123,11 @@ make_pipe(void)
 int
 aiorun_sigwake_install(int *read_fd, unsigned long *count_now)
 {
-    if (installed) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "another run() in this process already has a shutdown watchdog");
-        return -1;
+    if (users > 0 && installed) {
+        users++;
+        *read_fd = pipe_fds[0];
+        *count_now = atomic_load(&signal_count);
+        return 0;
     }
     if (make_pipe() < 0) {
         return -1;
@@ -152,6 +156,7 @@ aiorun_sigwake_install(int *read_fd, unsigned long *count_now)
         }
         installed = (int)i + 1;
     }
+    users = 1;
     return 0;
 fail:
     PyErr_SetFromErrno(PyExc_OSError);
@@ -174,6 +179,11 @@ aiorun_sigwake_after_fork(int *read_fd, unsigned long *count_now)
 void
 aiorun_sigwake_uninstall(void)
 {
+    if (users > 1) {
+        users--;
+        return;
+    }
+    users = 0;
     for (int i = installed - 1; i >= 0; i--) {
         struct sigaction current;
         /* signal.signal() called during run() has replaced ours already:
