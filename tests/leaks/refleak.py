@@ -247,17 +247,23 @@ def scenario_health():
     # refused, and a run() in sequence with a unix socket.
     import logging, socket, tempfile
     logger = logging.getLogger("aiorun")
-    def ask(where, family, path):
-        with socket.socket(family) as s:
-            s.connect(where)
-            s.sendall(f"GET {path} HTTP/1.1\r\n\r\n".encode())
-            while s.recv(4096):
-                pass
+    async def ask(where, family, path):
+        # On the loop, not in the executor: a thread pool that fault
+        # injection breaks (a lock left held) would hang CPython's side.
+        if family == socket.AF_UNIX:
+            reader, writer = await asyncio.open_unix_connection(where)
+        else:
+            reader, writer = await asyncio.open_connection(*where)
+        try:
+            writer.write(f"GET {path} HTTP/1.1\r\n\r\n".encode())
+            await reader.read()
+        finally:
+            writer.close()
     async def main(where_box, family):
         loop = asyncio.get_running_loop()
         try:   # stops even when an ask fails (fault injection)
             for path in ("/readyz", "/livez", "/nope"):
-                await loop.run_in_executor(None, ask, where_box[0], family, path)
+                await ask(where_box[0], family, path)
             aiorun.notify_ready()
         finally:
             loop.stop()
@@ -272,10 +278,13 @@ def scenario_health():
         port = probe.getsockname()[1]
         probe.close()
         box.append(("127.0.0.1", port))
-        run(main(box, socket.AF_INET), health=f"127.0.0.1:{port}", liveness_timeout=0.5)
+        # A bounded wait for the tasks: fault injection can leave one that
+        # never ends (a callback of asyncio's lost).
+        run(main(box, socket.AF_INET), health=f"127.0.0.1:{port}", liveness_timeout=0.5,
+            timeout_task_shutdown=1)
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "h.sock")
-            run(main([path], socket.AF_UNIX), health=path)
+            run(main([path], socket.AF_UNIX), health=path, timeout_task_shutdown=1)
         for bad in ("nowhere", 1.5, 70000, f"127.0.0.1:{busy.getsockname()[1]}"):
             try:
                 run(main(box, socket.AF_INET), health=bad)
