@@ -117,6 +117,7 @@ test-haproxy:
 	scripts/test-haproxy
 
 bench-health: $(PY311)
+	AIORUN_STRICT_BUILD=1 $(PY311) -m pip install -q --disable-pip-version-check --force-reinstall --no-deps .
 	$(PY311) bench/health.py --write bench/health.md
 
 test-systemd:
