@@ -77,7 +77,9 @@ struct aiorun_probe {
     int sigwake_on;                 /* sigwake.c counts SIGINT/SIGTERM for us */
     unsigned long signals_base;     /* its count when the endpoint started */
     atomic_int stage;               /* the shutdown's stage, for /livez */
+#ifndef PYPY_VERSION
     PyInterpreterState *interp;     /* the ticker's (the main one) */
+#endif
     unsigned int ready_calls_base;
     long long stale_ns;             /* liveness_timeout */
     long long gil_held_ns;          /* waiting this long: the GIL is held */
@@ -998,7 +1000,9 @@ aiorun_health_start(RunObject *run, aiorun_health_args *args)
     atomic_init(&p->gil_wait_since_ns, 0);
     atomic_init(&p->stage, STAGE_STARTING);
     p->ready_calls = &run->state->ready_calls;
+#ifndef PYPY_VERSION
     p->interp = PyInterpreterState_Get();
+#endif
     p->gil_held_ns = GIL_HELD_NS;
     PyObject *sys_get = PySys_GetObject("getswitchinterval");   /* borrowed */
     PyObject *interval = sys_get ? PyObject_CallNoArgs(sys_get) : NULL;
