@@ -625,6 +625,11 @@ void aiorun_exit_guard_retire(aiorun_state *st);
 /* _exit_began(): threading's hook as the interpreter begins to exit. */
 PyObject *aiorun_exit_began(PyObject *module, PyObject *unused);
 void aiorun_watchdog_stage(RunObject *run, aiorun_stage stage);
+#ifndef MS_WINDOWS
+/* For our own threads: every signal blocked but faults and keep (if > 0),
+ * so none lands there by chance. */
+void aiorun_block_signals(int keep);
+#endif
 /* Called once run->loop is set: the loop whose tasks a forced exit lists. */
 void aiorun_watchdog_loop_ready(RunObject *run);
 /* A shutdown was requested from Python code; the first request counts. */
@@ -699,6 +704,8 @@ void aiorun_report_refused_text(RunObject *run, PyObject *description);
 void aiorun_report_end(RunObject *run, PyObject *exc);
 /* On the watchdog's thread, without the GIL, just before _exit(). */
 void aiorun_report_forced_exit(RunObject *run, int stage);
+/* A stage's name in the report and in /livez ("waiting_for_tasks"). */
+const char *aiorun_phase_name(int stage);
 
 /* ---- fdstore.c: systemd's file descriptor store ---- */
 PyObject *aiorun_store_fd(PyObject *module, PyObject *args, PyObject *kwargs);

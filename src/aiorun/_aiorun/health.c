@@ -99,22 +99,6 @@ now_ns(void)
     return (long long)ts.tv_sec * NS + ts.tv_nsec;
 }
 
-/* The shutdown's stages, as the shutdown report names them. */
-static const char *const stage_names[] = {
-    [STAGE_STARTING] = "starting",
-    [STAGE_RUNNING] = "running",
-    [STAGE_HANDLER] = "shutdown_handler",
-    [STAGE_SHUTDOWN] = "shutdown",
-    [STAGE_CALLBACK] = "shutdown_callback",
-    [STAGE_DRAINING] = "drain",
-    [STAGE_CANCELLING] = "cancelling",
-    [STAGE_WAITING_TASKS] = "waiting_for_tasks",
-    [STAGE_EXECUTOR] = "executor",
-    [STAGE_ASYNCGENS] = "async_generators",
-    [STAGE_CLOSING] = "closing_the_loop",
-    [STAGE_LEAVING] = "leaving",
-};
-
 /* ---- the answering thread ---- */
 
 static void
@@ -167,7 +151,7 @@ probe_body(aiorun_probe *p, int live, char *body, size_t size)
         /* Restarting a process that is shutting down would cut its drain
          * short: it stays alive, and shutdown_deadline bounds it. */
         snprintf(body, size, "alive: shutting down (%s); the loop ran %.1f s ago\n",
-                 stage_names[stage], (double)age / NS);
+                 aiorun_phase_name(stage), (double)age / NS);
         return 200;
     }
     if (age <= p->stale_ns) {
@@ -380,27 +364,13 @@ accept_some(aiorun_probe *p, long long now)
     }
 }
 
-static void
-block_signals(void)
-{
-    sigset_t set;
-    sigfillset(&set);
-    /* Faults must still reach faulthandler or kill the process. */
-    sigdelset(&set, SIGSEGV);
-    sigdelset(&set, SIGBUS);
-    sigdelset(&set, SIGFPE);
-    sigdelset(&set, SIGILL);
-    sigdelset(&set, SIGABRT);
-    pthread_sigmask(SIG_SETMASK, &set, NULL);
-}
-
 static void *
 server_main(void *arg)
 {
     aiorun_probe *p = arg;
     struct pollfd fds[2 + MAX_CONNS];
     probe_conn *polled[MAX_CONNS];
-    block_signals();
+    aiorun_block_signals(0);
     while (!atomic_load(&p->quit)) {
         long long now = now_ns();
         int timeout_ms = -1;
@@ -460,7 +430,7 @@ static void *
 ticker_main(void *arg)
 {
     aiorun_probe *p = arg;
-    block_signals();
+    aiorun_block_signals(0);
     struct pollfd wake = {.fd = p->wake_fds[0], .events = POLLIN};
 #ifdef PYPY_VERSION
     while (!atomic_load(&p->quit)) {

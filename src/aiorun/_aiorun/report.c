@@ -47,6 +47,12 @@ static const char *const phase_names[] = {
     [STAGE_LEAVING] = "leaving",
 };
 
+const char *
+aiorun_phase_name(int stage)
+{
+    return stage >= 0 && stage <= STAGE_LEAVING ? phase_names[stage] : "unknown";
+}
+
 static double
 clock_seconds(int realtime)
 {

@@ -463,8 +463,8 @@ helper_final_report(aiorun_watchdog *wd)
     Py_XDECREF(bytes);
 }
 
-static void
-block_signals(int keep)
+void
+aiorun_block_signals(int keep)
 {
     sigset_t set;
     sigfillset(&set);
@@ -497,7 +497,7 @@ static void *
 helper_main(void *arg)
 {
     aiorun_watchdog *wd = arg;
-    block_signals(wd->dump_signum);   /* JOB_STACKS raises it here */
+    aiorun_block_signals(wd->dump_signum);   /* JOB_STACKS raises it here */
     pthread_mutex_lock(&wd->mu);
     for (;;) {
         while (!(wd->jobs & ~wd->jobs_done) && !wd->helper_quit) {
@@ -764,7 +764,7 @@ watchdog_main(void *arg)
     char buf[64];
 
     /* The mask was set by the creator; only the dump signal comes in. */
-    block_signals(wd->dump_signum);
+    aiorun_block_signals(wd->dump_signum);
     for (;;) {
         struct pollfd pfd = {.fd = wd->wake_fd, .events = POLLIN};
         int timeout = next_timeout(wd, late_done, monotonic());
