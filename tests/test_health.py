@@ -71,6 +71,23 @@ def poll_until(where, path, predicate, what, timeout=30):
     raise AssertionError(f"{what}: last answer {seen}")
 
 
+IDLE = """
+    async def main():
+        say("STARTED")
+        await asyncio.sleep(1000)
+
+    run(main(), {args})
+"""
+
+
+def idle_app(app, args, **kw):
+    """An app that only idles under run(args); (app, endpoint) once started."""
+    a = app(IDLE.format(args=args), **kw)
+    where = endpoint(a)
+    a.wait_line("STARTED")
+    return a, where
+
+
 SERVING = """
     async def main():
         say("SERVING")
@@ -141,15 +158,7 @@ def test_readyz_follows_the_app_and_turns_503_before_the_drain(app):
 
 
 def test_readyz_turns_ready_when_the_main_coroutine_has_started(app):
-    a = app("""
-    async def main():
-        say("STARTED")
-        await asyncio.sleep(1000)
-
-    run(main(), health=":0")
-    """)
-    where = endpoint(a)
-    a.wait_line("STARTED")
+    a, where = idle_app(app, 'health=":0"')
     poll_until(where, "/readyz", lambda s, b: s == 200, "ready after start")
     a.send(signal.SIGINT)
     assert a.finish().returncode == 0
@@ -190,15 +199,7 @@ def test_livez_tells_a_held_gil_from_a_blocked_loop_from_a_healthy_one(app):
 
 
 def test_requests_other_than_the_two_probes(app):
-    a = app("""
-    async def main():
-        say("STARTED")
-        await asyncio.sleep(1000)
-
-    run(main(), health="127.0.0.1:0")
-    """)
-    where = endpoint(a)
-    a.wait_line("STARTED")
+    a, where = idle_app(app, 'health="127.0.0.1:0"')
     assert get(where, "/")[0] == 404
     assert get(where, "/readyz/x")[0] == 404
     status, headers, _ = get(where, "/readyz", method="POST")
@@ -225,15 +226,7 @@ def test_requests_other_than_the_two_probes(app):
 
 
 def test_idle_connections_do_not_keep_a_probe_waiting(app):
-    a = app("""
-    async def main():
-        say("STARTED")
-        await asyncio.sleep(1000)
-
-    run(main(), health=":0")
-    """)
-    where = endpoint(a)
-    a.wait_line("STARTED")
+    a, where = idle_app(app, 'health=":0"')
     poll_until(where, "/readyz", lambda s, b: s == 200, "ready")
     idle = [connect(where) for _ in range(300)]   # more than the endpoint keeps
     for s in idle[:100]:
@@ -516,28 +509,14 @@ def test_the_cli_options(app, tmp_path):
 
 
 def test_a_huge_liveness_timeout_means_never_stale(app):
-    a = app("""
-    async def main():
-        say("STARTED")
-        await asyncio.sleep(1000)
-    run(main(), health=":0", liveness_timeout=float("inf"))
-    """)
-    where = endpoint(a)
-    a.wait_line("STARTED")
+    a, where = idle_app(app, 'health=":0", liveness_timeout=float("inf")')
     assert get(where, "/livez")[0] == 200
     a.send(signal.SIGTERM)
     assert a.finish().returncode == 0
 
 
 def test_head_gets_no_body_whatever_the_answer(app):
-    a = app("""
-    async def main():
-        say("STARTED")
-        await asyncio.sleep(1000)
-    run(main(), health=":0")
-    """)
-    where = endpoint(a)
-    a.wait_line("STARTED")
+    a, where = idle_app(app, 'health=":0"')
     for request, status in ((b"HEAD /nope HTTP/1.1\r\n\r\n", b"404"),
                             (b"HEAD /readyz HTTP/3\r\n\r\n", b"400")):
         raw = exchange(where, request)
@@ -659,14 +638,7 @@ def test_readyz_turns_at_the_signal_even_while_a_call_holds_the_gil(app):
 
 
 def test_a_burst_of_waiting_probes_is_answered_in_full(app):
-    a = app("""
-    async def main():
-        say("STARTED")
-        await asyncio.sleep(1000)
-    run(main(), health=":0")
-    """)
-    where = endpoint(a)
-    a.wait_line("STARTED")
+    a, where = idle_app(app, 'health=":0"')
     poll_until(where, "/readyz", lambda s, b: s == 200, "ready")
     a.send(signal.SIGSTOP)   # the requests pile up, complete, in the backlog
     socks = []
