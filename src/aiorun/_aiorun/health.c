@@ -10,10 +10,14 @@
  * one that has not beaten while the GIL changes hands is busy or blocked in
  * a call that lets the GIL go (a sleep, blocking I/O).
  *
- * Bounded: at most MAX_CONNS connections (a new one pushes out the oldest,
- * so a slow client can delay a probe by one round at most), REQUEST_MAX
- * bytes for the request line and headers, READ_TIMEOUT_NS to send them,
- * then one answer and the close.  Nothing a client sends reaches Python. */
+ * Readiness also turns the moment a SIGINT/SIGTERM lands: sigwake.c's C
+ * handler counts it before Python's handler can run.
+ *
+ * Bounded: at most MAX_CONNS connections, each read as it is accepted (a
+ * probe's request is usually there already, and is answered at once); a
+ * new one pushes out the oldest of an earlier round.  REQUEST_MAX bytes for
+ * the request line and headers, READ_TIMEOUT_NS to send them, then one
+ * answer and the close.  Nothing a client sends reaches Python. */
 #include "aiorun.h"
 
 #include <limits.h>
@@ -24,8 +28,8 @@
 #define ADDRESS_ENV "AIORUN_HEALTH"
 #define LIVENESS_ENV "AIORUN_LIVENESS_TIMEOUT"
 #define DEFAULT_LIVENESS_TIMEOUT 10.0
-/* Below this the heartbeat (a quarter of it, at least 10 ms) would be the
- * loop's main work. */
+/* Below this the heartbeat (a quarter of it, at least 12.5 ms) would be
+ * the loop's main work. */
 #define MIN_LIVENESS_TIMEOUT 0.05
 
 #ifndef MS_WINDOWS
