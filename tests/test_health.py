@@ -737,3 +737,54 @@ def test_livez_stays_alive_through_a_shutdown_that_waits(app):
     assert re.fullmatch(r"alive: shutting down \(executor\); the loop ran \d+\.\d s ago\n",
                         body)
     assert a.finish().returncode == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_endpoint_under_abuse_keeps_answering_with_bounded_memory(app):
+    # The bench's abuse (make bench-health), small enough for every run of
+    # the suite, the sanitizers' included: thousands of connections held,
+    # garbage, oversized headers and slowloris starts, then a probe.
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(hard, 4096 + 256)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    a, where = idle_app(app, 'health=":0"')
+    poll_until(where, "/readyz", lambda s, b: s == 200, "ready")
+
+    def rss_kib():
+        for line in open(f"/proc/{a.proc.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+
+    held = []
+    try:
+        before = rss_kib()
+        for _ in range(min(4000, wanted - 256)):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(where)
+            except BlockingIOError:
+                pass
+            held.append(s)
+        for i in range(200):
+            try:
+                exchange(where, bytes((i * 7 + j) % 256 for j in range(300)) + b"\r\n\r\n")
+                exchange(where, b"GET /livez HTTP/1.1\r\nX: " + b"a" * 16384)
+            except OSError:
+                pass   # a reset for the oversized one is the kernel's business
+        for s in held[:100]:
+            try:
+                s.send(b"GET /readyz HTTP/1.1\r\nX-Slow: ")
+            except OSError:
+                pass
+        assert get(where, "/livez")[0] == 200
+        assert get(where, "/readyz")[0] == 200
+        growth = rss_kib() - before
+    finally:
+        for s in held:
+            s.close()
+    assert growth < 8 * 1024, f"VmRSS grew by {growth} KiB"
+    a.send(signal.SIGTERM)
+    assert a.finish().returncode == 0
