@@ -978,8 +978,11 @@ aiorun_health_start(RunObject *run, aiorun_health_args *args)
     p->interp = PyInterpreterState_Get();
 #endif
     p->gil_held_ns = GIL_HELD_NS;
-    PyObject *sys_get = PySys_GetObject("getswitchinterval");   /* borrowed */
+    /* Held across the call: it may replace itself in sys. */
+    PyObject *sys_get = PySys_GetObject("getswitchinterval");
+    Py_XINCREF(sys_get);
     PyObject *interval = sys_get ? PyObject_CallNoArgs(sys_get) : NULL;
+    Py_XDECREF(sys_get);
     if (interval != NULL && PyFloat_Check(interval)
         && PyFloat_AS_DOUBLE(interval) * 100 * NS > (double)GIL_HELD_NS
         && PyFloat_AS_DOUBLE(interval) < 1e6) {

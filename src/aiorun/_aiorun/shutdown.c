@@ -64,7 +64,6 @@ aiorun_keep_error(RunObject *run, const char *what)
 {
     aiorun_keep_exception(run, aiorun_take_error(), LATER_ERROR, what);
 }
-#define keep_error aiorun_keep_error
 
 /* One of aiorun's log lines; a logging filter or handler that raises on it
  * does not stop the shutdown. */
@@ -72,7 +71,7 @@ static void
 say(RunObject *run, int level, const char *message)
 {
     if (aiorun_log(run->state, level, message) < 0) {
-        keep_error(run, "The \"aiorun\" logger");
+        aiorun_keep_error(run, "The \"aiorun\" logger");
     }
 }
 
@@ -87,14 +86,14 @@ is_own_error(RunObject *run, PyObject *future, PyObject *exc)
     int cancelled = aiorun_call_predicate(future, st->s_cancelled);
     if (cancelled != 0) {
         if (cancelled < 0) {
-            keep_error(run, "The event loop");
+            aiorun_keep_error(run, "The event loop");
             return 1;
         }
         return PyErr_GivenExceptionMatches(exc, st->CancelledError);
     }
     PyObject *own = PyObject_CallMethodNoArgs(future, st->s_exception);
     if (own == NULL) {
-        keep_error(run, "The event loop");
+        aiorun_keep_error(run, "The event loop");
         return 1;
     }
     if (own == exc) {
@@ -136,7 +135,7 @@ run_until_done(RunObject *run, PyObject *future)
         int running = closed == 0 ? aiorun_loop_says(run->loop, "is_running") : -1;
         int can_rerun = running == 0 && tries < MAX_INTERRUPTIONS;
         if (PyErr_Occurred()) {
-            keep_error(run, "The event loop");   /* done(), is_closed(), ... */
+            aiorun_keep_error(run, "The event loop");   /* done(), is_closed(), ... */
         }
         if (is_done == 1 && !is_own_error(run, future, exc)) {
             /* Done, and an error of some other callback came out with it
@@ -249,11 +248,11 @@ cancel_task(RunObject *run, PyObject *task, int *debug)
 {
     aiorun_state *st = run->state;
     if (*debug < 0 && (*debug = aiorun_log_enabled(st, LOG_DEBUG)) < 0) {
-        keep_error(run, "The \"aiorun\" logger");
+        aiorun_keep_error(run, "The \"aiorun\" logger");
         *debug = 0;
     }
     if (*debug && aiorun_log_exc(st, LOG_DEBUG, "Cancelling task: %s", task, NULL) < 0) {
-        keep_error(run, "The \"aiorun\" logger");
+        aiorun_keep_error(run, "The \"aiorun\" logger");
     }
     PyObject *res = run->cancel_msg == NULL ? NULL
         : PyObject_CallMethodOneArg(task, st->s_cancel, run->cancel_msg);
@@ -263,7 +262,7 @@ cancel_task(RunObject *run, PyObject *task, int *debug)
         res = PyObject_CallMethodNoArgs(task, st->s_cancel);
     }
     if (res == NULL) {
-        keep_error(run, "A task's cancel()");
+        aiorun_keep_error(run, "A task's cancel()");
     }
     else {
         aiorun_report_cancelled(run);
@@ -342,7 +341,7 @@ cancel_handle(RunObject *run, PyObject *handle)
 {
     PyObject *res = PyObject_CallMethodNoArgs(handle, run->state->s_cancel);
     if (res == NULL) {
-        keep_error(run, "The event loop");
+        aiorun_keep_error(run, "The event loop");
     }
     Py_XDECREF(res);
 }
@@ -376,7 +375,7 @@ wait_for_tasks(RunObject *run, PyObject *tasks, double seconds)
         PyObject *res = PyObject_CallMethodOneArg(task, st->s_add_done_callback, on_done);
         if (res == NULL) {
             run->drain_remaining--;
-            keep_error(run, "A task's add_done_callback()");
+            aiorun_keep_error(run, "A task's add_done_callback()");
             poll = 1;
         }
         Py_XDECREF(res);
@@ -400,7 +399,7 @@ wait_for_tasks(RunObject *run, PyObject *tasks, double seconds)
     rc = 0;
 done:
     if (rc < 0) {
-        keep_error(run, "The event loop");
+        aiorun_keep_error(run, "The event loop");
     }
     if (timer != NULL) {
         cancel_handle(run, timer);
@@ -412,7 +411,7 @@ done:
         PyObject *res = is_done == 0
             ? PyObject_CallMethodOneArg(task, st->s_remove_done_callback, on_done) : NULL;
         if (is_done < 0 || (is_done == 0 && res == NULL)) {
-            keep_error(run, "A task");
+            aiorun_keep_error(run, "A task");
         }
         Py_XDECREF(res);
     }
@@ -463,7 +462,7 @@ not_done(RunObject *run, PyObject *tasks, PyObject *skip)
         PyObject *task = PyList_GET_ITEM(all, i);
         int is_done = aiorun_call_predicate(task, st->s_done);
         if (is_done < 0) {
-            keep_error(run, "A task's done()");
+            aiorun_keep_error(run, "A task's done()");
         }
         else if (!is_done && task != skip && PyList_Append(pending, task) < 0) {
             Py_CLEAR(pending);
@@ -513,7 +512,7 @@ cancel_new_tasks(RunObject *run, PyObject *pending, wait_plan *plan)
         }
         int protected_ = aiorun_is_protected(st, task);
         if (protected_ < 0) {
-            keep_error(run, "A task");
+            aiorun_keep_error(run, "A task");
         }
         if (protected_ == 0) {
             cancel_task(run, task, &debug);
@@ -571,7 +570,7 @@ wait_until(RunObject *run, PyObject *tasks, double seconds, wait_plan *plan)
         }
     }
     Py_XDECREF(pending);
-    keep_error(run, "The event loop");
+    aiorun_keep_error(run, "The event loop");
     return NULL;
 }
 
@@ -645,7 +644,7 @@ report_stuck(RunObject *run, PyObject *stuck, PyObject *timeout)
         aiorun_report_refused(run, PyList_GET_ITEM(stuck, i));
     }
     if (PyList_GET_SIZE(stuck) > 0 && warn_stuck_tasks(run, stuck, timeout) < 0) {
-        keep_error(run, "The warning about tasks that refuse to exit");
+        aiorun_keep_error(run, "The warning about tasks that refuse to exit");
     }
 }
 
@@ -660,7 +659,7 @@ let_tasks_finish(RunObject *run)
     if (delay == NULL || aiorun_log_exc(run->state, LOG_INFO, "Letting tasks finish for "
                                         "up to %s seconds (drain_delay).", delay,
                                         NULL) < 0) {
-        keep_error(run, "The \"aiorun\" logger");
+        aiorun_keep_error(run, "The \"aiorun\" logger");
     }
     Py_XDECREF(delay);
     aiorun_idset seen = AIORUN_IDSET_INIT;
@@ -684,14 +683,14 @@ cancel_main_first(RunObject *run, PyObject *timeout, wait_plan *plan)
     PyObject *main = Py_NewRef(run->main_task);
     PyObject *just_main = PyList_New(1);
     if (just_main == NULL || first_sight(plan, main) < 0) {
-        keep_error(run, "aiorun");
+        aiorun_keep_error(run, "aiorun");
         goto done;
     }
     PyList_SET_ITEM(just_main, 0, Py_NewRef(main));
     int is_done = aiorun_call_predicate(main, st->s_done);
     int protected_ = is_done == 0 ? aiorun_is_protected(st, main) : 0;
     if (is_done < 0 || protected_ < 0) {
-        keep_error(run, "The main task");
+        aiorun_keep_error(run, "The main task");
         goto done;
     }
     if (is_done || protected_) {
@@ -771,7 +770,7 @@ shut_down_executor(RunObject *run, PyObject *executor)
     PyObject *res = kwnames ? PyObject_VectorcallMethod(
         name, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, kwnames) : NULL;
     if (res == NULL) {
-        keep_error(run, "The executor's shutdown()");
+        aiorun_keep_error(run, "The executor's shutdown()");
     }
     Py_XDECREF(name);
     Py_XDECREF(kwnames);
@@ -787,7 +786,7 @@ close_own_loop(RunObject *run)
     say(run, LOG_INFO, "Shutting down async generators");
     PyObject *gens = PyObject_CallMethod(run->loop, "shutdown_asyncgens", NULL);
     if (gens == NULL || await_on_loop(run, gens) < 0) {
-        keep_error(run, "Shutting down async generators");
+        aiorun_keep_error(run, "Shutting down async generators");
     }
     Py_XDECREF(gens);
     aiorun_run_stage(run, STAGE_CLOSING);
@@ -795,13 +794,13 @@ close_own_loop(RunObject *run)
     aiorun_signals_unwake_loop(run);   /* its reader must go before the loop */
     PyObject *res = PyObject_CallMethod(run->loop, "close", NULL);
     if (res == NULL) {
-        keep_error(run, "The event loop's close()");
+        aiorun_keep_error(run, "The event loop's close()");
     }
     Py_XDECREF(res);
     /* Like asyncio.run(): no closed loop is left as the current one. */
     res = PyObject_CallOneArg(st->set_event_loop, Py_None);
     if (res == NULL) {
-        keep_error(run, "asyncio.set_event_loop()");
+        aiorun_keep_error(run, "asyncio.set_event_loop()");
     }
     Py_XDECREF(res);
 }
@@ -832,7 +831,7 @@ main_result(RunObject *run)
 done:
     Py_DECREF(task);
     if (PyErr_Occurred()) {
-        keep_error(run, "The main task");
+        aiorun_keep_error(run, "The main task");
     }
     return result ? result : Py_NewRef(Py_None);
 }
@@ -845,10 +844,10 @@ aiorun_shutdown(RunObject *run, PyObject *shutdown_callback, PyObject *executor,
 
     say(run, LOG_INFO, "Entering shutdown phase.");
     if ((run->cancel_msg = aiorun_shutdown_message(run)) == NULL) {
-        keep_error(run, "aiorun");   /* tasks are cancelled without one */
+        aiorun_keep_error(run, "aiorun");   /* tasks are cancelled without one */
     }
     if (aiorun_run_begin_shutdown(run) < 0) {
-        keep_error(run, "shutdown_event().set()");
+        aiorun_keep_error(run, "shutdown_event().set()");
     }
     if (shutdown_callback != Py_None) {
         run_shutdown_callback(run, shutdown_callback);
