@@ -99,16 +99,43 @@ SERVING = """
             if line == "ready":
                 aiorun.notify_ready()
                 say("READY CALLED")
-            elif line == "sleep":
+            elif line.startswith("sleep "):
+                # Blocked on the loop's thread, GIL let go, until the test
+                # writes a byte to the FIFO: no race with a timer.
+                fd = os.open(line.split(" ", 1)[1], os.O_RDWR)
                 say("SLEEPING")
-                time.sleep(4)
+                os.read(fd, 1)
+                os.close(fd)
                 say("WOKE")
-            elif line == "hold":
+            elif line.startswith("hold "):
                 import ctypes
+                fd = os.open(line.split(" ", 1)[1], os.O_RDWR)
+                buf = ctypes.create_string_buffer(1)
+                # A signal for the process lands on another thread, as it
+                # may in any app; here it would cut the read short (EINTR).
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
                 say("HOLDING")
-                ctypes.PyDLL(None).usleep(4000000)   # holds the GIL
+                ctypes.PyDLL(None).read(fd, buf, 1)   # blocks holding the GIL
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+                os.close(fd)
                 say("RELEASED")
 """
+
+
+def fifo(tmp_path, name):
+    """A FIFO the app blocks on until release() writes to it."""
+    path = tmp_path / name
+    os.mkfifo(path)
+    return str(path)
+
+
+def release(path):
+    # Never a wait: with no reader left (the app gone), ENXIO, not a hang.
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        os.write(fd, b"x")
+    finally:
+        os.close(fd)
 
 
 def stop(a, sig=signal.SIGTERM):
@@ -165,7 +192,7 @@ def test_readyz_turns_ready_when_the_main_coroutine_has_started(app):
 
 
 @pytest.mark.skipif(PYPY, reason="on PyPy, a ctypes call does not hold a GIL the same way")
-def test_livez_tells_a_held_gil_from_a_blocked_loop_from_a_healthy_one(app):
+def test_livez_tells_a_held_gil_from_a_blocked_loop_from_a_healthy_one(app, tmp_path):
     a = app(SERVING + """
     run(main(), health=":0", liveness_timeout=1)
     """, stdin=True)
@@ -174,18 +201,21 @@ def test_livez_tells_a_held_gil_from_a_blocked_loop_from_a_healthy_one(app):
     status, body = poll_until(where, "/livez", lambda s, b: s == 200, "healthy")
     assert re.fullmatch(r"alive: the loop ran \d+\.\d s ago\n", body)
 
-    a.write("sleep\n")
+    blocker = fifo(tmp_path, "block")
+    a.write(f"sleep {blocker}\n")
     a.wait_line("SLEEPING")
     status, body = poll_until(where, "/livez", lambda s, b: s == 503, "sleep on the loop")
     assert re.fullmatch(r"the loop has not run for \d+\.\d s.*\n", body)
     assert "held the GIL" not in body
     if not FREE_THREADED:
         assert "lets the GIL go" in body
+    release(blocker)
     a.wait_line("WOKE")
     poll_until(where, "/livez", lambda s, b: s == 200, "healthy again")
 
     if not FREE_THREADED:
-        a.write("hold\n")
+        holder = fifo(tmp_path, "hold")
+        a.write(f"hold {holder}\n")
         a.wait_line("HOLDING")
         status, body = poll_until(where, "/livez", lambda s, b: "GIL for" in b,
                                   "a call that holds the GIL")
@@ -193,6 +223,7 @@ def test_livez_tells_a_held_gil_from_a_blocked_loop_from_a_healthy_one(app):
         assert re.fullmatch(r"the loop has not run for \d+\.\d s: a call has held the "
                             r"GIL for \d+\.\d s without letting it go\n", body)
         assert "RELEASED" not in a.stdout_lines   # answered while the GIL was held
+        release(holder)
         a.wait_line("RELEASED")
         poll_until(where, "/livez", lambda s, b: s == 200, "healthy after the hold")
     assert stop(a).returncode == 0
@@ -620,18 +651,20 @@ def test_a_child_forked_while_the_endpoint_starts_lets_go_of_the_socket(app):
 
 
 @pytest.mark.skipif(PYPY, reason="on PyPy, a ctypes call does not hold a GIL the same way")
-def test_readyz_turns_at_the_signal_even_while_a_call_holds_the_gil(app):
+def test_readyz_turns_at_the_signal_even_while_a_call_holds_the_gil(app, tmp_path):
     a = app(SERVING + """
     run(main(), health=":0")
     """, stdin=True)
     where = endpoint(a)
     a.wait_line("SERVING")
     poll_until(where, "/readyz", lambda s, b: s == 200, "ready")
-    a.write("hold\n")
+    holder = fifo(tmp_path, "hold")
+    a.write(f"hold {holder}\n")
     a.wait_line("HOLDING")
     a.send(signal.SIGTERM)   # Python's handler cannot run before the call returns
     poll_until(where, "/readyz", lambda s, b: s == 503, "readyz after SIGTERM")
     assert "RELEASED" not in a.stdout_lines
+    release(holder)
     a.proc.stdin.close()
     a.proc.stdin = None
     assert a.finish().returncode == 0
